@@ -1,0 +1,1 @@
+"""upctl: the command-line face of the uniperceiver library."""

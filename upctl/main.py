@@ -1,0 +1,40 @@
+"""The `upctl` Typer application: one subcommand per stage, all calling `uniperceiver`."""
+
+from __future__ import annotations
+
+import typer
+
+from uniperceiver import __version__
+
+app = typer.Typer(
+    name="upctl",
+    help="Uni-Perceiver toolkit: prepare data, pre-train, prompt-tune, fine-tune and evaluate "
+    "one shared model for text, images and video.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"upctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """Uni-Perceiver toolkit.
+
+    Examples:
+
+      upctl prepare mini
+
+      upctl pretrain recipes/tiny.yaml
+
+      upctl zeroshot --task mini-digits
+    """
