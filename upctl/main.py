@@ -38,3 +38,8 @@ def main(
 
       upctl zeroshot --task mini-digits
     """
+
+
+from upctl.commands.convert import convert  # noqa: E402
+
+app.command("convert")(convert)

@@ -1,0 +1,219 @@
+"""The shared Transformer encoder: pre-norm blocks, fused q/k/v, SDPA, LayerScale, DropPath.
+
+Extras the tasks need:
+- arbitrary boolean attention masks ([B, Sq, Sk], True = may attend), e.g. the captioning mask;
+- a key/value cache per layer for incremental caption decoding (keys and values of the cached
+  tokens are computed once; new tokens attend to cache + themselves);
+- deep prompts: learnable tokens per layer, passed through that layer's LN1 and prepended to the
+  keys and values only (prefix tuning, as in the reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from uniperceiver.modeling.config import ModelConfig
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a whole residual branch per sample with probability p (training only)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values ([B, heads, S, head_dim]) and which cached keys are real ([B, S])."""
+
+    keys: list[Tensor] = field(default_factory=list)
+    values: list[Tensor] = field(default_factory=list)
+    valid: Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.valid is None else self.valid.shape[1]
+
+    def reorder(self, index: Tensor) -> "KVCache":
+        """Select / repeat batch rows (beam search): a new cache whose row i is old row index[i]."""
+        return KVCache(
+            keys=[k.index_select(0, index) for k in self.keys],
+            values=[v.index_select(0, index) for v in self.values],
+            valid=None if self.valid is None else self.valid.index_select(0, index),
+        )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a packed q/k/v projection (q, k, v order, with biases)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.out = nn.Linear(cfg.width, cfg.width)
+
+    def _split(self, x: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.heads, self.head_dim).transpose(1, 2)
+
+    def project_kv(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values only ([B, H, S, hd]) for already-normalised tokens."""
+        d = self.heads * self.head_dim
+        kv = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:])
+        k, v = kv.split(d, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, S, D] normalised. mask: bool [B, 1 or S, Sk_total] (True = attend) or None.
+
+        Returns the attention output and this call's own keys and values (for a cache).
+        """
+        q, k, v = self._split_qkv(x)
+        keys, vals = k, v
+        if prefix_kv is not None:
+            keys = torch.cat([prefix_kv[0], k], dim=2)
+            vals = torch.cat([prefix_kv[1], v], dim=2)
+        attn_mask = None if mask is None else mask.unsqueeze(1)  # [B, 1, Sq|1, Sk]
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)
+        b, h, s, hd = out.shape
+        return self.out(out.transpose(1, 2).reshape(b, s, h * hd)), k, v
+
+    def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self._split(q), self._split(k), self._split(v)
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + g1 * MHA(LN1(x)); x + g2 * W2 GELU(W1 LN2(x)) (exact erf GELU)."""
+
+    def __init__(self, cfg: ModelConfig, drop_path: float) -> None:
+        super().__init__()
+        d = cfg.width
+        self.norm1 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.ln_eps)
+        self.fc1 = nn.Linear(d, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, d)
+        self.gamma_1 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
+        self.gamma_2 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
+        self.drop_path = DropPath(drop_path)
+        self.prompt = nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) if cfg.prompt_tokens > 0 else None
+
+    def forward(
+        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns (output, keys, values) where keys/values are this call's tokens' own."""
+        h = self.norm1(x)
+        prefix = past
+        if self.prompt is not None:
+            pk, pv = self.attn.project_kv(self.norm1(self.prompt).unsqueeze(0))
+            pk, pv = pk.expand(x.shape[0], -1, -1, -1), pv.expand(x.shape[0], -1, -1, -1)
+            prefix = (pk, pv) if past is None else (torch.cat([pk, past[0]], 2), torch.cat([pv, past[1]], 2))
+        a, k, v = self.attn(h, mask, prefix)
+        x = x + self.drop_path(self.gamma_1 * a)
+        x = x + self.drop_path(self.gamma_2 * self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        return x, k, v
+
+
+class Encoder(nn.Module):
+    """A stack of blocks; the same DropPath rate in every layer (reference)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg, cfg.drop_path) for _ in range(cfg.depth))
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def _full_mask(self, key_valid: Tensor, attn_mask: Tensor | None, past_len: int) -> Tensor:
+        """Combine key padding ([B, Sk]) with an optional [B|1, Sq, Sk] mask; prepend prompt columns."""
+        mask = key_valid[:, None, :]  # [B, 1, Sk]
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                attn_mask = attn_mask.unsqueeze(0)
+            mask = mask & attn_mask
+        p = self.cfg.prompt_tokens
+        if p:
+            ones = torch.ones(mask.shape[0], mask.shape[1], p, dtype=torch.bool, device=mask.device)
+            mask = torch.cat([ones, mask], dim=-1)
+        return mask
+
+    def forward(
+        self,
+        x: Tensor,
+        key_valid: Tensor,
+        attn_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        append_to_cache: int = 0,
+        build_cache: bool = False,
+    ) -> tuple[Tensor, KVCache | None]:
+        """Run every block.
+
+        x: [B, S, D] embedded tokens; key_valid: [B, S] bool for these tokens.
+        attn_mask: bool [B|1, S, S_cache + S] (True = attend) or None for fully bidirectional.
+        cache: keys/values of earlier tokens that x may attend to (not modified in place).
+        append_to_cache: how many leading tokens of x to add to the returned cache.
+        build_cache: return a fresh cache holding all of x (prefill).
+        """
+        past_len = 0 if cache is None else cache.length
+        all_valid = key_valid if cache is None else torch.cat([cache.valid, key_valid], dim=1)
+        mask = self._full_mask(all_valid, attn_mask, past_len)
+        if attn_mask is None and self.cfg.prompt_tokens == 0 and bool(all_valid.all()):
+            mask = None  # no masking at all: lets SDPA pick its fastest kernel
+        new_cache = KVCache() if (build_cache or append_to_cache) else None
+        for i, block in enumerate(self.blocks):
+            past = None if cache is None else (cache.keys[i], cache.values[i])
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, k, v = checkpoint(block, x, mask, past, use_reentrant=False)
+            else:
+                x, k, v = block(x, mask, past)
+            if new_cache is not None:
+                n = k.shape[2] if build_cache else append_to_cache
+                if cache is not None:
+                    new_cache.keys.append(torch.cat([cache.keys[i], k[:, :, :n]], dim=2))
+                    new_cache.values.append(torch.cat([cache.values[i], v[:, :, :n]], dim=2))
+                else:
+                    new_cache.keys.append(k[:, :, :n])
+                    new_cache.values.append(v[:, :, :n])
+        if new_cache is not None:
+            n = key_valid.shape[1] if build_cache else append_to_cache
+            new_cache.valid = key_valid[:, :n] if cache is None else torch.cat([cache.valid, key_valid[:, :n]], dim=1)
+        return x, new_cache
+
+
+def init_encoder(enc: Encoder, layer_scale_init: float) -> None:
+    """Reference init: xavier-uniform with q, k, v as separate matrices; zero biases; LN 1/0."""
+    for block in enc.blocks:
+        w = block.attn.qkv.weight
+        d = w.shape[1]
+        for part in w.data.split(d, dim=0):
+            nn.init.xavier_uniform_(part)
+        nn.init.zeros_(block.attn.qkv.bias)
+        for lin in (block.attn.out, block.fc1, block.fc2):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for norm in (block.norm1, block.norm2):
+            nn.init.ones_(norm.weight)
+            nn.init.zeros_(norm.bias)
+        nn.init.constant_(block.gamma_1, layer_scale_init)
+        nn.init.constant_(block.gamma_2, layer_scale_init)
+        if block.prompt is not None:
+            nn.init.normal_(block.prompt, std=0.02)
