@@ -40,7 +40,8 @@ class UnsafeArchiveError(UpctlError):
 class RemoteFile:
     """One downloadable file of a dataset: where it comes from and where it goes under raw_root.
 
-    `extract`: unpack the archive into raw_root / `extract_to` after downloading.
+    `extract`: unpack the archive (kept in raw_root/downloads/) into raw_root / `extract_to`;
+    otherwise the file itself is saved as raw_root / `extract_to` / `filename`.
     """
 
     url: str
@@ -233,7 +234,8 @@ def fetch(
         stamp = raw_root / ".upctl" / f"{f.filename}.extracted"
         if f.extract and stamp.is_file():
             continue
-        path = download(url, raw_root / "downloads" / f.filename, sha256=f.sha256, progress=progress)
+        dest = raw_root / "downloads" / f.filename if f.extract else raw_root / f.extract_to / f.filename
+        path = download(url, dest, sha256=f.sha256, progress=progress)
         done.append(str(path.relative_to(raw_root)))
         if f.extract:
             extract_archive(path, raw_root / f.extract_to)

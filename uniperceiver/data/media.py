@@ -424,37 +424,15 @@ def _sample(
             raise MediaError(p, "bad_format", f"{num_frames} frames of {out_w}x{out_h} exceed {MAX_OUTPUT_BYTES} bytes")
         t0 = 0.0 if start is None else float(start)
         t1 = duration if end is None else float(end)
-        if t0 < 0 or t1 <= t0 or not math.isfinite(t0) or not math.isfinite(t1):
-            raise MediaError(p, "bad_format", f"window start={start} end={end} is not a valid interval")
         if t0 >= duration + 1.0 / fps:
             raise MediaError(p, "bad_format", f"window start {t0:.3f}s is past the clip end {duration:.3f}s")
+        if t0 < 0 or t1 <= t0 or not math.isfinite(t0) or not math.isfinite(t1):
+            raise MediaError(p, "bad_format", f"window start={start} end={end} is not a valid interval")
         first = int(math.floor(t0 * fps + 1e-6))
         last = int(math.ceil(t1 * fps - 1e-6)) - 1
         indices = choose_frame_indices(available, num_frames, fps=fps, mode=mode, stride=stride,
                                        target_fps=target_fps, first=first, last=max(first, last))
-        stream.thread_type = "AUTO"
-        reader = _SeekingReader(p, container, stream, fps, start_pts, (out_w, out_h))
-        decoded: dict[int, tuple[np.ndarray, float]] = {}
-        for idx in sorted(set(indices)):
-            frame = reader.read(idx)
-            if frame is None:
-                if not decoded:
-                    raise MediaError(p, "unreadable", f"no frame could be decoded at or after frame {idx}")
-                # The stream ended early (a container over-counting frames): repeat the last one.
-                decoded[idx] = decoded[max(decoded)]
-                continue
-            arr = frame.to_ndarray(format="rgb24", width=out_w, height=out_h) if (out_w, out_h) != (width, height) \
-                else frame.to_ndarray(format="rgb24")
-            tsec = float((frame.pts - start_pts) * reader.tb) if frame.pts is not None else idx / fps
-            decoded[idx] = (arr, tsec)
-        rotation = _tag_rotation(stream)
-        if rotation is None:
-            rotation = reader.rotation or 0
-        stack = np.stack([decoded[i][0] for i in indices])
-        if rotation:
-            stack = np.rot90(stack, k=rotation // 90, axes=(1, 2))
-        times = np.asarray([decoded[i][1] for i in indices], dtype=np.float64)
-        return np.ascontiguousarray(stack), times, reader.decoded
+        return _decode_indices(p, container, stream, indices, fps, start_pts, width, height, out_w, out_h)
     except MediaError:
         raise
     except Exception as exc:  # noqa: BLE001 - PyAV raises many types for corrupt data
@@ -463,16 +441,63 @@ def _sample(
         container.close()
 
 
-def decoded_frame_count(path: str | os.PathLike[str], indices: Sequence[int]) -> int:
-    """How many frames the seeking reader decodes to deliver `indices` (a diagnostic for tests/bench)."""
+def _decode_indices(
+    p: Path, container, stream, indices: Sequence[int], fps: float, start_pts: int,
+    width: int, height: int, out_w: int, out_h: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode `indices` (any order, repeats allowed) in one forward pass with seeks; rotate for display."""
+    stream.thread_type = "AUTO"
+    reader = _SeekingReader(p, container, stream, fps, start_pts, (out_w, out_h))
+    decoded: dict[int, tuple[np.ndarray, float]] = {}
+    for idx in sorted(set(indices)):
+        frame = reader.read(idx)
+        if frame is None:
+            if not decoded:
+                raise MediaError(p, "unreadable", f"no frame could be decoded at or after frame {idx}")
+            # The stream ended early (a container over-counting frames): repeat the last one.
+            decoded[idx] = decoded[max(decoded)]
+            continue
+        if (out_w, out_h) != (width, height):
+            arr = frame.to_ndarray(format="rgb24", width=out_w, height=out_h)
+        else:
+            arr = frame.to_ndarray(format="rgb24")
+        tsec = float((frame.pts - start_pts) * reader.tb) if frame.pts is not None else idx / fps
+        decoded[idx] = (arr, tsec)
+    rotation = _tag_rotation(stream)
+    if rotation is None:
+        rotation = reader.rotation or 0
+    stack = np.stack([decoded[i][0] for i in indices])
+    if rotation:
+        stack = np.rot90(stack, k=rotation // 90, axes=(1, 2))
+    times = np.asarray([decoded[i][1] for i in indices], dtype=np.float64)
+    return np.ascontiguousarray(stack), times, reader.decoded
+
+
+def read_frames_at(
+    path: str | os.PathLike[str], indices: Sequence[int], *, max_side: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Decode the given frame indices -> (uint8 [len, H, W, 3], times in seconds, frames decoded).
+
+    Indices past the end are clamped to the last frame. The third value counts the frames the
+    decoder produced (seeking keeps it far below a full decode on files with several key frames).
+    """
     p = Path(path)
+    if not 1 <= len(indices) <= MAX_SAMPLED_FRAMES:
+        raise MediaError(p, "bad_format", f"asked for {len(indices)} frames; expected 1..{MAX_SAMPLED_FRAMES}")
+    if any(int(i) < 0 for i in indices):
+        raise MediaError(p, "bad_format", f"negative frame index in {list(indices)[:10]}")
     container = _open_container(p)
     try:
         stream = container.streams.video[0]
-        fps, _, _, width, height, start_pts = _stream_facts(p, container, stream)
-        reader = _SeekingReader(p, container, stream, fps, start_pts, (width, height))
-        for idx in sorted(set(indices)):
-            reader.read(idx)
-        return reader.decoded
+        fps, available, _, width, height, start_pts = _stream_facts(p, container, stream)
+        out_w, out_h = _output_size(width, height, max_side)
+        if len(indices) * out_w * out_h * 3 > MAX_OUTPUT_BYTES:
+            raise MediaError(p, "bad_format", f"{len(indices)} frames of {out_w}x{out_h} exceed {MAX_OUTPUT_BYTES} bytes")
+        clamped = [min(int(i), available - 1) for i in indices]
+        return _decode_indices(p, container, stream, clamped, fps, start_pts, width, height, out_w, out_h)
+    except MediaError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - PyAV raises many types for corrupt data
+        raise MediaError(p, "unreadable", f"{type(exc).__name__}: {exc}") from None
     finally:
         container.close()

@@ -37,6 +37,7 @@ COMMON_OPTIONS: dict[str, str] = {
 }
 
 _CHUNK = 512
+_CACHE_MAX = 200_000
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,7 @@ class Builder:
         self.writers: list[ManifestWriter] = []
         self.sources: list[str] = []
         self.downloaded: list[str] = []
+        self._checked: dict[str, dict[str, str | None]] = {}
 
     def rel(self, path: Path) -> str:
         """Path relative to the raw root, '/'-separated (the manifest form)."""
@@ -321,6 +323,8 @@ class Builder:
         """Check the media of each sample (in order), write the good ones, count the rest."""
         check = self.check_mode
         done = 0
+        # media shared by several samples (VQA: ~5 questions per image) are checked once
+        cache: dict[str, str | None] = self._checked.setdefault(media_kind or "", {})
         with ManifestWriter(self.out_dir, split) as writer, ThreadPoolExecutor(self.workers) as pool:
             it = iter(items)
             while True:
@@ -329,19 +333,21 @@ class Builder:
                 chunk = list(islice(it, _CHUNK))
                 if not chunk:
                     break
-                todo = [x for x in chunk if isinstance(x, dict) and media_kind is not None and media_key in x]
-                results = dict(
-                    zip(
-                        (id(x) for x in todo),
-                        pool.map(lambda x: check_media(self.raw_root / x[media_key], media_kind, check), todo),
+                if media_kind is not None:
+                    if len(cache) > _CACHE_MAX:  # bounded: web-scale pair datasets never repeat images
+                        cache.clear()
+                    todo = sorted(
+                        {x[media_key] for x in chunk if isinstance(x, dict) and media_key in x} - set(cache)
                     )
-                )
+                    cache.update(
+                        zip(todo, pool.map(lambda m: check_media(self.raw_root / m, media_kind, check), todo))
+                    )
                 for x in chunk:
                     done += 1
                     if isinstance(x, Skip):
                         writer.skip(x.reason, x.detail)
                         continue
-                    problem = results.get(id(x))
+                    problem = cache.get(x[media_key]) if media_kind is not None and media_key in x else None
                     if problem is not None:
                         writer.skip(f"{problem}_media", x[media_key])
                         continue

@@ -1,0 +1,114 @@
+"""MSR-VTT: 10,000 web clips with 20 captions each; captioning and retrieval splits.
+
+Expected layout under the raw root (Frozen-in-Time's MSRVTT.zip + CLIP4Clip's msrvtt_data.zip):
+
+    <root>/videos/all/video0.mp4 ... video9999.mp4
+        (also found: MSRVTT/videos/all/, TrainValVideo/ + TestVideo/ (official), videos/, MSRVTT_Videos/)
+    <root>/MSRVTT_data.json  (also in msrvtt_data/, annotation/, annotations/), or the official
+        train_val_videodatainfo.json + test_videodatainfo.json:
+        {"videos": [{"video_id": "video0", "split": "train"|"validate"|"test", ...}],
+         "sentences": [{"video_id": "video0", "caption": "..."}]}
+    optional, for the retrieval split "9k / 1k-A":
+    <root>/MSRVTT_train.9k.csv        (column video_id)
+    <root>/MSRVTT_JSFUSION_test.csv   (columns key,vid_key,video_id,sentence; one caption per video)
+
+Splits: train / val / test = the official captioning split (6,513 / 497 / 2,990) with all 20
+captions per clip; train9k (all captions) and test1k (the one JSFUSION caption) when the CSVs exist.
+`--download` fetches both zips (6.6 GB of videos).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uniperceiver.data.download import RemoteFile
+from uniperceiver.data.format import PrepareSummary
+from uniperceiver.data.preparers._common import (
+    Builder, Skip, find_first, need, read_json, read_table, require_root, walk_files,
+)
+from uniperceiver.errors import DataError
+
+DESCRIPTION = "MSR-VTT video captions (captioning; retrieval 9k/1k-A)"
+LAYOUT = "videos/all/video*.mp4 and MSRVTT_data.json (+ MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv for retrieval)"
+OPTIONS: dict[str, str] = {}
+DOWNLOADS = [
+    RemoteFile("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", "MSRVTT.zip", extract=True),
+    RemoteFile("https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip", "msrvtt_data.zip", extract=True),
+]
+ANN_DIRS = ["", "msrvtt_data/", "annotation/", "annotations/", "MSRVTT/annotation/"]
+VIDEO_DIRS = ["videos/all", "MSRVTT/videos/all", "TrainValVideo", "TestVideo", "videos", "MSRVTT_Videos", "all"]
+SPLIT_MAP = {"train": "train", "validate": "val", "val": "val", "test": "test"}
+
+
+def _load_annotations(b: Builder, root: Path) -> tuple[list[dict], dict[str, list[str]]]:
+    data_json = find_first(root, [f"{d}MSRVTT_data.json" for d in ANN_DIRS])
+    files = [data_json] if data_json else []
+    if not files:
+        tv = find_first(root, [f"{d}train_val_videodatainfo.json" for d in ANN_DIRS])
+        if tv is None:
+            raise DataError(f"{root / 'MSRVTT_data.json'}: MSR-VTT annotations not found; expected {LAYOUT}")
+        files = [tv]
+        test = find_first(root, [f"{d}test_videodatainfo.json" for d in ANN_DIRS])
+        if test is not None:
+            files.append(test)
+    videos: list[dict] = []
+    captions: dict[str, list[str]] = {}
+    for path in files:
+        b.source(path)
+        data = read_json(path)
+        for i, v in enumerate(need(data, "videos", str(path), list)):
+            need(v, "video_id", f"{path}: videos[{i}]", str)
+            videos.append(v)
+        for i, s in enumerate(need(data, "sentences", str(path), list)):
+            vid = need(s, "video_id", f"{path}: sentences[{i}]", str)
+            text = str(need(s, "caption", f"{path}: sentences[{i}]")).strip()
+            if text:
+                captions.setdefault(vid, []).append(text)
+    return videos, captions
+
+
+def _index_videos(b: Builder, root: Path) -> dict[str, str]:
+    index: dict[str, str] = {}
+    for d in VIDEO_DIRS:
+        if (root / d).is_dir():
+            for path in walk_files(root / d, (".mp4", ".avi", ".webm", ".mkv")):
+                index.setdefault(path.stem, b.rel(path))
+    return index
+
+
+def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+    b = Builder("msrvtt", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
+                media_type="video", tasks=["msrvtt-caption", "msrvtt-retrieval"], fewshot_rule="per_item")
+    if not download:
+        require_root(raw_root, "msrvtt", LAYOUT)
+    b.fetch(DOWNLOADS, download)
+    videos, captions = _load_annotations(b, raw_root)
+    index = _index_videos(b, raw_root)
+
+    def sample(vid: str, texts: list[str]) -> dict | Skip:
+        if not texts:
+            return Skip("no_caption", vid)
+        return {"id": vid, "media": index.get(vid, f"videos/all/{vid}.mp4"), "media_type": "video", "texts": texts}
+
+    per_split: dict[str, list[dict | Skip]] = {"train": [], "val": [], "test": []}
+    for i, v in enumerate(videos):
+        split = str(v.get("split", ""))
+        if split not in SPLIT_MAP:
+            raise DataError(f"videos[{i}] ({v['video_id']}): unknown split {split!r} (expected train, validate or test)")
+        per_split[SPLIT_MAP[split]].append(sample(v["video_id"], captions.get(v["video_id"], [])))
+    for split, items in per_split.items():
+        if items:
+            b.write_split(split, items, media_kind="video", total=len(items))
+
+    train9k = find_first(raw_root, [f"{d}MSRVTT_train.9k.csv" for d in ANN_DIRS])
+    if train9k is not None:
+        b.source(train9k)
+        items = [sample(row["video_id"], captions.get(row["video_id"], [])) for _, row, _ in read_table(train9k, ["video_id"])]
+        b.write_split("train9k", items, media_kind="video", total=len(items))
+    test1k = find_first(raw_root, [f"{d}MSRVTT_JSFUSION_test.csv" for d in ANN_DIRS])
+    if test1k is not None:
+        b.source(test1k)
+        items = [sample(row["video_id"], [row["sentence"].strip()] if row["sentence"].strip() else [])
+                 for _, row, _ in read_table(test1k, ["video_id", "sentence"])]
+        b.write_split("test1k", items, media_kind="video", total=len(items))
+    return b.finish()
