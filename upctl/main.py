@@ -43,3 +43,7 @@ def main(
 from upctl.commands.convert import convert  # noqa: E402
 
 app.command("convert")(convert)
+
+from upctl.commands.prepare import prepare  # noqa: E402
+
+app.command("prepare")(prepare)

@@ -20,6 +20,7 @@ Conventions:
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
 from dataclasses import dataclass
@@ -269,7 +270,7 @@ class _SeekingReader:
     frames does not decode the whole file.
     """
 
-    def __init__(self, path: Path, container, stream, fps: float, start_pts: int, size: tuple[int, int]) -> None:
+    def __init__(self, path: Path, container, stream, fps: float, start_pts: int) -> None:
         self.path = path
         self.container = container
         self.stream = stream
@@ -277,31 +278,29 @@ class _SeekingReader:
         self.start_pts = start_pts
         self.tb = stream.time_base or Fraction(1, 1_000_000)
         self.ticks_per_frame = 1.0 / (fps * float(self.tb))
-        self.size = size
         self.decoded = 0
         self.rotation: int | None = None
-        # Key-frame decode timestamps; a seek lands on the last key frame at or before its target.
-        self.keyframes = sorted(e.timestamp for e in stream.index_entries if e.is_keyframe) if stream.index_entries else []
+        self._keyframes: list[int] | None = None  # read lazily: long files have large indexes
         self._iter = None
         self._last_pts: int | None = None
 
     def _target_pts(self, index: int) -> int:
         return self.start_pts + int(round(index * self.ticks_per_frame))
 
-    def _keyframe_before(self, pts: int) -> int | None:
-        best = None
-        for k in self.keyframes:
-            if k <= pts:
-                best = k
-            else:
-                break
-        return best
+    @property
+    def keyframes(self) -> list[int]:
+        """Key-frame decode timestamps; a seek lands on the last key frame at or before its target."""
+        if self._keyframes is None:
+            entries = self.stream.index_entries
+            self._keyframes = sorted(e.timestamp for e in entries if e.is_keyframe) if entries else []
+        return self._keyframes
 
     def _should_seek(self, target: int) -> bool:
+        """Seek when going backwards or when a key frame lies between the decoder and the target."""
         if self._iter is None or self._last_pts is None or target <= self._last_pts:
             return True
         if self.keyframes:
-            return self._keyframe_before(target) != self._keyframe_before(self._last_pts)
+            return bisect.bisect_right(self.keyframes, target) != bisect.bisect_right(self.keyframes, self._last_pts)
         return target - self._last_pts > 30 * self.ticks_per_frame
 
     def _seek(self, pts: int) -> None:
@@ -447,7 +446,7 @@ def _decode_indices(
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Decode `indices` (any order, repeats allowed) in one forward pass with seeks; rotate for display."""
     stream.thread_type = "AUTO"
-    reader = _SeekingReader(p, container, stream, fps, start_pts, (out_w, out_h))
+    reader = _SeekingReader(p, container, stream, fps, start_pts)
     decoded: dict[int, tuple[np.ndarray, float]] = {}
     for idx in sorted(set(indices)):
         frame = reader.read(idx)

@@ -171,7 +171,8 @@ def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hash
       False only for captions that are already PTB-tokenised, lower-cased and punctuation-free.
     - `meteor=False` skips METEOR (it starts a 2 GB JVM and takes several seconds).
     - `spice="auto"` computes SPICE only when its Stanford CoreNLP jars are already installed
-      (see `spice_jar_paths`); True makes their absence an error; False skips it.
+      (see `spice_jar_paths`), and lists it under ``skipped`` if they are absent or SPICE fails;
+      True makes either an error; False skips it.
 
     Java is required for tokenisation, METEOR and SPICE: without it an error names what needs it.
     """
@@ -218,12 +219,20 @@ def caption_scores(predictions: Mapping[Hashable, str], references: Mapping[Hash
     out: dict[str, Any] = {}
     with contextlib.redirect_stdout(io.StringIO()):  # Bleu prints its length ratios
         bleu, _ = Bleu(4).compute_score(gts, res)
-    for n, v in enumerate(bleu, start=1):
-        out[f"Bleu_{n}"] = float(v)
+    for order, v in enumerate(bleu, start=1):
+        out[f"Bleu_{order}"] = float(v)
     out["METEOR"] = _run_meteor(gts, res) if meteor else None
     out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
-    out["SPICE"] = _run_spice(gts, res) if run_spice else None
+    out["SPICE"] = None
+    if run_spice:
+        try:
+            out["SPICE"] = _run_spice(gts, res)
+        except MetricError as exc:
+            if spice is True:
+                raise
+            # "auto": an optional extra must not sink the other metrics; say why it is missing.
+            skipped.append(f"SPICE: {exc}")
     out["skipped"] = skipped
     out["num_items"] = len(ids)
     return out

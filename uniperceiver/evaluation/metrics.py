@@ -152,7 +152,8 @@ def _positives_matrix(query_to_gallery: Any, nq: int, ng: int) -> tuple[torch.Te
         raise MetricError(f"query_to_gallery: expected {nq} entries (one per query), got {len(rows)}")
     lists: list[list[int]] = []
     for i, r in enumerate(rows):
-        ids = [int(r)] if isinstance(r, (int, np.integer)) else [int(v) for v in r]
+        scalar = isinstance(r, (int, np.integer)) or getattr(r, "ndim", None) == 0
+        ids = [int(r)] if scalar else [int(v) for v in r]
         if not ids:
             raise MetricError(f"query_to_gallery[{i}]: query has no positive gallery item")
         bad = [v for v in ids if v < 0 or v >= ng]
@@ -240,10 +241,10 @@ def image_text_retrieval(img_feats: Any, txt_feats: Any, txt_to_img: Any,
     if ni and int((counts == 0).sum()) > 0:
         missing = torch.nonzero(counts == 0).flatten()[:5].tolist()
         raise MetricError(f"txt_to_img: {int((counts == 0).sum())} image(s) have no caption, e.g. images {missing}")
-    order = torch.argsort(t2i, stable=True)
-    i2t_lists = [[] for _ in range(ni)]
-    for t in order.tolist():
-        i2t_lists[int(t2i[t])].append(t)
+    owner = t2i.cpu().tolist()  # python ints: no per-element device sync on GPU
+    i2t_lists: list[list[int]] = [[] for _ in range(ni)]
+    for t, i in enumerate(owner):
+        i2t_lists[i].append(t)
     out: dict[str, float] = {}
     out.update({f"i2t_{k}": v for k, v in retrieval_recall(img, txt, i2t_lists, ks, chunk_size).items()})
     out.update({f"t2i_{k}": v for k, v in retrieval_recall(txt, img, t2i, ks, chunk_size).items()})

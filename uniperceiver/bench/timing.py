@@ -1,0 +1,59 @@
+"""Timing helpers: warm-up, repeats, medians; peak memory read from the process or the GPU."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    repeats: int
+
+    def per_second(self, work: float) -> float:
+        return work / self.median_s if self.median_s > 0 else float("inf")
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 1, repeats: int = 3, device: torch.device | None = None) -> Timing:
+    """Run `fn` warm-up times, then `repeats` timed times; medians resist a noisy machine."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Timing(statistics.median(times), min(times), repeats)
+
+
+def peak_rss_bytes() -> int:
+    """High-water mark of this process's resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as fh:
+        pages = int(fh.read().split()[1])
+    return pages * resource.getpagesize()
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5) -> float:
+    """Measured matrix-multiply throughput (FLOP/s): the denominator of model FLOP utilisation."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda: a @ b, warmup=2, repeats=repeats, device=device)
+    return 2 * n**3 / t.median_s

@@ -1,0 +1,179 @@
+"""Training-step benchmarks: ours against Hugging Face BertModel (text) and timm ViT (images).
+
+Every case does the same work: forward, a mean-square loss over the final hidden states, backward
+and one AdamW step, on the same batch shapes and with the same width and depth. Run one case per
+process (see `worker.py`) so that the peak memory of a case is its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from uniperceiver.bench.flops import train_step_flops
+from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, time_fn
+from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.masks import caption_mask
+from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
+
+
+@dataclass
+class StepCase:
+    impl: str  # "ours" | "bert" | "timm-vit"
+    size: str
+    kind: str  # "text" | "image" | "video" | "caption"
+    batch: int
+    text_len: int = 0
+    frames: int = 0
+    image_size: int = 224
+    checkpointing: bool = False
+    precision: str = "fp32"
+
+
+@dataclass
+class StepResult:
+    case: dict
+    median_s: float
+    samples_per_s: float
+    tokens_per_s: float
+    flops_per_step: int
+    achieved_flops: float
+    peak_mem_bytes: int
+    step_mem_bytes: int
+
+
+def _ours(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+    cfg = model_config(case.size, image_size=case.image_size, grad_checkpointing=case.checkpointing)
+    model = UniPerceiver(cfg).to(device).train()
+    b = case.batch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 49000, (b, case.text_len), generator=g).to(device) if case.text_len else None
+    frames = case.frames
+    pixels = None
+    if frames:
+        shape = (b, frames, 3, case.image_size, case.image_size)
+        pixels = torch.randn(shape, generator=g).to(device)
+    mask = None
+    segments = []
+    if pixels is not None:
+        segments.append(VisualSegment(pixels))
+    if case.kind == "caption":
+        t = case.text_len
+        words = ids
+        queries = torch.full_like(words, 49410)
+        pos = torch.cat([torch.arange(t), torch.arange(t)]).to(device)
+        segments.append(TextSegment(torch.cat([words, queries], 1), positions=pos))
+        context = 1 + frames * cfg.grid_size**2
+        mask = caption_mask(context, t, device)
+    elif ids is not None:
+        segments.append(TextSegment(ids))
+
+    def loss() -> torch.Tensor:
+        h, _ = model.hidden(segments, attn_mask=mask, temporal_offset=0)
+        return h.float().pow(2).mean()
+
+    seq = 1 + (2 * case.text_len if case.kind == "caption" else case.text_len) + frames * cfg.grid_size**2
+    return model, loss, seq
+
+
+def _bert(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+    from transformers import BertConfig, BertModel
+
+    cfg = model_config(case.size)
+    bc = BertConfig(
+        vocab_size=49411,
+        hidden_size=cfg.width,
+        num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.heads,
+        intermediate_size=cfg.mlp_dim,
+        max_position_embeddings=512,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    try:
+        model = BertModel(bc, add_pooling_layer=False, attn_implementation="sdpa")
+    except TypeError:
+        model = BertModel(bc, add_pooling_layer=False)
+    model = model.to(device).train()
+    if case.checkpointing:
+        model.gradient_checkpointing_enable()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 49000, (case.batch, case.text_len + 1), generator=g).to(device)
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+
+    return model, loss, case.text_len + 1
+
+
+def _vit(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
+    from timm.models.vision_transformer import VisionTransformer
+
+    cfg = model_config(case.size)
+    model = VisionTransformer(
+        img_size=case.image_size,
+        patch_size=16,
+        embed_dim=cfg.width,
+        depth=cfg.depth,
+        num_heads=cfg.heads,
+        mlp_ratio=cfg.mlp_dim / cfg.width,
+        num_classes=0,
+    ).to(device).train()
+    if case.checkpointing:
+        model.set_grad_checkpointing(True)
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randn(case.batch, 3, case.image_size, case.image_size, generator=g).to(device)
+
+    def loss() -> torch.Tensor:
+        return model.forward_features(pixels).float().pow(2).mean()
+
+    return model, loss, 1 + (case.image_size // 16) ** 2
+
+
+BUILDERS = {"ours": _ours, "bert": _bert, "timm-vit": _vit}
+
+
+def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats: int = 3) -> StepResult:
+    model, loss_fn, seq = BUILDERS[case.impl](case, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16")
+
+    def step() -> None:
+        with autocast:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # Allocate the optimizer state first (a step on zero gradients, no forward pass) so that the
+    # peak measured next is the step's own activations and gradients on top of a known base.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before = current_rss_bytes()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    timing = time_fn(step, warmup=warmup, repeats=repeats, device=device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    cfg = model_config(case.size, image_size=case.image_size)
+    text = 2 * case.text_len if case.kind == "caption" else case.text_len
+    if case.impl == "ours":
+        flops = train_step_flops(cfg, case.batch, text_len=text, frames=case.frames)
+    elif case.impl == "bert":
+        flops = train_step_flops(cfg, case.batch, text_len=case.text_len)
+    else:
+        flops = train_step_flops(cfg, case.batch, frames=1)
+    return StepResult(
+        case=asdict(case),
+        median_s=timing.median_s,
+        samples_per_s=case.batch / timing.median_s,
+        tokens_per_s=case.batch * seq / timing.median_s,
+        flops_per_step=flops,
+        achieved_flops=flops / timing.median_s,
+        peak_mem_bytes=peak,
+        step_mem_bytes=max(0, peak - before),
+    )

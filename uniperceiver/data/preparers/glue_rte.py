@@ -1,0 +1,16 @@
+"""GLUE RTE (prepared dataset `glue-rte`); the layout and label order are described in `_glue.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uniperceiver.data.format import PrepareSummary
+from uniperceiver.data.preparers._glue import TASKS, layout, prepare_glue
+
+DESCRIPTION = "GLUE RTE (text classification / regression)"
+LAYOUT = layout(TASKS["rte"])
+OPTIONS: dict[str, str] = {}
+
+
+def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+    return prepare_glue("rte", raw_root, out_dir, download=download, progress=progress, options=options or {})

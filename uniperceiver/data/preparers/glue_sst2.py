@@ -1,0 +1,16 @@
+"""GLUE SST-2 (prepared dataset `glue-sst2`); the layout and label order are described in `_glue.py`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from uniperceiver.data.format import PrepareSummary
+from uniperceiver.data.preparers._glue import TASKS, layout, prepare_glue
+
+DESCRIPTION = "GLUE SST-2 (text classification / regression)"
+LAYOUT = layout(TASKS["sst2"])
+OPTIONS: dict[str, str] = {}
+
+
+def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+    return prepare_glue("sst2", raw_root, out_dir, download=download, progress=progress, options=options or {})

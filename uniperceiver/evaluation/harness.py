@@ -1,0 +1,264 @@
+"""Run one task's evaluation split: load, batch, predict, gather across ranks, score.
+
+Why one harness: zero-shot, prompt-tuned and fine-tuned checkpoints, the trainer's periodic
+evaluation and user-defined tasks all evaluate the same way, so they report comparable numbers.
+
+    result = evaluate_task(model, task, split="val", limit=100, target_cache=TargetCache(dir))
+    result.metrics, result.predictions, result.num_samples, result.skipped, result.seconds
+
+Samples whose media cannot be read are skipped and counted by kind (`missing_media`,
+`unreadable_media`, ...): the metric covers `num_samples` samples, never silently fewer. Under
+`torchrun` every rank evaluates a strided shard (`rank::world`) and the predictions are gathered
+once with `all_gather_object`, then put back in split order, so the result equals a single-process
+run (up to float noise from different batch compositions).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from uniperceiver.errors import DataError, MediaError, UpctlError
+from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
+from uniperceiver.tasks.base import Task, encode_targets
+
+__all__ = ["EvalResult", "evaluate_task", "target_features", "dist_info", "Progress"]
+
+Progress = Callable[[int, "int | None", str], None]
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced; `predictions` are in split order, one per evaluated sample."""
+
+    metrics: dict[str, float]
+    predictions: list[dict]
+    num_samples: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    task: str = ""
+    split: str = ""
+    #: Samples asked for (the split, or its first `limit`): num_samples + sum(skipped).
+    requested: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary without the predictions (they may hold tensors)."""
+        return {
+            "task": self.task,
+            "split": self.split,
+            "metrics": dict(self.metrics),
+            "num_samples": self.num_samples,
+            "requested": self.requested,
+            "skipped": dict(self.skipped),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world size): explicit values win, else torch.distributed when initialised, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return int(rank), int(world_size)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return (r if rank is None else int(rank)), (w if world_size is None else int(world_size))
+    return (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
+
+
+def target_features(
+    model: torch.nn.Module,
+    task: Task,
+    cache: TargetCache | None = None,
+    model_key: str | None = None,
+) -> Tensor | None:
+    """The encoded shared candidates of `task` (None when it has none, e.g. retrieval).
+
+    A family whose candidates are not plain texts (example images) provides
+    `encode_target_set(model, target_set) -> [N, D]`; otherwise `encode_targets` is used.
+    """
+    ts = task.target_set()
+    if ts is None:
+        return None
+    custom = getattr(task, "encode_target_set", None)
+
+    def compute() -> Tensor:
+        return custom(model, ts) if callable(custom) else encode_targets(model, ts)  # type: ignore[arg-type]
+
+    if cache is None:
+        with torch.no_grad():
+            return compute().detach()
+    key = model_key or model_key_for(model)
+    return cache.get(key, ts, compute, device=model.device)  # type: ignore[attr-defined]
+
+
+def _to_cpu(value: Any) -> Any:
+    """Predictions leave the device before gathering (pickling CUDA tensors ties them to a GPU)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
+    return value
+
+
+def _skip_reason(exc: MediaError) -> str:
+    return f"{exc.kind}_media"
+
+
+def evaluate_task(
+    model: torch.nn.Module,
+    task: Task,
+    split: str = "val",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    target_cache: TargetCache | None = None,
+    *,
+    model_key: str | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    samples: Sequence[dict] | None = None,
+) -> EvalResult:
+    """Evaluate `task` on `split` and return metrics plus per-sample predictions.
+
+    `limit` keeps the first N samples of the split (before sharding, so every world size scores
+    the same samples). `batch_size` defaults to the task option `eval_batch_size`, else the task's
+    batch size. `model_key` names the weights for the target cache (default: `state_digest`).
+    `samples` replaces `task.examples(split)` (used by custom tasks and tests).
+    Raises DataError when the split is empty or no sample could be loaded.
+    """
+    start = time.perf_counter()
+    rank, world = dist_info(rank, world_size)
+    if limit is not None and limit < 1:
+        raise UpctlError(f"--limit must be a positive number of samples, got {limit}")
+    examples = list(task.examples(split) if samples is None else samples)
+    if limit is not None:
+        examples = examples[:limit]
+    name = task.cfg.name
+    if not examples:
+        raise DataError(f"task {name!r}: split {split!r} has no samples to evaluate")
+    bs = int(batch_size or task.cfg.option("eval_batch_size", task.cfg.batch_size))
+    if bs < 1:
+        raise UpctlError(f"batch size must be positive, got {bs}")
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if target_cache is not None and model_key is None:
+                model_key = model_key_for(model)
+            targets = target_features(model, task, target_cache, model_key)
+            local, skipped = _run_shard(model, task, examples, rank, world, bs, targets, progress, split)
+    finally:
+        model.train(was_training)
+
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, (local, skipped))
+        merged: list[tuple[int, dict]] = []
+        skipped = {}
+        for part_preds, part_skipped in gathered:
+            merged.extend(part_preds)
+            for reason, count in part_skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + count
+    else:
+        merged = local
+    merged.sort(key=lambda pair: pair[0])
+    seen = [i for i, _ in merged]
+    if len(set(seen)) != len(seen):  # a sharding bug must never double-count samples
+        raise UpctlError(f"task {name!r}: evaluation gathered duplicate samples")
+    predictions = [pred for _, pred in merged]
+    if not predictions:
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "nothing loaded"
+        raise DataError(f"task {name!r}: none of the {len(examples)} samples of split {split!r} could be loaded ({detail})")
+
+    metrics = _compute_metrics(task, predictions, rank, world)
+    return EvalResult(
+        metrics=metrics,
+        predictions=predictions,
+        num_samples=len(predictions),
+        skipped=dict(sorted(skipped.items())),
+        seconds=time.perf_counter() - start,
+        task=name,
+        split=split,
+        requested=len(examples),
+    )
+
+
+def _run_shard(
+    model: torch.nn.Module,
+    task: Task,
+    examples: list[dict],
+    rank: int,
+    world: int,
+    bs: int,
+    targets: Tensor | None,
+    progress: Progress | None,
+    split: str,
+) -> tuple[list[tuple[int, dict]], dict[str, int]]:
+    """Evaluate this rank's strided shard; returns ([(split index, prediction)], skipped counts)."""
+    indices = list(range(rank, len(examples), world))
+    desc = f"evaluating {task.cfg.name} ({split})"
+    report = progress if rank == 0 else None
+    out: list[tuple[int, dict]] = []
+    skipped: dict[str, int] = {}
+    pending: list[tuple[int, dict]] = []
+    done = 0
+    if report:
+        report(0, len(indices), desc)
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = task.collate([item for _, item in pending], train=False, rng=np.random.default_rng(0))
+        preds = task.evaluate_batch(model, batch, targets)  # type: ignore[arg-type]
+        if len(preds) != len(pending):
+            raise UpctlError(
+                f"task {task.cfg.name!r}: evaluate_batch returned {len(preds)} predictions for {len(pending)} samples"
+            )
+        out.extend((idx, _to_cpu(pred)) for (idx, _), pred in zip(pending, preds))
+        pending.clear()
+
+    for idx in indices:
+        try:
+            item = task.load(examples[idx], train=False, rng=np.random.default_rng([0, idx]))
+        except MediaError as exc:
+            reason = _skip_reason(exc)
+            skipped[reason] = skipped.get(reason, 0) + 1
+        else:
+            pending.append((idx, item))
+            if len(pending) >= bs:
+                flush()
+        done += 1
+        if report and (done % bs == 0 or done == len(indices)):
+            report(done, len(indices), desc)
+    flush()
+    return out, skipped
+
+
+def _compute_metrics(task: Task, predictions: list[dict], rank: int, world: int) -> dict[str, float]:
+    """Metrics once (rank 0), shared with the other ranks: caption metrics start Java processes."""
+    if world <= 1:
+        return {k: float(v) for k, v in task.compute_metrics(predictions).items()}
+    payload: list[Any] = [None]
+    failure: BaseException | None = None
+    if rank == 0:
+        try:
+            payload = [("ok", {k: float(v) for k, v in task.compute_metrics(predictions).items()})]
+        except Exception as exc:  # noqa: BLE001 - the other ranks must not wait forever
+            failure = exc
+            payload = [("error", str(exc) if isinstance(exc, UpctlError) else f"{type(exc).__name__}: {exc}")]
+    torch.distributed.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    status, value = payload[0]
+    if status == "error":
+        raise UpctlError(f"metrics failed on rank 0: {value}")
+    return value
