@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 
 from uniperceiver.data.format import (
-    ManifestWriter, PreparedDataset, PrepareSummary, iter_corpus_lines, open_dataset, prepare_dataset,
-    resolve_data_dir, sort_splits, write_meta,
+    ManifestWriter,
+    PreparedDataset,
+    PrepareSummary,
+    iter_corpus_lines,
+    open_dataset,
+    prepare_dataset,
+    resolve_data_dir,
+    sort_splits,
+    write_meta,
 )
 from uniperceiver.data.preparers import PREPARERS, get_preparer
 from uniperceiver.errors import DataError, UpctlError
@@ -20,8 +27,17 @@ def _write(ds_dir: Path, raw: Path, splits: dict[str, list[dict]], **extra) -> P
         with ManifestWriter(ds_dir, split) as w:
             for s in samples:
                 w.add(s)
-    write_meta(ds_dir, {"dataset": ds_dir.name, "raw_root": str(raw), "splits": {k: len(v) for k, v in splits.items()},
-                        "targets": {"classes": ["cat", "dog"]}, "media_type": "image", **extra})
+    write_meta(
+        ds_dir,
+        {
+            "dataset": ds_dir.name,
+            "raw_root": str(raw),
+            "splits": {k: len(v) for k, v in splits.items()},
+            "targets": {"classes": ["cat", "dog"]},
+            "media_type": "image",
+            **extra,
+        },
+    )
     return open_dataset(ds_dir.name, ds_dir.parent)
 
 
@@ -63,10 +79,14 @@ def test_manifest_writer_is_atomic_and_counts_skips(tmp_path):
 
 def test_meta_checksums_and_read_side(tmp_path):
     raw = tmp_path / "raw"
-    ds = _write(tmp_path / "data" / "toy", raw, {
-        "test": [{"id": "t1", "media": "b.jpg", "label": 1}],
-        "train": [{"id": "1", "media": "a/1.jpg", "label": 0}, {"id": "2", "media": "a/2.jpg", "label": 1}],
-    })
+    ds = _write(
+        tmp_path / "data" / "toy",
+        raw,
+        {
+            "test": [{"id": "t1", "media": "b.jpg", "label": 1}],
+            "train": [{"id": "1", "media": "a/1.jpg", "label": 0}, {"id": "2", "media": "a/2.jpg", "label": 1}],
+        },
+    )
     assert ds.splits == ["train", "test"]
     assert ds.classes == ["cat", "dog"] and ds.answers is None
     assert ds.raw_root == raw
@@ -115,8 +135,16 @@ def test_iter_corpus_lines_resumes_across_files(tmp_path):
     raw.mkdir()
     (raw / "a.txt").write_text("one\n\ntwo\n")
     (raw / "b.txt").write_text("three\nfour\n  \nfive\n")
-    ds = _write(tmp_path / "data" / "corpus", raw, {"train": [
-        {"id": "a.txt", "text_file": "a.txt", "lines": 2}, {"id": "b.txt", "text_file": "b.txt", "lines": 3}]})
+    ds = _write(
+        tmp_path / "data" / "corpus",
+        raw,
+        {
+            "train": [
+                {"id": "a.txt", "text_file": "a.txt", "lines": 2},
+                {"id": "b.txt", "text_file": "b.txt", "lines": 3},
+            ]
+        },
+    )
     assert list(iter_corpus_lines(ds, "train")) == ["one", "two", "three", "four", "five"]
     assert list(iter_corpus_lines(ds, "train", start_line=1)) == ["two", "three", "four", "five"]
     assert list(iter_corpus_lines(ds, "train", start_line=3)) == ["four", "five"]

@@ -47,3 +47,18 @@ app.command("convert")(convert)
 from upctl.commands.prepare import prepare  # noqa: E402
 
 app.command("prepare")(prepare)
+
+from upctl.commands.evaluate import evaluate, predict, zeroshot  # noqa: E402
+
+app.command("zeroshot")(zeroshot)
+app.command("evaluate")(evaluate)
+app.command("predict")(predict)
+
+from upctl.commands.tasks import tasks  # noqa: E402
+
+app.command("tasks")(tasks)
+
+from upctl.commands.recipes import recipes, validate  # noqa: E402
+
+app.command("validate")(validate)
+app.command("recipes")(recipes)

@@ -176,9 +176,9 @@ def check_archive(archive: str | Path, target: str | Path) -> list[str]:
                 link = PurePosixPath(m.linkname.replace("\\", "/"))
                 base = rel.parent if m.issym() else PurePosixPath()
                 resolved = os.path.normpath(os.path.join(str(target), *base.parts, *link.parts))
-                if link.is_absolute() or os.path.commonpath([os.path.normpath(str(target)), resolved]) != os.path.normpath(
-                    str(target)
-                ):
+                if link.is_absolute() or os.path.commonpath(
+                    [os.path.normpath(str(target)), resolved]
+                ) != os.path.normpath(str(target)):
                     raise UnsafeArchiveError(
                         f"{archive}: member {m.name!r} links to {m.linkname!r} outside the target folder"
                     )
@@ -209,7 +209,7 @@ def extract_archive(archive: str | Path, target: str | Path) -> list[str]:
         kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
         try:
             tf.extractall(target, **kwargs)
-        except tarfile.FilterError as exc:  # type: ignore[attr-defined]
+        except getattr(tarfile, "FilterError", ()) as exc:  # Python >= 3.11.4 also filters itself
             raise UnsafeArchiveError(f"{archive}: {exc}; refusing to extract") from None
     return names
 

@@ -71,7 +71,9 @@ def _group_key(rule: str, sample: dict, where: str) -> str:
     if rule == "per_answer":
         ans = most_common_answer(sample)
         if ans is None:
-            raise DataError(f"{where}: sample {sample.get('id')!r} has no answers; rule per_answer needs answered questions")
+            raise DataError(
+                f"{where}: sample {sample.get('id')!r} has no answers; rule per_answer needs answered questions"
+            )
         return ans
     return ""
 
@@ -122,7 +124,9 @@ def fraction_subset(
         try:
             saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); delete it to draw the subset again") from None
+            raise DataError(
+                f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); delete it to draw the subset again"
+            ) from None
         if saved.get("rule") == rule and saved.get("manifest_sha256") == digest:
             ids = saved.get("ids")
             if not isinstance(ids, list) or any(str(i) not in by_id for i in ids):
@@ -131,8 +135,17 @@ def fraction_subset(
     if not samples:
         raise DataError(f"{manifest}: split {split!r} is empty; nothing to draw a few-shot subset from")
     ids = select_ids(samples, fraction, seed, rule, where=str(manifest))
-    atomic_write_json(path, {
-        "dataset": dataset.name, "split": split, "fraction": fraction, "seed": seed, "rule": rule,
-        "manifest_sha256": digest, "num_samples": len(ids), "ids": ids,
-    })
+    atomic_write_json(
+        path,
+        {
+            "dataset": dataset.name,
+            "split": split,
+            "fraction": fraction,
+            "seed": seed,
+            "rule": rule,
+            "manifest_sha256": digest,
+            "num_samples": len(ids),
+            "ids": ids,
+        },
+    )
     return [by_id[i] for i in ids]

@@ -188,7 +188,9 @@ def open_dataset(name: str, data_dir: str | Path | None = None) -> PreparedDatas
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path}:{exc.lineno}: malformed JSON ({exc.msg}); run `upctl prepare {name}` again") from None
+        raise DataError(
+            f"{meta_path}:{exc.lineno}: malformed JSON ({exc.msg}); run `upctl prepare {name}` again"
+        ) from None
     if not isinstance(meta, dict) or "raw_root" not in meta or "splits" not in meta:
         raise DataError(f"{meta_path}: missing 'raw_root' or 'splits'; run `upctl prepare {name}` again")
     version = meta.get("format_version")
@@ -336,7 +338,9 @@ class PrepareSummary:
     downloaded: list[str] = field(default_factory=list)
 
     @classmethod
-    def from_writers(cls, dataset: str, writers: list[ManifestWriter], out_dir: Path, source: str = "") -> "PrepareSummary":
+    def from_writers(
+        cls, dataset: str, writers: list[ManifestWriter], out_dir: Path, source: str = ""
+    ) -> "PrepareSummary":
         s = cls(dataset=dataset, out_dir=str(out_dir), source=source)
         for w in writers:
             s.splits[w.split] = w.count
@@ -349,9 +353,6 @@ class PrepareSummary:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-PREPARE_SIGNATURE = "prepare(raw_root: Path, out_dir: Path, *, download: bool, progress, options: dict) -> PrepareSummary"
 
 
 def prepare_dataset(
@@ -372,14 +373,16 @@ def prepare_dataset(
     module_path = get_preparer(name)
     module = importlib.import_module(module_path)
     base = resolve_data_dir(data_dir)
-    root = Path(raw_root).expanduser().absolute() if raw_root is not None and str(raw_root) != "" else base / "raw" / name
+    root = (
+        Path(raw_root).expanduser().absolute() if raw_root is not None and str(raw_root) != "" else base / "raw" / name
+    )
     out_dir = base / name
     start = time.perf_counter()
     summary: PrepareSummary = module.prepare(
         root, out_dir, download=download, progress=progress, options=dict(options or {})
     )
     summary.seconds = round(time.perf_counter() - start, 3)
-    summary.out_dir = str(out_dir)
+    summary.out_dir = summary.out_dir or str(out_dir)
     _remove_stale_manifests(out_dir)
     return summary
 

@@ -325,7 +325,7 @@ class CustomTask(Task):
     def _image_pixels(self, path: str | Path) -> Tensor:
         size = self.model_cfg.image_size
         # The classification convention: shorter side to size * 256/224, then a center crop.
-        return image_eval_transform(load_image(path), size, resize_to=int(round(size * 256 / 224)))
+        return image_eval_transform(load_image(path), size, resize_to=int(size * 256 / 224))
 
     def load(self, sample: dict, *, train: bool, rng: np.random.Generator) -> dict:
         item = {"id": sample["id"], "input": sample["input"], "label": sample.get("label")}

@@ -27,7 +27,15 @@ from uniperceiver.errors import DataError, MediaError, UpctlError
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
 from uniperceiver.tasks.base import Task, encode_targets
 
-__all__ = ["EvalResult", "evaluate_task", "target_features", "dist_info", "Progress"]
+__all__ = [
+    "EvalResult",
+    "evaluate_task",
+    "target_features",
+    "dist_info",
+    "split_predictions",
+    "join_predictions",
+    "Progress",
+]
 
 Progress = Callable[[int, "int | None", str], None]
 
@@ -132,6 +140,8 @@ def evaluate_task(
     the same samples). `batch_size` defaults to the task option `eval_batch_size`, else the task's
     batch size. `model_key` names the weights for the target cache (default: `state_digest`).
     `samples` replaces `task.examples(split)` (used by custom tasks and tests).
+    `rank` / `world_size` default to torch.distributed's; given explicitly without a process
+    group, only that shard is evaluated and scored (manual sharding across separate jobs).
     Raises DataError when the split is empty or no sample could be loaded.
     """
     start = time.perf_counter()
@@ -159,7 +169,8 @@ def evaluate_task(
     finally:
         model.train(was_training)
 
-    if world > 1:
+    gather = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    if gather:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, (local, skipped))
         merged: list[tuple[int, dict]] = []
@@ -179,7 +190,7 @@ def evaluate_task(
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "nothing loaded"
         raise DataError(f"task {name!r}: none of the {len(examples)} samples of split {split!r} could be loaded ({detail})")
 
-    metrics = _compute_metrics(task, predictions, rank, world)
+    metrics = _compute_metrics(task, predictions, rank, world if gather else 1)
     return EvalResult(
         metrics=metrics,
         predictions=predictions,
@@ -262,3 +273,82 @@ def _compute_metrics(task: Task, predictions: list[dict], rank: int, world: int)
     if status == "error":
         raise UpctlError(f"metrics failed on rank 0: {value}")
     return value
+
+
+# -------------------------------------------------------------------------------- saving predictions
+
+TENSOR_REF = "__tensor__"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def split_predictions(predictions: Sequence[dict]) -> tuple[list[dict], dict[str, Tensor]]:
+    """Predictions -> (JSON-able dicts, tensors to save beside them with safetensors).
+
+    A top-level field holding same-shaped tensors in every prediction (retrieval features) is
+    stacked into one tensor named after the field, and each prediction keeps
+    `{"__tensor__": field, "row": i}`; any other tensor (or numpy array) is saved under
+    `"<index>.<path>"` and referenced as `{"__tensor__": key}`. `join_predictions` undoes this.
+    """
+    tensors: dict[str, Tensor] = {}
+    first: dict[str, Tensor] = {}
+    stack_ok: dict[str, bool] = {}
+    for pred in predictions:
+        for key, value in pred.items():
+            t = torch.as_tensor(value) if isinstance(value, np.ndarray) else value
+            if not isinstance(t, Tensor):
+                stack_ok[key] = False
+            elif key not in first:
+                first[key] = t
+                stack_ok.setdefault(key, True)
+            elif tuple(t.shape) != tuple(first[key].shape) or t.dtype != first[key].dtype:
+                stack_ok[key] = False
+    stack_keys = {k for k, ok in stack_ok.items() if ok and all(k in p for p in predictions)}
+    for key in sorted(stack_keys):
+        tensors[key] = torch.stack([torch.as_tensor(p[key]).detach().cpu() for p in predictions]).contiguous()
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, (Tensor, np.ndarray)):
+            name = path
+            tensors[name] = torch.as_tensor(value).detach().cpu().contiguous()
+            return {TENSOR_REF: name}
+        if isinstance(value, dict):
+            return {str(k): walk(v, f"{path}.{k}") for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(value)]
+        return _jsonable(value)
+
+    out = []
+    for i, pred in enumerate(predictions):
+        row = {}
+        for key, value in pred.items():
+            row[str(key)] = {TENSOR_REF: key, "row": i} if key in stack_keys else walk(value, f"{i}.{key}")
+        out.append(row)
+    return out, tensors
+
+
+def join_predictions(rows: Sequence[dict], tensors: dict[str, Tensor]) -> list[dict]:
+    """Inverse of `split_predictions`: put the saved tensors back into the prediction dicts."""
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, dict):
+            if TENSOR_REF in value and set(value) <= {TENSOR_REF, "row"}:
+                name = value[TENSOR_REF]
+                if name not in tensors:
+                    raise DataError(f"saved predictions refer to tensor {name!r}, which the tensor file lacks")
+                t = tensors[name]
+                return t[int(value["row"])] if "row" in value else t
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return value
+
+    return [walk(r) for r in rows]

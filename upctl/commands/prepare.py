@@ -40,17 +40,23 @@ def _table(summary) -> Table:
 def prepare(
     dataset: str = typer.Argument(..., help=f"Dataset to prepare: {', '.join(sorted(PREPARERS))}."),
     root: Optional[Path] = typer.Option(
-        None, "--root", help="Raw download folder (default: <data-dir>/raw/<dataset>). See the layout in the error or docs."
+        None,
+        "--root",
+        help="Raw download folder (default: <data-dir>/raw/<dataset>). See the layout in the error or docs.",
     ),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="Prepared-data folder (default: $UPCTL_DATA, else ./data)."
     ),
     download: bool = typer.Option(
-        False, "--download", help="Fetch the public files first (COCO images, VQAv2, GLUE, MSVD, MSR-VTT, VG, K400 annotations)."
+        False,
+        "--download",
+        help="Fetch the public files first (COCO images, VQAv2, GLUE, MSVD, MSR-VTT, VG, K400 annotations).",
     ),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
     option: Optional[list[str]] = typer.Option(
-        None, "--option", "-o",
+        None,
+        "--option",
+        "-o",
         help="Preparer option key=value, repeatable: check=decode|verify|exists, workers=N, limit=N, mirror=URL, "
         "and per-dataset ones (e.g. min_count=9 for vqav2).",
     ),
@@ -94,4 +100,3 @@ def prepare(
         f"time: {summary.seconds:.1f} s",
         highlight=False,
     )
-

@@ -61,9 +61,7 @@ class Options:
         self.raw = {str(k): v for k, v in (raw or {}).items()}
         unknown = sorted(set(self.raw) - set(known))
         if unknown:
-            raise ConfigError(
-                f"unknown option {unknown[0]!r} for {dataset}; accepted: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown option {unknown[0]!r} for {dataset}; accepted: {', '.join(sorted(known))}")
 
     def str(self, key: str, default: str | None = None) -> str | None:
         v = self.raw.get(key)
@@ -259,9 +257,10 @@ class Builder:
         media_type: str,
         tasks: list[str],
         fewshot_rule: str | None = None,
+        layout: str = "",
     ) -> None:
         self.dataset = dataset
-        self.raw_root = Path(raw_root)
+        self.raw_root = Path(raw_root).expanduser().absolute()  # meta.json records an absolute root
         self.out_dir = Path(out_dir)
         self.options = Options(dataset, options, {**COMMON_OPTIONS, **(known_options or {})})
         self.check_mode = self.options.choice("check", ("decode", "verify", "exists"), "decode")
@@ -271,6 +270,7 @@ class Builder:
         self.media_type = media_type
         self.tasks = tasks
         self.fewshot_rule = fewshot_rule
+        self.layout = layout
         self.writers: list[ManifestWriter] = []
         self.sources: list[str] = []
         self.downloaded: list[str] = []
@@ -313,12 +313,9 @@ class Builder:
                 if media_kind is not None:
                     if len(cache) > _CACHE_MAX:  # bounded: web-scale pair datasets never repeat images
                         cache.clear()
-                    todo = sorted(
-                        {x[media_key] for x in chunk if isinstance(x, dict) and media_key in x} - set(cache)
-                    )
-                    cache.update(
-                        zip(todo, pool.map(lambda m: check_media(self.raw_root / m, media_kind, check), todo))
-                    )
+                    wanted = {x[media_key] for x in chunk if isinstance(x, dict) and media_key in x}
+                    todo = sorted(m for m in wanted if m not in cache)
+                    cache.update(zip(todo, pool.map(lambda m: check_media(self.raw_root / m, media_kind, check), todo)))
                 for x in chunk:
                     done += 1
                     if isinstance(x, Skip):
@@ -365,9 +362,8 @@ class Builder:
         if not download:
             return
         if not files:
-            raise DataError(
-                f"{self.dataset} has no stable public download URL; download it yourself and pass --root DIR"
-            )
+            what = f"get {self.layout} and put them under {self.raw_root}" if self.layout else "download it yourself"
+            raise DataError(f"{self.dataset} has no stable public download URL: {what} (or pass --root DIR)")
         from uniperceiver.data.download import fetch
 
         self.downloaded = fetch(files, self.raw_root, mirror=self.options.str("mirror"), progress=self.progress)

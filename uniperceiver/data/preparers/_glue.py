@@ -36,39 +36,73 @@ _URL = "https://dl.fbaipublicfiles.com/glue/data"
 
 @dataclass(frozen=True)
 class GlueTask:
-    name: str                        # dataset name suffix: sst2
-    folder: str                      # SST-2
-    text: str                        # column of the (first) sentence
-    text_b: str | None               # column of the second sentence (pairs)
-    label: str | None                # label column (None: no labels)
-    classes: list[str] | None        # class names; None = regression (float label)
+    name: str  # dataset name suffix: sst2
+    folder: str  # SST-2
+    text: str  # column of the (first) sentence
+    text_b: str | None  # column of the second sentence (pairs)
+    label: str | None  # label column (None: no labels)
+    classes: list[str] | None  # class names; None = regression (float label)
     label_map: dict[str, int] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=lambda: {"train": "train.tsv", "val": "dev.tsv", "test": "test.tsv"})
     positional: tuple[str, ...] = ()  # header names for files without a header (CoLA train/dev)
-    zip_name: str | None = None       # dl.fbaipublicfiles.com archive
+    zip_name: str | None = None  # dl.fbaipublicfiles.com archive
 
 
 BINARY = {"0": 0, "1": 1}
 ENTAIL = {"not_entailment": 0, "entailment": 1}
 TASKS: dict[str, GlueTask] = {
-    "cola": GlueTask("cola", "CoLA", "sentence", None, "label", ["unacceptable", "acceptable"], BINARY,
-                     positional=("source", "label", "original_label", "sentence"), zip_name="CoLA.zip"),
-    "sst2": GlueTask("sst2", "SST-2", "sentence", None, "label", ["negative", "positive"], BINARY, zip_name="SST-2.zip"),
+    "cola": GlueTask(
+        "cola",
+        "CoLA",
+        "sentence",
+        None,
+        "label",
+        ["unacceptable", "acceptable"],
+        BINARY,
+        positional=("source", "label", "original_label", "sentence"),
+        zip_name="CoLA.zip",
+    ),
+    "sst2": GlueTask(
+        "sst2", "SST-2", "sentence", None, "label", ["negative", "positive"], BINARY, zip_name="SST-2.zip"
+    ),
     "mrpc": GlueTask("mrpc", "MRPC", "#1 String", "#2 String", "Quality", ["not_equivalent", "equivalent"], BINARY),
-    "qqp": GlueTask("qqp", "QQP", "question1", "question2", "is_duplicate", ["not_duplicate", "duplicate"], BINARY,
-                    zip_name="QQP-clean.zip"),
+    "qqp": GlueTask(
+        "qqp",
+        "QQP",
+        "question1",
+        "question2",
+        "is_duplicate",
+        ["not_duplicate", "duplicate"],
+        BINARY,
+        zip_name="QQP-clean.zip",
+    ),
     "stsb": GlueTask("stsb", "STS-B", "sentence1", "sentence2", "score", None, zip_name="STS-B.zip"),
-    "mnli": GlueTask("mnli", "MNLI", "sentence1", "sentence2", "gold_label", ["contradiction", "neutral", "entailment"],
-                     {"contradiction": 0, "neutral": 1, "entailment": 2},
-                     files={"train": "train.tsv", "val": "dev_matched.tsv", "val_mismatched": "dev_mismatched.tsv",
-                            "test": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"},
-                     zip_name="MNLI.zip"),
-    "qnli": GlueTask("qnli", "QNLI", "question", "sentence", "label", ["not_entailment", "entailment"], ENTAIL,
-                     zip_name="QNLIv2.zip"),
-    "rte": GlueTask("rte", "RTE", "sentence1", "sentence2", "label", ["not_entailment", "entailment"], ENTAIL,
-                    zip_name="RTE.zip"),
-    "wnli": GlueTask("wnli", "WNLI", "sentence1", "sentence2", "label", ["not_entailment", "entailment"], BINARY,
-                     zip_name="WNLI.zip"),
+    "mnli": GlueTask(
+        "mnli",
+        "MNLI",
+        "sentence1",
+        "sentence2",
+        "gold_label",
+        ["contradiction", "neutral", "entailment"],
+        {"contradiction": 0, "neutral": 1, "entailment": 2},
+        files={
+            "train": "train.tsv",
+            "val": "dev_matched.tsv",
+            "val_mismatched": "dev_mismatched.tsv",
+            "test": "test_matched.tsv",
+            "test_mismatched": "test_mismatched.tsv",
+        },
+        zip_name="MNLI.zip",
+    ),
+    "qnli": GlueTask(
+        "qnli", "QNLI", "question", "sentence", "label", ["not_entailment", "entailment"], ENTAIL, zip_name="QNLIv2.zip"
+    ),
+    "rte": GlueTask(
+        "rte", "RTE", "sentence1", "sentence2", "label", ["not_entailment", "entailment"], ENTAIL, zip_name="RTE.zip"
+    ),
+    "wnli": GlueTask(
+        "wnli", "WNLI", "sentence1", "sentence2", "label", ["not_entailment", "entailment"], BINARY, zip_name="WNLI.zip"
+    ),
 }
 
 
@@ -127,16 +161,30 @@ def _samples(path: Path, task: GlueTask, split: str) -> Iterator[dict | Skip]:
 def prepare_glue(key: str, raw_root: Path, out_dir: Path, *, download: bool, progress, options: dict) -> PrepareSummary:
     task = TASKS[key]
     name = f"glue-{task.name}"
-    b = Builder(name, raw_root, out_dir, options=options, progress=progress, known_options={},
-                media_type="text", tasks=[name], fewshot_rule="per_label" if task.classes else "per_item")
+    b = Builder(
+        name,
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options={},
+        media_type="text",
+        tasks=[name],
+        fewshot_rule="per_label" if task.classes else "per_item",
+        layout=layout(task),
+    )
     if not download:
         require_root(raw_root, name, layout(task))
     if download and task.zip_name is None:
-        raise DataError(f"{name} has no single public archive; fetch it with GLUE's download_glue_data.py and pass --root DIR")
+        raise DataError(
+            f"{name} has no single public archive; fetch it with GLUE's download_glue_data.py and pass --root DIR"
+        )
     b.fetch([RemoteFile(f"{_URL}/{task.zip_name}", task.zip_name, extract=True)] if task.zip_name else [], download)
     folder = _task_dir(raw_root, task)
     if not (folder / task.files["train"]).is_file():
-        raise DataError(f"{folder / task.files['train']}: GLUE {task.folder} training file not found; expected {layout(task)}")
+        raise DataError(
+            f"{folder / task.files['train']}: GLUE {task.folder} training file not found; expected {layout(task)}"
+        )
     for split, fname in task.files.items():
         path = folder / fname
         if path.is_file():

@@ -45,7 +45,9 @@ def read_classnames(path: Path, wnids: list[str]) -> dict[str, list[str]]:
     if lines and all(WNID_RE.match(ln.split(None, 1)[0]) for ln in lines):
         return read_synset_words(path)
     if len(lines) != len(wnids):
-        raise DataError(f"{path}: has {len(lines)} class names but {len(wnids)} classes were found (one name per class, in sorted-wnid order)")
+        raise DataError(
+            f"{path}: has {len(lines)} class names but {len(wnids)} classes were found (one name per class, in sorted-wnid order)"
+        )
     return {w: [s.strip() for s in ln.split(",") if s.strip()] or [w] for w, ln in zip(wnids, lines)}
 
 

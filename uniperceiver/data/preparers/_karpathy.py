@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.errors import DataError
 from uniperceiver.data.preparers._common import Builder, Skip, need, read_json, require_file, require_root
+from uniperceiver.errors import DataError
 
 SPLIT_MAP = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 
@@ -35,10 +35,20 @@ def prepare_karpathy(
     known_options: dict[str, str],
 ) -> PrepareSummary:
     b = Builder(
-        dataset, raw_root, out_dir, options=options, progress=progress, known_options=known_options,
-        media_type="image", tasks=tasks, fewshot_rule="per_image",
+        dataset,
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=known_options,
+        media_type="image",
+        tasks=tasks,
+        fewshot_rule="per_image",
+        layout=layout,
     )
     restval = b.options.choice("restval", ("train", "skip"), "train")
+    if download and not downloads:
+        b.fetch(downloads, download)  # a clear "no public URL" error, before anything else
     if not download:
         require_root(raw_root, dataset, layout)
     raw_root.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ whose clip is absent is counted as missing media. Class order: sorted label name
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +39,9 @@ def _csv(root: Path, names: list[str], prefix: str) -> Path | None:
     return find_first(root, cands)
 
 
-def _index_videos(root: Path, dirs: list[str], replacement: Path | None) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+def _index_videos(
+    root: Path, dirs: list[str], replacement: Path | None
+) -> tuple[dict[str, Path], dict[str, list[Path]]]:
     """clip stem -> path and youtube id -> paths over every candidate folder of a split."""
     by_stem: dict[str, Path] = {}
     by_ytid: dict[str, list[Path]] = {}
@@ -60,11 +63,15 @@ def _clip_name(row: dict[str, str], path: Path, lineno: int) -> str:
     try:
         start, end = int(float(row["time_start"])), int(float(row["time_end"]))
     except ValueError:
-        raise DataError(f"{path}:{lineno}: time_start/time_end should be numbers, got {row['time_start']!r}, {row['time_end']!r}") from None
+        raise DataError(
+            f"{path}:{lineno}: time_start/time_end should be numbers, got {row['time_start']!r}, {row['time_end']!r}"
+        ) from None
     return f"{row['youtube_id']}_{start:06d}_{end:06d}"
 
 
-def _samples(b: Builder, csv_path: Path, index: dict[str, int], by_stem, by_ytid) -> Iterator[dict | Skip]:
+def _samples(
+    b: Builder, csv_path: Path, index: dict[str, int], by_stem, by_ytid, default_dir: str
+) -> Iterator[dict | Skip]:
     for lineno, row, _ in read_table(csv_path, COLUMNS):
         clip = _clip_name(row, csv_path, lineno)
         label = row["label"].strip()
@@ -75,20 +82,53 @@ def _samples(b: Builder, csv_path: Path, index: dict[str, int], by_stem, by_ytid
         if path is None:
             cands = by_ytid.get(row["youtube_id"], [])
             path = cands[0] if len(cands) == 1 else None
-        media = b.rel(path) if path is not None else f"videos/{clip}.mp4"
+        media = b.rel(path) if path is not None else f"{default_dir}/{clip}.mp4"  # counted as missing
         yield {"id": clip, "media": media, "media_type": "video", "label": index[label]}
 
 
-def prepare_kinetics(dataset: str, raw_root: Path, out_dir: Path, *, download: bool, progress, options: dict,
-                     layout: str, prefix: str, downloads: list, known_options: dict[str, str]) -> PrepareSummary:
-    b = Builder(dataset, raw_root, out_dir, options=options, progress=progress, known_options=known_options,
-                media_type="video", tasks=[dataset], fewshot_rule="per_class")
+def _has_labels(path: Path) -> bool:
+    with open(path, "r", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = [h.strip() for h in next(reader, [])]
+        if "label" not in header:
+            return False
+        i = header.index("label")
+        return any(len(row) > i and row[i].strip() for row in reader)
+
+
+def prepare_kinetics(
+    dataset: str,
+    raw_root: Path,
+    out_dir: Path,
+    *,
+    download: bool,
+    progress,
+    options: dict,
+    layout: str,
+    prefix: str,
+    downloads: list,
+    known_options: dict[str, str],
+) -> PrepareSummary:
+    b = Builder(
+        dataset,
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=known_options,
+        media_type="video",
+        tasks=[dataset],
+        fewshot_rule="per_class",
+        layout=layout,
+    )
     if not download:
         require_root(raw_root, dataset, layout)
     b.fetch(downloads, download)
     csvs = {split: _csv(raw_root, names, prefix) for split, (names, _dirs) in SPLITS.items()}
     if csvs["train"] is None:
-        raise DataError(f"{raw_root / 'annotations' / 'train.csv'}: {dataset} annotation CSV not found; expected {layout}")
+        raise DataError(
+            f"{raw_root / 'annotations' / 'train.csv'}: {dataset} annotation CSV not found; expected {layout}"
+        )
     labels = sorted({row["label"].strip() for _, row, _ in read_table(csvs["train"], COLUMNS) if row["label"].strip()})
     index = {name: i for i, name in enumerate(labels)}
     replacement = find_first(raw_root, ["replacement/replacement_for_corrupted_k400", "replacement_for_corrupted_k400"])
@@ -96,10 +136,10 @@ def prepare_kinetics(dataset: str, raw_root: Path, out_dir: Path, *, download: b
         path = csvs[split]
         if path is None:
             continue
-        has_labels = any(row["label"].strip() for _, row, _ in read_table(path, COLUMNS))
-        if not has_labels:  # a test CSV without labels cannot be used for classification
+        if split == "test" and not _has_labels(path):  # held-out test labels: nothing to classify against
             continue
         b.source(path)
         by_stem, by_ytid = _index_videos(raw_root, dirs, replacement if split == "train" else None)
-        b.write_split(split, _samples(b, path, index, by_stem, by_ytid), media_kind="video")
+        default_dir = next((f"{p}{d}" for p in ("videos/", "") for d in dirs if (raw_root / p / d).is_dir()), dirs[0])
+        b.write_split(split, _samples(b, path, index, by_stem, by_ytid, default_dir), media_kind="video")
     return b.finish(targets={"classes": labels})

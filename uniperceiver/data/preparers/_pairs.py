@@ -61,7 +61,7 @@ def _from_table(b: Builder, path: Path) -> Iterator[dict | Skip]:
 def _from_json(b: Builder, path: Path) -> Iterator[dict | Skip]:
     data = read_json(path)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of {{\"image\": path, \"caption\": text}}")
+        raise DataError(f'{path}: expected a JSON list of {{"image": path, "caption": text}}')
     for i, item in enumerate(data):
         where = f"{path}: [{i}]"
         yield from _pair(b, str(need(item, "image", where)), str(need(item, "caption", where)), where)
@@ -83,13 +83,31 @@ def _pair(b: Builder, filepath: str, caption: str, where: str) -> Iterator[dict 
     yield {"id": rel, "media": rel, "media_type": "image", "texts": [caption.strip()]}
 
 
-
-def prepare_pairs(dataset: str, raw_root: Path, out_dir: Path, *, download: bool, progress, options: dict,
-                  layout: str, known_options: dict[str, str]) -> PrepareSummary:
-    b = Builder(dataset, raw_root, out_dir, options=options, progress=progress, known_options=known_options,
-                media_type="image", tasks=[f"{dataset}-caption", f"{dataset}-retrieval"], fewshot_rule="per_image")
-    require_root(raw_root, dataset, layout)
+def prepare_pairs(
+    dataset: str,
+    raw_root: Path,
+    out_dir: Path,
+    *,
+    download: bool,
+    progress,
+    options: dict,
+    layout: str,
+    known_options: dict[str, str],
+) -> PrepareSummary:
+    b = Builder(
+        dataset,
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=known_options,
+        media_type="image",
+        tasks=[f"{dataset}-pt-caption", f"{dataset}-pt-retrieval"],
+        fewshot_rule="per_image",
+        layout=layout,
+    )
     b.fetch([], download)
+    require_root(raw_root, dataset, layout)
     found = False
     for split, names in SPLIT_NAMES.items():
         source = None
@@ -111,7 +129,13 @@ def prepare_pairs(dataset: str, raw_root: Path, out_dir: Path, *, download: bool
         found = True
         kind, path = source
         b.source(path)
-        items = _from_shards(b, _shards(path)) if kind == "shards" else _from_table(b, path) if kind == "table" else _from_json(b, path)
+        items = (
+            _from_shards(b, _shards(path))
+            if kind == "shards"
+            else _from_table(b, path)
+            if kind == "table"
+            else _from_json(b, path)
+        )
         b.write_split(split, items, media_kind="image")
     if not found:
         raise DataError(f"{raw_root}: no image-text pairs found; expected {layout}")

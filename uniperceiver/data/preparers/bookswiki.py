@@ -53,12 +53,24 @@ def _samples(b: Builder, files: list[Path]) -> Iterator[dict | Skip]:
         yield {"id": rel, "text_file": rel, "lines": n}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("bookswiki", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="text", tasks=["bookswiki-mlm"], fewshot_rule="per_item")
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "bookswiki",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="text",
+        tasks=["bookswiki-mlm"],
+        fewshot_rule="per_item",
+        layout=LAYOUT,
+    )
     val_files = b.options.int("val_files", 0, minimum=0)
-    require_root(raw_root, "bookswiki", LAYOUT)
     b.fetch([], download)
+    require_root(raw_root, "bookswiki", LAYOUT)
     files = [p for p in walk_files(raw_root, (".txt", ".doc")) if ".upctl" not in p.parts]
     if not files:
         raise DataError(f"{raw_root}: no .txt or .doc files found; expected {LAYOUT}")

@@ -22,6 +22,16 @@ LAYOUT = "train/ (img2dataset files output: 00000/*.jpg + *.txt) or train.tsv (f
 OPTIONS: dict[str, str] = {}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    return prepare_pairs("cc12m", raw_root, out_dir, download=download, progress=progress, options=options or {},
-                         layout=LAYOUT, known_options=OPTIONS)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    return prepare_pairs(
+        "cc12m",
+        raw_root,
+        out_dir,
+        download=download,
+        progress=progress,
+        options=options or {},
+        layout=LAYOUT,
+        known_options=OPTIONS,
+    )

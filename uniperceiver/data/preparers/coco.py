@@ -31,11 +31,21 @@ DOWNLOADS = [
 ]
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
     return prepare_karpathy(
-        dataset="coco", raw_root=raw_root, out_dir=out_dir, download=download, progress=progress,
-        options=options or {}, layout=LAYOUT,
+        dataset="coco",
+        raw_root=raw_root,
+        out_dir=out_dir,
+        download=download,
+        progress=progress,
+        options=options or {},
+        layout=LAYOUT,
         json_candidates=["dataset_coco.json", "annotations/dataset_coco.json", "new_annotations/dataset_coco.json"],
-        image_dirs=["images", "coco_origin"], tasks=["coco-caption", "coco-retrieval"], id_key="cocoid",
-        downloads=DOWNLOADS, known_options=OPTIONS,
+        image_dirs=["images", "coco_origin"],
+        tasks=["coco-caption", "coco-retrieval", "coco-pt-caption", "coco-pt-retrieval"],
+        id_key="cocoid",
+        downloads=DOWNLOADS,
+        known_options=OPTIONS,
     )

@@ -22,11 +22,21 @@ LAYOUT = "flickr30k-images/ (the Flickr30k JPEGs) and dataset_flickr30k.json (Ka
 OPTIONS = {"restval": "train (default) or skip (Flickr30k has no restval images)"}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
     return prepare_karpathy(
-        dataset="flickr30k", raw_root=raw_root, out_dir=out_dir, download=download, progress=progress,
-        options=options or {}, layout=LAYOUT,
+        dataset="flickr30k",
+        raw_root=raw_root,
+        out_dir=out_dir,
+        download=download,
+        progress=progress,
+        options=options or {},
+        layout=LAYOUT,
         json_candidates=["dataset_flickr30k.json", "annotations/dataset_flickr30k.json"],
         image_dirs=["flickr30k-images", "flickr30k_images/flickr30k_images", "flickr30k_images", "images"],
-        tasks=["flickr30k-caption", "flickr30k-retrieval"], id_key="__stem__", downloads=[], known_options=OPTIONS,
+        tasks=["flickr30k-caption", "flickr30k-retrieval"],
+        id_key="__stem__",
+        downloads=[],
+        known_options=OPTIONS,
     )

@@ -12,5 +12,7 @@ LAYOUT = layout(TASKS["mrpc"])
 OPTIONS: dict[str, str] = {}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
     return prepare_glue("mrpc", raw_root, out_dir, download=download, progress=progress, options=options or {})

@@ -17,8 +17,7 @@ Accepted layouts under the raw root:
 
 Class order is the sorted WordNet ids (the universal convention). Class names come from
 `classnames.txt` (one per line, sorted-wnid order, or "wnid name" lines), else from
-`LOC_synset_mapping.txt` / `synset_words.txt` (first synonym; all synonyms are kept in
-targets.synonyms), else the wnid itself. There is no --download (ImageNet needs an account).
+`LOC_synset_mapping.txt` / `synset_words.txt` (the first synonym), else the wnid itself. There is no --download (ImageNet needs an account).
 """
 
 from __future__ import annotations
@@ -29,7 +28,12 @@ from typing import Iterator
 from uniperceiver.data.format import PrepareSummary
 from uniperceiver.data.preparers._common import Builder, Skip, find_first, read_table, require_root, walk_files
 from uniperceiver.data.preparers._imagefolder import (
-    IMAGE_SUFFIXES, WNID_RE, class_names, folder_samples, read_synset_words, wnid_dirs,
+    IMAGE_SUFFIXES,
+    WNID_RE,
+    class_names,
+    folder_samples,
+    read_synset_words,
+    wnid_dirs,
 )
 from uniperceiver.errors import DataError
 
@@ -46,8 +50,10 @@ def _base(root: Path) -> Path:
 
 def _devkit_labels(root: Path) -> dict[str, str] | None:
     """val image stem -> wnid from the devkit ground truth + meta.mat, or None if absent."""
-    gt = find_first(root, ["ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
-                           "ILSVRC2012_validation_ground_truth.txt"])
+    gt = find_first(
+        root,
+        ["ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt", "ILSVRC2012_validation_ground_truth.txt"],
+    )
     if gt is None:
         return None
     meta = gt.parent / "meta.mat"
@@ -56,7 +62,9 @@ def _devkit_labels(root: Path) -> dict[str, str] | None:
     try:
         from scipy.io import loadmat
     except ImportError:
-        raise DataError(f"{meta}: reading the devkit needs scipy (pip install scipy), or use LOC_val_solution.csv") from None
+        raise DataError(
+            f"{meta}: reading the devkit needs scipy (pip install scipy), or use LOC_val_solution.csv"
+        ) from None
     synsets = loadmat(str(meta), squeeze_me=True)["synsets"]
     id2wnid = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
     out = {}
@@ -77,7 +85,9 @@ def _val_labels(root: Path, b: Builder, wnids: list[str]) -> dict[str, str]:
         for lineno, row, _ in read_table(sol, ["ImageId", "PredictionString"]):
             pred = row["PredictionString"].split()
             if not pred or not WNID_RE.match(pred[0]):
-                raise DataError(f"{sol}:{lineno}: PredictionString should start with a wnid, got {row['PredictionString'][:40]!r}")
+                raise DataError(
+                    f"{sol}:{lineno}: PredictionString should start with a wnid, got {row['PredictionString'][:40]!r}"
+                )
             out[row["ImageId"]] = pred[0]
         return out
     dev = _devkit_labels(root)
@@ -95,7 +105,9 @@ def _val_labels(root: Path, b: Builder, wnids: list[str]) -> dict[str, str]:
             try:
                 out[Path(parts[0]).stem] = wnids[int(parts[1])]
             except (IndexError, ValueError):
-                raise DataError(f"{txt}:{lineno}: expected 'ILSVRC2012_val_00000001.JPEG <class index 0..{len(wnids)-1}>', got {line[:80]!r}") from None
+                raise DataError(
+                    f"{txt}:{lineno}: expected 'ILSVRC2012_val_00000001.JPEG <class index 0..{len(wnids) - 1}>', got {line[:80]!r}"
+                ) from None
         return out
     raise DataError(
         f"{root}: val/ is flat but no labels file was found: put LOC_val_solution.csv (Kaggle), "
@@ -112,11 +124,23 @@ def _flat_val(b: Builder, folder: Path, labels: dict[str, str], index: dict[str,
         yield {"id": path.stem, "media": b.rel(path), "media_type": "image", "label": index[wnid]}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("imagenet", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="image", tasks=["imagenet"], fewshot_rule="per_class")
-    require_root(raw_root, "imagenet", LAYOUT)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "imagenet",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="image",
+        tasks=["imagenet"],
+        fewshot_rule="per_class",
+        layout=LAYOUT,
+    )
     b.fetch([], download)
+    require_root(raw_root, "imagenet", LAYOUT)
     base = _base(raw_root)
     train, val = base / "train", base / "val"
     wnids = wnid_dirs(train) or wnid_dirs(val)
@@ -125,7 +149,7 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
         wnids = sorted(read_synset_words(mapping)) if mapping else []
     if not wnids:
         raise DataError(f"{train}: no class folders (n01440764/ ...) found; expected {LAYOUT}")
-    names, synonyms = class_names(raw_root, wnids, NAME_FILES, b)
+    names, _synonyms = class_names(raw_root, wnids, NAME_FILES, b)
     index = {w: i for i, w in enumerate(wnids)}
     if train.is_dir():
         b.source(train)
@@ -137,4 +161,6 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
         else:
             items = _flat_val(b, val, _val_labels(raw_root, b, wnids), index)
         b.write_split("val", items, media_kind="image")
-    return b.finish(targets={"classes": names, "wnids": wnids, "synonyms": synonyms})
+    # no "synonyms" here: ImageNet-1k trains and evaluates on one fixed name per class; WordNet's
+    # other lemmas ("Tinca tinca") would be sampled as class names by the classification task
+    return b.finish(targets={"classes": names, "wnids": wnids})

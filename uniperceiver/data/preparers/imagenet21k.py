@@ -28,11 +28,23 @@ NAME_FILES = ["words.txt", "classnames.txt", "LOC_synset_mapping.txt", "synset_w
 SPLIT_DIRS = {"train": ["train", "imagenet21k_train"], "val": ["val", "imagenet21k_val"]}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("imagenet21k", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="image", tasks=["imagenet21k"], fewshot_rule="per_class")
-    require_root(raw_root, "imagenet21k", LAYOUT)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "imagenet21k",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="image",
+        tasks=["imagenet21k"],
+        fewshot_rule="per_class",
+        layout=LAYOUT,
+    )
     b.fetch([], download)
+    require_root(raw_root, "imagenet21k", LAYOUT)
     folders: dict[str, Path] = {}
     for split, cands in SPLIT_DIRS.items():
         for c in cands:

@@ -25,6 +25,18 @@ DOWNLOADS = [
 ]
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    return prepare_kinetics("kinetics400", raw_root, out_dir, download=download, progress=progress, options=options or {},
-                            layout=LAYOUT, prefix="kinetics400", downloads=DOWNLOADS, known_options=OPTIONS)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    return prepare_kinetics(
+        "kinetics400",
+        raw_root,
+        out_dir,
+        download=download,
+        progress=progress,
+        options=options or {},
+        layout=LAYOUT,
+        prefix="kinetics400",
+        downloads=DOWNLOADS,
+        known_options=OPTIONS,
+    )

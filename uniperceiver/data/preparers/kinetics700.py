@@ -18,6 +18,18 @@ LAYOUT = "annotations/{train,val,test}.csv and the clips under train/, val/ (cvd
 OPTIONS: dict[str, str] = {}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    return prepare_kinetics("kinetics700", raw_root, out_dir, download=download, progress=progress, options=options or {},
-                            layout=LAYOUT, prefix="kinetics700", downloads=[], known_options=OPTIONS)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    return prepare_kinetics(
+        "kinetics700",
+        raw_root,
+        out_dir,
+        download=download,
+        progress=progress,
+        options=options or {},
+        layout=LAYOUT,
+        prefix="kinetics700",
+        downloads=[],
+        known_options=OPTIONS,
+    )

@@ -55,15 +55,34 @@ def _samples(b: Builder, csv_path: Path, video_dir: str, index: dict[str, int]) 
             if label not in index:
                 yield Skip("unknown_label", f"{csv_path.name}:{lineno} {label!r}")
                 continue
-            yield {"id": rel.rsplit(".", 1)[0], "media": f"{video_dir}/{rel}", "media_type": "video", "label": index[label]}
+            yield {
+                "id": rel.rsplit(".", 1)[0],
+                "media": f"{video_dir}/{rel}",
+                "media_type": "video",
+                "label": index[label],
+            }
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("mit", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="video", tasks=["mit"], fewshot_rule="per_class")
-    require_root(raw_root, "mit", LAYOUT)
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "mit",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="video",
+        tasks=["mit"],
+        fewshot_rule="per_class",
+        layout=LAYOUT,
+    )
     b.fetch([], download)
-    cats = require_file(raw_root, ["moments_categories.txt", "annotations/moments_categories.txt"], "moments_categories.txt")
+    require_root(raw_root, "mit", LAYOUT)
+    cats = require_file(
+        raw_root, ["moments_categories.txt", "annotations/moments_categories.txt"], "moments_categories.txt"
+    )
     b.source(cats)
     classes = _categories(cats)
     index = {n: i for i, n in enumerate(classes)}
@@ -74,6 +93,10 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
                 raise DataError(f"{raw_root / csv_name}: Moments in Time annotation file not found; expected {LAYOUT}")
             continue
         b.source(ann)
-        video_dir = folder if (raw_root / folder).is_dir() or not (raw_root / "videos" / folder).is_dir() else f"videos/{folder}"
+        video_dir = (
+            folder
+            if (raw_root / folder).is_dir() or not (raw_root / "videos" / folder).is_dir()
+            else f"videos/{folder}"
+        )
         b.write_split(split, _samples(b, ann, video_dir, index), media_kind="video")
     return b.finish(targets={"classes": classes})

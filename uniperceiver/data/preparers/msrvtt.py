@@ -24,7 +24,14 @@ from pathlib import Path
 from uniperceiver.data.download import RemoteFile
 from uniperceiver.data.format import PrepareSummary
 from uniperceiver.data.preparers._common import (
-    Builder, Skip, find_first, need, read_json, read_table, require_root, walk_files,
+    Builder,
+    Skip,
+    find_first,
+    need,
+    read_json,
+    read_table,
+    require_root,
+    walk_files,
 )
 from uniperceiver.errors import DataError
 
@@ -33,7 +40,9 @@ LAYOUT = "videos/all/video*.mp4 and MSRVTT_data.json (+ MSRVTT_train.9k.csv, MSR
 OPTIONS: dict[str, str] = {}
 DOWNLOADS = [
     RemoteFile("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", "MSRVTT.zip", extract=True),
-    RemoteFile("https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip", "msrvtt_data.zip", extract=True),
+    RemoteFile(
+        "https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip", "msrvtt_data.zip", extract=True
+    ),
 ]
 ANN_DIRS = ["", "msrvtt_data/", "annotation/", "annotations/", "MSRVTT/annotation/"]
 VIDEO_DIRS = ["videos/all", "MSRVTT/videos/all", "TrainValVideo", "TestVideo", "videos", "MSRVTT_Videos", "all"]
@@ -76,9 +85,21 @@ def _index_videos(b: Builder, root: Path) -> dict[str, str]:
     return index
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("msrvtt", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="video", tasks=["msrvtt-caption", "msrvtt-retrieval"], fewshot_rule="per_item")
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "msrvtt",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="video",
+        tasks=["msrvtt-caption", "msrvtt-retrieval"],
+        fewshot_rule="per_item",
+        layout=LAYOUT,
+    )
     if not download:
         require_root(raw_root, "msrvtt", LAYOUT)
     b.fetch(DOWNLOADS, download)
@@ -94,7 +115,9 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
     for i, v in enumerate(videos):
         split = str(v.get("split", ""))
         if split not in SPLIT_MAP:
-            raise DataError(f"videos[{i}] ({v['video_id']}): unknown split {split!r} (expected train, validate or test)")
+            raise DataError(
+                f"videos[{i}] ({v['video_id']}): unknown split {split!r} (expected train, validate or test)"
+            )
         per_split[SPLIT_MAP[split]].append(sample(v["video_id"], captions.get(v["video_id"], [])))
     for split, items in per_split.items():
         if items:
@@ -103,12 +126,17 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
     train9k = find_first(raw_root, [f"{d}MSRVTT_train.9k.csv" for d in ANN_DIRS])
     if train9k is not None:
         b.source(train9k)
-        items = [sample(row["video_id"], captions.get(row["video_id"], [])) for _, row, _ in read_table(train9k, ["video_id"])]
+        items = [
+            sample(row["video_id"], captions.get(row["video_id"], []))
+            for _, row, _ in read_table(train9k, ["video_id"])
+        ]
         b.write_split("train9k", items, media_kind="video", total=len(items))
     test1k = find_first(raw_root, [f"{d}MSRVTT_JSFUSION_test.csv" for d in ANN_DIRS])
     if test1k is not None:
         b.source(test1k)
-        items = [sample(row["video_id"], [row["sentence"].strip()] if row["sentence"].strip() else [])
-                 for _, row, _ in read_table(test1k, ["video_id", "sentence"])]
+        items = [
+            sample(row["video_id"], [row["sentence"].strip()] if row["sentence"].strip() else [])
+            for _, row, _ in read_table(test1k, ["video_id", "sentence"])
+        ]
         b.write_split("test1k", items, media_kind="video", total=len(items))
     return b.finish()

@@ -86,20 +86,36 @@ def _split_sizes(b: Builder) -> tuple[int, int, int]:
     return sizes  # type: ignore[return-value]
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("msvd", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="video", tasks=["msvd-caption", "msvd-retrieval"], fewshot_rule="per_item")
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "msvd",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="video",
+        tasks=["msvd-caption", "msvd-retrieval"],
+        fewshot_rule="per_item",
+        layout=LAYOUT,
+    )
     sizes = _split_sizes(b)
     if not download:
         require_root(raw_root, "msvd", LAYOUT)
     b.fetch(DOWNLOADS, download)
-    video_dir = "YouTubeClips" if (raw_root / "YouTubeClips").is_dir() or not (raw_root / "videos").is_dir() else "videos"
+    video_dir = (
+        "YouTubeClips" if (raw_root / "YouTubeClips").is_dir() or not (raw_root / "videos").is_dir() else "videos"
+    )
     per_split: dict[str, list[tuple[str, list[str]]]] = {s: [] for s in SPLITS}
     txt = raw_root / "txt_labels"
     mapping_file = find_first(raw_root, ["youtube_mapping.txt", "txt_labels/youtube_mapping.txt"])
     if (txt / "sents_train_lc_nopunc.txt").is_file():
         if mapping_file is None:
-            raise DataError(f"{txt / 'youtube_mapping.txt'}: needed to map vid<N> of the txt_labels files to clip names")
+            raise DataError(
+                f"{txt / 'youtube_mapping.txt'}: needed to map vid<N> of the txt_labels files to clip names"
+            )
         mapping = _mapping(mapping_file)
         b.source(mapping_file)
         for split in SPLITS:
@@ -113,7 +129,9 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
                     continue
                 vid, sep, text = line.partition("\t")
                 if not sep or vid not in mapping:
-                    raise DataError(f"{path}:{lineno}: expected 'vid<N><TAB>caption' with vid<N> in youtube_mapping.txt, got {line[:80]!r}")
+                    raise DataError(
+                        f"{path}:{lineno}: expected 'vid<N><TAB>caption' with vid<N> in youtube_mapping.txt, got {line[:80]!r}"
+                    )
                 caps.setdefault(vid, []).append(text.strip())
             for vid in sorted(caps, key=lambda v: _vid_number(v, str(path))):
                 per_split[split].append((mapping[vid], caps[vid]))

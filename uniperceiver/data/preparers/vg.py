@@ -26,8 +26,11 @@ OPTIONS: dict[str, str] = {}
 DOWNLOADS = [
     RemoteFile("https://cs.stanford.edu/people/rak248/VG_100K_2/images.zip", "images.zip", extract=True),
     RemoteFile("https://cs.stanford.edu/people/rak248/VG_100K_2/images2.zip", "images2.zip", extract=True),
-    RemoteFile("https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/region_descriptions.json.zip",
-               "region_descriptions.json.zip", extract=True),
+    RemoteFile(
+        "https://homes.cs.washington.edu/~ranjay/visualgenome/data/dataset/region_descriptions.json.zip",
+        "region_descriptions.json.zip",
+        extract=True,
+    ),
 ]
 IMAGE_DIRS = ["VG_100K", "VG_100K_2", "images/VG_100K", "images/VG_100K_2", "images"]
 
@@ -62,18 +65,32 @@ def _samples(data: list, path: Path, index: dict[str, str]) -> Iterator[dict | S
         yield {"id": sid, "media": index.get(sid, f"VG_100K/{sid}.jpg"), "media_type": "image", "texts": texts}
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("vg", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="image", tasks=["vg-caption", "vg-retrieval"], fewshot_rule="per_image")
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "vg",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="image",
+        tasks=["vg-pt-caption", "vg-pt-retrieval"],
+        fewshot_rule="per_image",
+        layout=LAYOUT,
+    )
     if not download:
         require_root(raw_root, "vg", LAYOUT)
     b.fetch(DOWNLOADS, download)
     ann = find_first(raw_root, ["region_descriptions.json", "annotations/region_descriptions.json"])
     if ann is None:
-        raise DataError(f"{raw_root / 'region_descriptions.json'}: Visual Genome region descriptions not found; expected {LAYOUT}")
+        raise DataError(
+            f"{raw_root / 'region_descriptions.json'}: Visual Genome region descriptions not found; expected {LAYOUT}"
+        )
     b.source(ann)
     data = read_json(ann)
     if not isinstance(data, list):
-        raise DataError(f"{ann}: expected a JSON list of {{\"id\", \"regions\"}} entries")
+        raise DataError(f'{ann}: expected a JSON list of {{"id", "regions"}} entries')
     b.write_split("train", _samples(data, ann, _image_index(raw_root)), media_kind="image", total=len(data))
     return b.finish()

@@ -34,8 +34,10 @@ from uniperceiver.data.preparers._common import Builder, Skip, find_first, need,
 from uniperceiver.errors import ConfigError, DataError
 
 DESCRIPTION = "VQAv2 visual question answering (COCO 2014 images)"
-LAYOUT = ("train2014/, val2014/ (COCO images), v2_OpenEnded_mscoco_{train2014,val2014}_questions.json "
-          "and v2_mscoco_{train2014,val2014}_annotations.json")
+LAYOUT = (
+    "train2014/, val2014/ (COCO images), v2_OpenEnded_mscoco_{train2014,val2014}_questions.json "
+    "and v2_mscoco_{train2014,val2014}_annotations.json"
+)
 OPTIONS = {
     "min_count": "minimum number of questions an answer must be the answer of (default 9 -> 3,129 answers)",
     "answer_splits": "splits whose answers build the list (default train,val)",
@@ -79,9 +81,21 @@ def _image_folder(root: Path, folder: str) -> str | None:
     return None
 
 
-def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None) -> PrepareSummary:
-    b = Builder("vqav2", raw_root, out_dir, options=options, progress=progress, known_options=OPTIONS,
-                media_type="image", tasks=["vqav2"], fewshot_rule="per_answer")
+def prepare(
+    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    b = Builder(
+        "vqav2",
+        raw_root,
+        out_dir,
+        options=options,
+        progress=progress,
+        known_options=OPTIONS,
+        media_type="image",
+        tasks=["vqav2"],
+        fewshot_rule="per_answer",
+        layout=LAYOUT,
+    )
     min_count = b.options.int("min_count", 9, minimum=1)
     answer_splits = [s.strip() for s in str(b.options.str("answer_splits", "train,val")).split(",") if s.strip()]
     bad = [s for s in answer_splits if s not in ("train", "val")]
@@ -112,7 +126,9 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
         if aname is not None:
             apath = find(aname)
             if apath is None:
-                raise DataError(f"{ann_root / aname}: VQAv2 annotations for {split} not found (they pair with {qpath.name})")
+                raise DataError(
+                    f"{ann_root / aname}: VQAv2 annotations for {split} not found (they pair with {qpath.name})"
+                )
             b.source(apath)
             for i, a in enumerate(need(read_json(apath), "annotations", str(apath), list)):
                 answers[int(need(a, "question_id", f"{apath}: annotations[{i}]"))] = a
@@ -135,9 +151,12 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
             qid = int(need(q, "question_id", where))
             image_id = int(need(q, "image_id", where))
             sample: dict[str, Any] = {
-                "id": str(qid), "question_id": qid, "image_id": image_id,
+                "id": str(qid),
+                "question_id": qid,
+                "image_id": image_id,
                 "question": str(need(q, "question", where, str)).strip(),
-                "media": f"{folder}/COCO_{prefix}_{image_id:012d}.jpg", "media_type": "image",
+                "media": f"{folder}/COCO_{prefix}_{image_id:012d}.jpg",
+                "media_type": "image",
             }
             if answers:
                 a = answers.get(qid)
@@ -153,5 +172,6 @@ def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=N
                     sample["answer_type"] = a["answer_type"]
             items.append(sample)
         b.write_split(split, items, media_kind="image", total=len(items))
-    return b.finish(targets={"answers": answer_list},
-                    extra={"answer_list": {"min_count": min_count, "splits": answer_splits}})
+    return b.finish(
+        targets={"answers": answer_list}, extra={"answer_list": {"min_count": min_count, "splits": answer_splits}}
+    )

