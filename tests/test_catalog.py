@@ -151,7 +151,10 @@ def test_upctl_tasks_command(tmp_path):
     assert sent["held_out"] is True and sent["prompt_recipe"] == "recipes/prompt/mini-sentiment.yaml"
 
     res = runner.invoke(app, ["tasks", "--kind", "mini", "--options", "--json", str(tmp_path / "mini.json")])
-    assert res.exit_code == 0 and "corpus" in res.output
-    assert {t["name"] for t in json.loads((tmp_path / "mini.json").read_text())["tasks"]} == set(MINI) | {"mini-digits-caption"}
+    assert res.exit_code == 0 and "mini-news-mlm" in res.output and "imagenet21k" not in res.output
+    assert "options" in res.output
+    mini = json.loads((tmp_path / "mini.json").read_text())["tasks"]
+    assert {t["name"] for t in mini} == set(MINI) | {"mini-digits-caption"}
+    assert next(t for t in mini if t["name"] == "mini-news-mlm")["defaults"]["options"]["vocab"] == "corpus"
     res = runner.invoke(app, ["tasks", "--family", "ocr"])
     assert res.exit_code == 1 and "unknown" in res.output and "Traceback" not in res.output

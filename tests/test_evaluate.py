@@ -284,6 +284,25 @@ def test_zeroshot_json_metrics_recomputed_from_predictions(cli, tmp_path: Path, 
     assert again["metrics"] == pytest.approx(record["metrics"])
 
 
+def test_retrieval_json_keeps_features_to_recompute_recall(cli, tmp_path: Path, ckpt: Path, mini_data: Path) -> None:
+    """Retrieval predictions hold feature tensors: they go to a sibling .safetensors file, and the
+    metrics are recomputed from it with the metric function itself."""
+    from safetensors.torch import load_file
+
+    from uniperceiver.evaluation.metrics import image_text_retrieval
+
+    res = cli("zeroshot", "--task", "mini-photos-retrieval", "-c", ckpt, "--data-dir", mini_data, "--json", "r.json")
+    assert res.exit_code == 0, res.output
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["tensors_file"] == "r.safetensors"
+    preds = join_predictions(record["predictions"], load_file(tmp_path / "r.safetensors"))
+    img = torch.stack([p["image_feat"] for p in preds])
+    txt = torch.cat([p["text_feats"] for p in preds])
+    owner = [i for i, p in enumerate(preds) for _ in range(p["text_feats"].shape[0])]
+    assert txt.shape[0] > img.shape[0] == record["num_samples"] == 8  # some photos have two captions
+    assert image_text_retrieval(img, txt, owner) == pytest.approx(record["metrics"])
+
+
 def test_zeroshot_video_and_split_option(cli, tmp_path: Path, ckpt: Path, mini_data: Path) -> None:
     res = cli("zeroshot", "--task", "mini-video", "-c", ckpt, "--data-dir", mini_data, "--split", "train",
               "--limit", 3, "--json", "v.json", "--no-cache")

@@ -113,20 +113,40 @@ def _run_of_checkpoint(step_dir: Path) -> Path:
     return parent.parent if parent.name == runs.CKPT_DIR else parent
 
 
+def preflight(recipe: Any, data_dir: str | Path | None) -> None:
+    """Cheap checks of everything a run needs, before any folder is created (one clear line each)."""
+    from uniperceiver.data.format import resolve_data_dir
+    from uniperceiver.tasks.catalog import family_class, prepare_name
+
+    base = resolve_data_dir(data_dir if data_dir is not None else getattr(recipe, "data_dir", None))
+    for cfg in recipe.tasks:
+        family_class(cfg.family)
+        if not (base / cfg.dataset / "meta.json").is_file():
+            raise DataError(f"task {cfg.name!r} needs the dataset {cfg.dataset!r}, which is not prepared under {base}: "
+                            f"run `upctl prepare {prepare_name(cfg.dataset)}` first")
+    if recipe.model.checkpoint:
+        _checked_checkpoint(recipe)
+
+
+def _checked_checkpoint(recipe: Any) -> Path:
+    m = recipe.model
+    path = runs.resolve_model_dir(m.checkpoint)
+    saved = read_config(path)
+    if recipe.stage == "pretrain" and saved.size not in ("custom", m.size):
+        raise CheckpointError(
+            f"model.checkpoint {path} is a {saved.size!r} model (width {saved.width}, depth {saved.depth}) "
+            f"but the recipe asks for model.size={m.size!r}; set model.size={saved.size} or pick another checkpoint"
+        )
+    return path
+
+
 def build_training_model(recipe: Any) -> UniPerceiver:
     """A fresh model of `model.size` (+ overrides), or `model.checkpoint`'s weights with the tuning
     parameters of `tune.mode` added. Checks that a checkpoint fits the recipe's size."""
     m = recipe.model
     overrides = dict(m.overrides or {})
     if m.checkpoint:
-        path = runs.resolve_model_dir(m.checkpoint)
-        saved = read_config(path)
-        if recipe.stage == "pretrain" and saved.size not in ("custom", m.size):
-            raise CheckpointError(
-                f"model.checkpoint {path} is a {saved.size!r} model (width {saved.width}, depth {saved.depth}) "
-                f"but the recipe asks for model.size={m.size!r}; set model.size={saved.size} or pick another checkpoint"
-            )
-        return load_for_tuning(path, recipe.tune, overrides)
+        return load_for_tuning(_checked_checkpoint(recipe), recipe.tune, overrides)
     return build_model(m.size, **tuning_overrides(recipe.tune, overrides))
 
 
@@ -186,4 +206,4 @@ def _source_id(row: dict) -> str:
     return str(row.get("id"))
 
 
-__all__ = ["build_training_model", "build_training_tasks", "prepare_run_dir", "run_label", "training_examples"]
+__all__ = ["build_training_model", "build_training_tasks", "preflight", "prepare_run_dir", "run_label", "training_examples"]

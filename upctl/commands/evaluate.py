@@ -100,7 +100,9 @@ def _check_head_fits(model, task) -> None:
 def _fmt(key: str, value: float) -> str:
     if key in ("inputs", "labelled"):
         return f"{int(value):,}"
-    return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4g}"
+    if abs(value) < 1e-9:  # BLEU of an empty overlap is 1e-15, not a number worth digits
+        return "0.00"
+    return f"{value:.2f}" if abs(value) >= 0.01 else f"{value:.4g}"
 
 
 def _print_metrics(result, title: str, checkpoint: Path) -> None:
