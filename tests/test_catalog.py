@@ -113,7 +113,14 @@ def test_build_task_on_mini_data(mini_dir):
     mlm = build_task(task_config("mini-news-mlm"), mini_dir, mcfg)
     assert isinstance(mlm, MaskedLM) and mlm.dataset.name == "mini-news" and mlm.scale == "text_mlm"
     glue = build_task(task_config("mini-sentiment"), mini_dir, mcfg)
-    assert isinstance(glue, GlueCloze) and glue.key == "sst2" and glue.scale == "downstream"
+    # the reference GLUE configs use the text_mlm temperature; the family default stays "downstream"
+    assert isinstance(glue, GlueCloze) and glue.key == "sst2" and glue.scale == "text_mlm"
+    plain = TaskConfig("sentiment", "glue", "mini-sentiment", options={"glue_task": "sst2"})
+    assert build_task(plain, mini_dir, mcfg).scale == "downstream"
+    with pytest.raises(ConfigError, match="scale"):
+        build_task(task_config("mini-sentiment", scale="nope"), mini_dir, mcfg)
+    with pytest.raises(ConfigError, match="2 classes"):
+        build_task(task_config("mini-sentiment", words=["no", "maybe", "yes"]), mini_dir, mcfg)
     assert len(glue.examples("train")) == 100
 
 

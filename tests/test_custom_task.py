@@ -65,9 +65,12 @@ def digit_task(tmp_path_factory) -> Path:
     """sklearn digits: one example image per class as candidates; inputs = those examples + other digits."""
     root = tmp_path_factory.mktemp("digits")
     digits = sk_datasets.load_digits()
+
+    def ink(i: int) -> np.ndarray:  # dark ink on white, 32 x 32 (as the mini preparer writes them)
+        return np.kron(255 - np.rint(digits.images[i] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))
+
     for c, cls in enumerate(DIGITS):
         idx = np.flatnonzero(digits.target == c)[:4]
-        ink = lambda i: np.kron(255 - np.rint(digits.images[i] * 255 / 16).astype(np.uint8), np.ones((4, 4), np.uint8))
         _save(ink(idx[0]), root / "examples" / cls / f"{idx[0]}.png")
         _save(ink(idx[0]), root / "inputs" / cls / f"same-{idx[0]}.png")
         for i in idx[1:]:

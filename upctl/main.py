@@ -62,3 +62,9 @@ from upctl.commands.recipes import recipes, validate  # noqa: E402
 
 app.command("validate")(validate)
 app.command("recipes")(recipes)
+
+from upctl.commands.train import finetune, pretrain, prompt_tune  # noqa: E402
+
+app.command("pretrain")(pretrain)
+app.command("prompt-tune")(prompt_tune)
+app.command("finetune")(finetune)

@@ -65,6 +65,8 @@ def prepare_run_dir(
             from uniperceiver.config import save_recipe
 
             save_recipe(recipe, run_dir / runs.RECIPE_NAME)
+            if not runs.read_run_info(run_dir):
+                runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name})
         except (ConfigError, CheckpointError, DataError) as exc:
             error = f"{type(exc).__name__}:{exc}"
     box = _broadcast([None if run_dir is None else str(run_dir), None if start is None else str(start), error], env)

@@ -37,7 +37,7 @@ from uniperceiver.engine import runs
 from uniperceiver.engine.distributed import DistEnv, any_flag, barrier, init_distributed, shutdown_distributed, wrap_model
 from uniperceiver.engine.loader import LoadedBatch, MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
-from uniperceiver.engine.setup import build_training_model, build_training_tasks, prepare_run_dir
+from uniperceiver.engine.setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
 from uniperceiver.engine.targets import StepTargets, TargetSets
 from uniperceiver.engine.tuning import TuningInfo, setup_tuning
 from uniperceiver.errors import ConfigError, UpctlError
@@ -166,30 +166,39 @@ def train(
     recipe) or a path (a step folder, a checkpoints folder or a run folder).
     """
     say = log or logger.info
+    stages = list(getattr(recipe, "stages", None) or [])
+    if not stages:
+        preflight(recipe, data_dir)
+    else:
+        from uniperceiver.config import expand_stages
+
+        expanded = expand_stages(recipe)
+        for i, (_, sub) in enumerate(expanded):
+            if i > 0:
+                sub.model.checkpoint = None  # comes from the previous stage
+            preflight(sub, data_dir)
     env = init_distributed(device)
     try:
-        stages = list(getattr(recipe, "stages", None) or [])
         if not stages:
             run_dir, start = prepare_run_dir(recipe, output, runs_root, resume, env, say)
             return _train_one(recipe, run_dir, start, env, data_dir, max_steps, progress, say, evaluate, handle_sigterm)
-        from uniperceiver.engine.setup import stage_recipe
-
-        run_dir, _ = prepare_run_dir(recipe, output, runs_root, None if resume is None else "stages", env, say)
+        run_dir, _ = prepare_run_dir(recipe, output, runs_root, resume, env, say, want_checkpoint=False)
         previous: Path | None = None
         result: TrainResult | None = None
-        for i, st in enumerate(stages):
-            sub = stage_recipe(recipe, st, previous)
-            sub_dir = run_dir / f"stage-{i + 1}-{st.name}"
+        for i, (name, sub) in enumerate(expanded):
+            if previous is not None:
+                sub.model.checkpoint = str(previous)
+            sub_dir = run_dir / f"stage-{i + 1}-{name}"
             final = sub_dir / runs.FINAL_NAME
             if resume is not None and (final / "model.safetensors").is_file():
-                say(f"stage {i + 1} ({st.name}) already finished: {final}")
+                say(f"stage {i + 1} ({name}) already finished: {final}")
                 previous = final
                 continue
             sub_dir.mkdir(parents=True, exist_ok=True)
             start = None
             if resume is not None:
                 start = ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say)
-            say(f"stage {i + 1}/{len(stages)} ({st.name}) -> {sub_dir}")
+            say(f"stage {i + 1}/{len(expanded)} ({name}) -> {sub_dir}")
             result = _train_one(sub, sub_dir, start, env, data_dir, max_steps, progress, say, evaluate, handle_sigterm)
             if result.interrupted:
                 result.run_dir = run_dir
@@ -263,6 +272,9 @@ def _train_one(
         if env.is_main:
             runs.truncate_metrics(run_dir, step)
         say(f"resumed from {start} at step {step}")
+    say(f"{recipe.stage} {', '.join(names)}: {total} steps, {tuning.describe()}, "
+        f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} on {env.device}"
+        + (f" x {env.world_size} ranks" if env.distributed else "") + f" -> {run_dir}")
     if env.is_main:
         runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": names,
                                       "max_steps": total, "world_size": env.world_size})

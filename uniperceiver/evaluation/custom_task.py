@@ -194,7 +194,8 @@ def _media_files(folder: Path, exts: tuple[str, ...]) -> list[tuple[str, Path, s
 def _parse_inputs(value: Any, base_dir: Path, source: str) -> tuple[str, list[dict]]:
     if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in _MODALITY_KEYS:
         raise ConfigError(
-            f"{source}: 'inputs' must be exactly one of {{images: folder}}, {{videos: folder}}, {{texts: file.txt}}, got {value!r}"
+            f"{source}: 'inputs' must be exactly one of {{images: folder}}, {{videos: folder}}, "
+            f"{{texts: file.txt}}, got {value!r}"
         )
     key, target = next(iter(value.items()))
     modality = _MODALITY_KEYS[key]
@@ -372,7 +373,8 @@ class CustomTask(Task):
                     h.update(b"unreadable")
         n = len(spec.classes)
         ids = torch.zeros(n, 1, dtype=torch.long)
-        return TargetSet(f"custom-images:{spec.name}", ids, torch.ones_like(ids, dtype=torch.bool), list(spec.classes), key=h.hexdigest()[:16])
+        valid = torch.ones_like(ids, dtype=torch.bool)
+        return TargetSet(f"custom-images:{spec.name}", ids, valid, list(spec.classes), key=h.hexdigest()[:16])
 
     def encode_target_set(self, model: UniPerceiver, targets: TargetSet) -> Tensor:
         """Text candidates: the usual target encoding. Image candidates: per-class mean of the

@@ -199,7 +199,7 @@ def evaluate_task(
         seconds=time.perf_counter() - start,
         task=name,
         split=split,
-        requested=len(examples),
+        requested=len(examples) if gather or world == 1 else len(range(rank, len(examples), world)),
     )
 
 
@@ -234,7 +234,7 @@ def _run_shard(
             raise UpctlError(
                 f"task {task.cfg.name!r}: evaluate_batch returned {len(preds)} predictions for {len(pending)} samples"
             )
-        out.extend((idx, _to_cpu(pred)) for (idx, _), pred in zip(pending, preds))
+        out.extend((idx, _to_cpu(pred)) for (idx, _), pred in zip(pending, preds, strict=True))
         pending.clear()
 
     for idx in indices:

@@ -178,7 +178,7 @@ def _mini() -> list[TaskSpec]:
               held_out=True, batch_size=4, options={"max_len": 30, "frames": 4, "stride": 8}, **mini),
         _spec("mini-sentiment", "mini-sentiment", "glue", "accuracy",
               "movie-review polarity as the SST-2 cloze {bad, wonderful}: held out", held_out=True, batch_size=16,
-              options={"max_len": 256, "glue_task": "sst2"}, **mini),
+              options={"max_len": 256, "glue_task": "sst2", "scale": _GLUE_SCALE}, **mini),
         _spec("mini-news-mlm", "mini-news", "mlm", "accuracy", "masked language modelling on the Lee news sentences",
               batch_size=16, options={"max_len": 128, "vocab": "corpus"}, recipes=False, **mini),
     ]

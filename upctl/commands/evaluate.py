@@ -244,7 +244,7 @@ def run_evaluation(
     if command == "evaluate":
         _check_head_fits(model, task)
     ts = task.target_set()
-    if ts is not None and len(ts) <= 10000:  # class names / answers: predictions refer to them by index
+    if ts is not None and not ts.name.startswith("vocab"):  # class names / answers: predictions index them
         extra["target_labels"] = list(ts.labels)
     cache = _target_cache(cache_dir, no_cache)
     with progress_callback(f"{command} {task.cfg.name}") as progress:
@@ -275,14 +275,16 @@ _CHECKPOINT_ZS = "Model directory or run folder (default: the newest pre-trainin
 def zeroshot(
     task: str = typer.Option(..., "--task", "-t", help=_TASK_HELP),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=_CHECKPOINT_ZS),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the task's evaluation split, usually val)."),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Split to evaluate (default: the task's evaluation split, usually val)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write metrics and predictions to this JSON file."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Prepared-data folder (default: $UPCTL_DATA, else ./data)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the task's)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Task option key=value, repeatable (e.g. beam_size=1)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Custom tasks: how many ranked candidates to report."),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Target-feature cache (default: $UPCTL_CACHE, else ~/.cache/upctl/targets)."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Target-feature cache (default: $UPCTL_CACHE, else ~/.cache/upctl/targets)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the on-disk target cache."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
