@@ -28,7 +28,7 @@ from uniperceiver.modeling.config import model_config
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, VisualSegment, build_model
 from uniperceiver.tasks._vision_io import eval_frame_indices, parse_views, train_frame_indices, vision_options
-from uniperceiver.tasks.base import TaskConfig, encode_targets
+from uniperceiver.tasks.base import TaskConfig, encode_targets, text_target_set
 from uniperceiver.tasks.captioning import IGNORE, Captioning
 from uniperceiver.tasks.classification import ImageClassification, VideoClassification, mix_batch, smooth_one_hot
 from uniperceiver.tasks.retrieval import Retrieval
@@ -80,10 +80,12 @@ def adamw_steps(model, loss_fn, steps: int = 3, lr: float = 3e-4) -> list[float]
     model.embed.word.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     losses = []
-    for _ in range(steps + 1):
+    for step in range(steps + 1):
         opt.zero_grad()
         loss = loss_fn()
         losses.append(float(loss.detach()))
+        if step == steps:
+            break
         loss.backward()
         opt.step()
     return losses
@@ -277,6 +279,8 @@ def test_synonyms_are_sampled_per_class_per_batch(data_dir, tmp_path) -> None:
     assert a.labels == b.labels and a.labels != c.labels and len(a) == 10
     for i, label in enumerate(a.labels):
         assert label in meta["targets"]["synonyms"][i]
+    same = text_target_set("x", a.labels, get_tokenizer(), 30)
+    assert torch.equal(a.ids, same.ids) and torch.equal(a.valid, same.valid)
     assert a.key != c.key
     off = make_task(ImageClassification, tmp_path, "mini-digits-syn", synonyms=False)
     assert off.sample_target_set(np.random.default_rng(1)).labels == meta["targets"]["classes"]
@@ -332,6 +336,50 @@ def test_retrieval_loss_training_and_eval(data_dir, model) -> None:
     expect = image_text_retrieval(img, txt, owner)
     assert result.metrics == pytest.approx(expect, abs=1e-6)
     assert all(0.0 <= result.metrics[k] <= 100.0 for k in ("i2t_R@1", "t2i_R@1", "i2t_R@10"))
+
+
+def _gather_worker(rank: int, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from uniperceiver.tasks.retrieval import gather_features
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        img, txt = _pairs()
+        n = img.shape[0] // world
+        local = [x[rank * n : (rank + 1) * n].clone().requires_grad_() for x in (img, txt)]
+        all_img, all_txt = gather_features(*local)
+        _pair_loss(all_img, all_txt).backward()
+        torch.save({"loss": _pair_loss(all_img, all_txt).detach(), "img": local[0].grad, "txt": local[1].grad},
+                   f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _pairs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return F.normalize(torch.randn(4, 8, generator=g), dim=-1), F.normalize(torch.randn(4, 8, generator=g), dim=-1)
+
+
+def _pair_loss(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    logits = img @ txt.t() * 10.0
+    labels = torch.arange(img.shape[0])
+    return F.cross_entropy(logits, labels, label_smoothing=0.1) + F.cross_entropy(logits.t(), labels, label_smoothing=0.1)
+
+
+def test_feature_gathering_gives_the_global_loss_and_gradient(tmp_path) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    img, txt = (x.clone().requires_grad_() for x in _pairs())
+    loss = _pair_loss(img, txt)
+    loss.backward()
+    for r in ranks:
+        assert r["loss"].item() == pytest.approx(loss.item(), rel=1e-6)  # every rank scores all 4 x 4 pairs
+    # Each rank's rows get world x the global gradient; DDP's average over 2 ranks gives the global one.
+    assert torch.allclose(torch.cat([r["img"] for r in ranks]) / 2, img.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r["txt"] for r in ranks]) / 2, txt.grad, atol=1e-6)
 
 
 def test_video_text_retrieval_by_media_type(data_dir, model) -> None:

@@ -40,7 +40,7 @@ from uniperceiver.engine.optim import build_optimizer, build_scheduler
 from uniperceiver.engine.setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
 from uniperceiver.engine.targets import StepTargets, TargetSets
 from uniperceiver.engine.tuning import TuningInfo, setup_tuning
-from uniperceiver.errors import ConfigError, UpctlError
+from uniperceiver.errors import CheckpointError, ConfigError, UpctlError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
 
@@ -255,7 +255,10 @@ def _train_one(
     seed_everything(seed + env.rank)
     if start is not None:
         state = ckpt.load_checkpoint(start, env.rank)
-        ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in state.model_state.items()}, str(start))
+        try:
+            ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in state.model_state.items()}, str(start))
+        except CheckpointError as exc:
+            raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
         optimizer.load_state_dict(state.optimizer)
         scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None:

@@ -145,6 +145,8 @@ def evaluate_task(
     Raises DataError when the split is empty or no sample could be loaded.
     """
     start = time.perf_counter()
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model = model.module  # tasks call encode / logits on the model itself; no DDP sync at eval
     rank, world = dist_info(rank, world_size)
     if limit is not None and limit < 1:
         raise UpctlError(f"--limit must be a positive number of samples, got {limit}")

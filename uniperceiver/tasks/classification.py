@@ -44,7 +44,7 @@ from uniperceiver.modeling.config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set
-from uniperceiver.tokenizers.text import ClipTokenizer
+from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
 
 __all__ = ["ImageClassification", "VideoClassification", "mix_batch", "smooth_one_hot", "soft_cross_entropy", "topk_from_predictions"]
 
@@ -166,6 +166,7 @@ class ImageClassification(Task):
             raise DataError(f"dataset {dataset.name!r}: targets.synonyms has {len(synonyms)} entries for {self.num_classes} classes")
         self.synonyms: list[list[str]] | None = [list(s) or [c] for s, c in zip(synonyms, self.classes)] if synonyms else None
         self._names_set: TargetSet | None = None
+        self._synonym_tokens: list[list[list[int]]] | None = None
         self._examples: list[list[str]] | None = None  # resolved media paths per class
         self._example_pixels: list[Tensor] | None = None
 
@@ -183,11 +184,27 @@ class ImageClassification(Task):
         return self._names_set
 
     def sample_target_set(self, rng: np.random.Generator) -> TargetSet:
-        """Training candidates for one batch: one synonym drawn per class (ImageNet-21k), else `target_set()`."""
+        """Training candidates for one batch: one synonym drawn per class (ImageNet-21k), else `target_set()`.
+
+        The synonyms are tokenized once; each call only draws and pads (21k classes per step).
+        """
         if self.synonyms is None or self.targets_kind == "images":
             return self.target_set()
-        picks = [syn[int(rng.integers(len(syn)))] for syn in self.synonyms]
-        return self._text_set(picks, "synonyms")
+        if self._synonym_tokens is None:
+            room = self.target_max_len - 1
+            self._synonym_tokens = [
+                [self.tokenizer.encode(self.template.format(s))[:room] + [EOT_ID] for s in syn] for syn in self.synonyms
+            ]
+        picks = [int(rng.integers(len(syn))) for syn in self.synonyms]
+        rows = [toks[j] for toks, j in zip(self._synonym_tokens, picks)]
+        ids = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        valid = torch.zeros_like(ids, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            valid[i, : len(r)] = True
+        labels = [syn[j] for syn, j in zip(self.synonyms, picks)]
+        return TargetSet(f"{self.dataset.name}:synonyms", ids, valid, labels)
 
     def example_paths(self) -> list[list[str]]:
         """Media paths of every class's example targets (option `target_examples`), resolved once."""

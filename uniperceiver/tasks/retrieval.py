@@ -20,6 +20,7 @@ Predictions: {"id", "image_feat": [D] tensor, "text_feats": [n_captions, D] tens
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.evaluation.metrics import image_text_retrieval
 from uniperceiver.modeling.config import ModelConfig
-from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
+from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import Task, TaskConfig
 from uniperceiver.tokenizers.text import ClipTokenizer
@@ -48,13 +49,22 @@ def sample_texts(sample: dict, where: str) -> list[str]:
 
 
 def gather_features(*feats: Tensor) -> tuple[Tensor, ...]:
-    """Concatenate features of every rank in rank order, keeping gradients (differentiable all-gather)."""
+    """Concatenate features of every rank in rank order, keeping gradients (differentiable all-gather).
+
+    Every rank then computes the same global loss; the backward pass sums the gradient of each
+    rank's rows over all ranks (world x the global gradient), so DDP's averaging yields exactly the
+    gradient of the global loss. Ranks must hold the same number of rows (equal batch sizes).
+    """
     import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return feats
-    return tuple(torch.cat(all_gather(f.contiguous()), dim=0) for f in feats)
+    with warnings.catch_warnings():
+        # torch >= 2.6 marks this API deprecated in favour of a private module; it still works.
+        warnings.simplefilter("ignore", FutureWarning)
+        from torch.distributed.nn.functional import all_gather
+
+        return tuple(torch.cat(all_gather(f.contiguous()), dim=0) for f in feats)
 
 
 class Retrieval(Task):
