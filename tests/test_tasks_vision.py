@@ -201,7 +201,7 @@ def test_video_cls_views_are_averaged_and_training_works(data_dir, model) -> Non
     train = batch_of(task, cheap_video_samples(task, "train", 2), train=True)
     assert train["pixels"].shape == (2, 2, 3, 64, 64)
     loss, _ = task.loss(model, train, encode_targets(model, task.target_set()))
-    assert math.isfinite(float(loss))
+    assert math.isfinite(loss.item())
     loss.backward()
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
@@ -389,7 +389,7 @@ def test_video_text_retrieval_by_media_type(data_dir, model) -> None:
     assert batch["pixels"].shape == (3, 2, 3, 64, 64)
     loss, _ = task.loss(model, batch, None)
     loss.backward()
-    assert math.isfinite(float(loss)) and model.embed.patch.weight.grad.abs().sum() > 0
+    assert math.isfinite(loss.item()) and model.embed.patch.weight.grad.abs().sum() > 0
     evaluation = batch_of(task, cheap_video_samples(task, "val", 2), train=False)
     preds = task.evaluate_batch(model, evaluation, None)
     assert [p["image_feat"].shape for p in preds] == [(192,), (192,)]

@@ -168,7 +168,7 @@ class ImageClassification(Task):
         self._names_set: TargetSet | None = None
         self._synonym_tokens: list[list[list[int]]] | None = None
         self._examples: list[list[str]] | None = None  # resolved media paths per class
-        self._example_pixels: list[Tensor] | None = None
+        self._example_pixels: list[list[Tensor]] | None = None
 
     # -- targets ----------------------------------------------------------------------------
     def _text_set(self, names: list[str], tag: str) -> TargetSet:
@@ -260,7 +260,7 @@ class ImageClassification(Task):
         return TargetSet(f"{self.dataset.name}:example-images", ids, torch.ones_like(ids, dtype=torch.bool),
                          list(self.classes), key="img" + h.hexdigest()[:13])
 
-    def _load_example_pixels(self) -> list[Tensor]:
+    def _load_example_pixels(self) -> list[list[Tensor]]:
         if self._example_pixels is None:
             from uniperceiver.tasks._vision_io import image_pixels, video_pixels
 
