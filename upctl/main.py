@@ -68,3 +68,7 @@ from upctl.commands.train import finetune, pretrain, prompt_tune  # noqa: E402
 app.command("pretrain")(pretrain)
 app.command("prompt-tune")(prompt_tune)
 app.command("finetune")(finetune)
+
+from upctl.commands.bench import bench  # noqa: E402
+
+app.command("bench")(bench)

@@ -14,7 +14,6 @@ collective as well).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -76,15 +75,20 @@ class TargetSets:
         return StepTargets(index, own, self._custom(index), shared, env)
 
 
-@dataclass
 class StepTargets:
-    """What one micro-step encodes; `encode(model)` runs inside the DDP forward."""
+    """What one micro-step encodes; `encode(model)` runs inside the DDP forward.
 
-    index: int
-    own: TargetSet | None
-    custom: Any
-    shared: list[tuple[int, TargetSet]]
-    env: DistEnv | None
+    A plain class on purpose: DDP rebuilds dataclass inputs field by field when it moves inputs
+    to a GPU, which this object (holding a process group) must not go through.
+    """
+
+    def __init__(self, index: int, own: TargetSet | None, custom: Any, shared: list[tuple[int, TargetSet]],
+                 env: DistEnv | None) -> None:
+        self.index = index
+        self.own = own
+        self.custom = custom
+        self.shared = shared
+        self.env = env
 
     def encode(self, model: nn.Module) -> tuple[Tensor | None, Tensor | None]:
         """(features of this rank's task targets or None, a zero term tying in the collective)."""

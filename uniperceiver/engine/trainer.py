@@ -83,6 +83,8 @@ class TrainResult:
     tuning: TuningInfo | None = None
     seconds: float = 0.0
     last_checkpoint: Path | None = None
+    #: The trained model itself (this rank's copy), for callers that go on using it.
+    model: UniPerceiver | None = None
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -269,7 +271,7 @@ def _train_one(
             fresh = loader.load_state_dict(state.rank_state["data"])
             if fresh:
                 say(f"checkpoint has no data cursor for task(s) {', '.join(fresh)}: they start from the beginning")
-            pass  # ckpt.restore_rng_state(state.rank_state["rng"])
+            ckpt.restore_rng_state(state.rank_state["rng"])
         else:
             say(f"checkpoint {start} has no state for rank {env.rank} (another world size): data cursors restart")
         if env.is_main:
@@ -286,7 +288,7 @@ def _train_one(
     ddp = wrap_model(step_module, env)
     model.train()
     result = TrainResult(run_dir=run_dir, final_dir=None, step=step, max_steps=total, resumed_from=start,
-                         tuning=tuning, skipped_steps=skipped_steps, last_checkpoint=start)
+                         tuning=tuning, skipped_steps=skipped_steps, last_checkpoint=start, model=model)
     accum = int(tr.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = float(recipe.optim.clip_grad or 0.0)
