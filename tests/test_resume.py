@@ -3,8 +3,8 @@ uninterrupted run's losses and final weights; SIGTERM saves a checkpoint and exi
 checkpoints fall back to the previous one with a warning naming both; a checkpoint of another
 model size is one clear error.
 
-Subprocesses run with one intra-op thread (OMP_NUM_THREADS=1), like the in-process reference
-run, so floating-point results are comparable bit for bit on CPU.
+The killed run is a subprocess with one intra-op thread (OMP_NUM_THREADS=1), like the in-process
+reference run and the in-process resume, so floating-point results are comparable bit for bit on CPU.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from uniperceiver.config import load_recipe
 from uniperceiver.engine import checkpoint as ckpt
 from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError
+from upctl.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,11 +111,11 @@ def test_sigkill_mid_run_then_resume_auto_matches_uninterrupted(mini_data, tmp_p
     assert max(s for s, _ in step_losses(killed)) == 5  # rows logged after the checkpoint exist
     assert not (killed / "final").exists()
 
-    proc = subprocess.run([*CLI, "pretrain", str(recipe), "--output", str(killed), "--resume", "auto",
-                           "--data-dir", str(mini_data)], env=env1(), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "resumed from" in proc.stderr and "step-000003" in proc.stderr
+    # the command, in-process (same single thread as the reference run)
+    res = CliRunner().invoke(app, ["pretrain", str(recipe), "--output", str(killed), "--resume", "auto",
+                                   "--data-dir", str(mini_data)])
+    assert res.exit_code == 0, res.output
+    assert "resumed from" in res.output and "step-000003" in res.output
 
     want, got = step_losses(tmp_path / "reference"), step_losses(killed)
     assert sorted(got) == sorted(want) and len(want) == 8  # no duplicated rows for steps 4-5
@@ -191,3 +193,16 @@ def test_resume_with_a_model_of_another_size_is_one_clear_error(mini_data, tmp_p
         train(bigger, output=run, resume="auto", max_steps=3, data_dir=mini_data, log=lambda m: None)
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
         train(load_recipe(path), output=run, data_dir=mini_data, log=lambda m: None)
+
+
+def test_resume_auto_without_output_continues_the_newest_run_of_the_same_recipe(mini_data, tmp_path):
+    path = write_recipe(tmp_path / "recipe.yaml", max_steps=2, ckpt_every=2)
+    runs_root = tmp_path / "runs"
+    first = train(load_recipe(path), runs_root=runs_root, data_dir=mini_data, log=lambda m: None)
+    assert first.run_dir.parent == runs_root and first.run_dir.name.startswith("pretrain-resume-test-")
+    other = load_recipe(path, ["name=another"])
+    train(other, runs_root=runs_root, data_dir=mini_data, log=lambda m: None)  # a newer run of another recipe
+    again = train(load_recipe(path), runs_root=runs_root, resume="auto", max_steps=3, data_dir=mini_data,
+                  log=lambda m: None)
+    assert again.run_dir == first.run_dir and again.resumed_from == first.run_dir / "checkpoints" / "step-000002"
+    assert again.step == 3 and len(again.history) == 1

@@ -212,6 +212,40 @@ def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) ->
     return removed
 
 
+def save_training_checkpoint(
+    root: Path,
+    step: int,
+    model: UniPerceiver,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    loader: Any,
+    skipped_steps: int,
+    keep: int,
+    env: Any,
+    recipe: Any,
+) -> Path:
+    """Rank 0 stages the replicated state, every rank adds its RNG + cursors, rank 0 commits.
+
+    `loader` is the MultiTaskLoader (its `state_dict()` = consumed data), `env` the DistEnv.
+    """
+    from uniperceiver.engine.distributed import barrier
+
+    if env.is_main:
+        tmp = begin_checkpoint(root, step)
+        write_main_state(tmp, model, optimizer, scheduler,
+                         {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}, scaler)
+    barrier(env)
+    tmp = staging_dir(root, step)
+    write_rank_state(tmp, env.rank, {"rng": capture_rng_state(), "data": loader.state_dict()})
+    barrier(env)
+    final = root / step_dir_name(step)
+    if env.is_main:
+        final = commit_checkpoint(root, step, keep, {"recipe": recipe.name, "stage": recipe.stage})
+    barrier(env)
+    return final
+
+
 # -- reading ------------------------------------------------------------------------------------
 
 
@@ -340,6 +374,7 @@ __all__ = [
     "prune_checkpoints",
     "resolve_checkpoint_path",
     "restore_rng_state",
+    "save_training_checkpoint",
     "step_dir_name",
     "verify_checkpoint",
     "write_main_state",

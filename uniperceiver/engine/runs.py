@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -150,8 +149,11 @@ def plot_curves(run_dir: Path) -> Path | None:
 
     fig = Figure(figsize=(10, 4), dpi=100)
     ax1, ax2 = fig.subplots(1, 2)
+    if len(losses) > 1:
+        losses.pop("all", None)  # the mixture's mean mixes different losses: show tasks only
     for task, pts in sorted(losses.items()):
-        ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=task, linewidth=1)
+        ax1.plot([p[0] for p in pts], [p[1] for p in pts], label=task, linewidth=1,
+                 marker="." if len(pts) < 50 else None)
     ax1.set_xlabel("step")
     ax1.set_ylabel("training loss")
     if losses:
@@ -216,7 +218,11 @@ def model_dir_of_run(run: Path) -> Path | None:
     final = Path(run) / FINAL_NAME
     if (final / "model.safetensors").is_file() and (final / "config.json").is_file():
         return final
-    stages = sorted((p for p in Path(run).glob("stage-*") if p.is_dir()), reverse=True)
+    def stage_index(p: Path) -> int:
+        head = p.name.split("-")[1] if p.name.count("-") >= 1 else ""
+        return int(head) if head.isdigit() else -1
+
+    stages = sorted((p for p in Path(run).glob("stage-*") if p.is_dir()), key=stage_index, reverse=True)
     for st in stages:
         found = model_dir_of_run(st)
         if found is not None:

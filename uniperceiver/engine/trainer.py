@@ -77,14 +77,14 @@ class TrainResult:
     interrupted: bool = False
     resumed_from: Path | None = None
     #: (step, task, loss) of every micro-step this process trained (not those before a resume).
-    history: list[tuple[int, str, float]] = field(default_factory=list)
+    history: list[tuple[int, str, float]] = field(default_factory=list, repr=False)
     skipped_steps: int = 0
     skipped_media: dict[str, dict[str, int]] = field(default_factory=dict)
     tuning: TuningInfo | None = None
     seconds: float = 0.0
     last_checkpoint: Path | None = None
     #: The trained model itself (this rank's copy), for callers that go on using it.
-    model: UniPerceiver | None = None
+    model: UniPerceiver | None = field(default=None, repr=False)
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -280,6 +280,8 @@ def _train_one(
     say(f"{recipe.stage} {', '.join(names)}: {total} steps, {tuning.describe()}, "
         f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} on {env.device}"
         + (f" x {env.world_size} ranks" if env.distributed else "") + f" -> {run_dir}")
+    if env.is_main and start is None:
+        runs.truncate_metrics(run_dir, 0)  # a fresh start in a reused folder: no stale rows
     if env.is_main:
         runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": names,
                                       "max_steps": total, "world_size": env.world_size})
@@ -299,7 +301,7 @@ def _train_one(
     ckpt_root = run_dir / runs.CKPT_DIR
 
     def save(at: int) -> Path:
-        path = _save_checkpoint(ckpt_root, at, model, optimizer, scheduler, scaler, loader, skipped_steps,
+        path = ckpt.save_training_checkpoint(ckpt_root, at, model, optimizer, scheduler, scaler, loader, skipped_steps,
                                 int(tr.keep_checkpoints), env, recipe)
         result.last_checkpoint = path
         if env.is_main:
@@ -317,6 +319,8 @@ def _train_one(
                 step_samples = 0
                 for micro in range(accum):
                     item = _next_nonempty(loader)
+                    if env.device.type == "cuda":
+                        item.batch = _to_device(item.batch, env.device)
                     task = tasks[item.spec.task]
                     name = names[item.spec.task]
                     plan = targets.plan(item.spec.task, step, micro, env)
@@ -351,9 +355,7 @@ def _train_one(
                         raise _diverged(step + 1, bad, env, result.last_checkpoint)
                     skipped_steps += 1
                     result.skipped_steps = skipped_steps
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler.is_enabled():
-                        scaler.update()
+                    optimizer.zero_grad(set_to_none=True)  # (the fp16 scaler keeps its scale)
                     say(f"step {step + 1}: non-finite loss or gradient, step skipped (nan_policy=skip)")
                 else:
                     scaler.step(optimizer)
@@ -408,6 +410,17 @@ def _train_one(
     return result
 
 
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors of a batch (nested in dicts / lists / tuples) to the GPU; pinned ones asynchronously."""
+    if isinstance(value, Tensor):
+        return value.to(device, non_blocking=value.is_pinned())
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
 def _next_nonempty(loader: MultiTaskLoader) -> LoadedBatch:
     """The next draw with at least one loadable sample (empty draws are counted by the loader)."""
     while True:
@@ -460,35 +473,6 @@ def _log_window(
                 out[k] = float(np.mean(xs))
         if out:
             metrics.write(step, "train", name, out, time_s)
-
-
-def _save_checkpoint(
-    root: Path,
-    step: int,
-    model: UniPerceiver,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    loader: MultiTaskLoader,
-    skipped_steps: int,
-    keep: int,
-    env: DistEnv,
-    recipe: Any,
-) -> Path:
-    """Rank 0 stages the replicated state, every rank adds its RNG + cursors, rank 0 commits."""
-    if env.is_main:
-        tmp = ckpt.begin_checkpoint(root, step)
-        ckpt.write_main_state(tmp, model, optimizer, scheduler,
-                              {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}, scaler)
-    barrier(env)
-    tmp = ckpt.staging_dir(root, step)
-    ckpt.write_rank_state(tmp, env.rank, {"rng": ckpt.capture_rng_state(), "data": loader.state_dict()})
-    barrier(env)
-    final = root / ckpt.step_dir_name(step)
-    if env.is_main:
-        final = ckpt.commit_checkpoint(root, step, keep, {"recipe": recipe.name, "stage": recipe.stage})
-    barrier(env)
-    return final
 
 
 __all__ = ["EvalHook", "StepReport", "TrainResult", "TrainingDiverged", "resolve_precision", "train"]

@@ -56,7 +56,7 @@ class _Progress:
         elif report.step % self.every == 0 or report.step == report.total:
             err_console.print(
                 f"step {report.step}/{report.total}  {report.task}  loss {fields['loss']}  lr {fields['lr']}  "
-                f"{fields['speed']} samples/s  eta {eta}", highlight=False,
+                f"{fields['speed']} samples/s  eta {eta}", highlight=False, soft_wrap=True,
             )
 
     def log(self, message: str) -> None:
@@ -79,7 +79,7 @@ def _eval_hook(recipe: Any) -> Callable | None:
             for k, v in res.metrics.items():
                 out[f"{task.cfg.name}/{k}"] = float(v)
         shown = ", ".join(f"{k} {v:.2f}" for k, v in out.items())
-        err_console.print(f"eval at step {step}: {shown}", highlight=False)
+        err_console.print(f"eval at step {step}: {shown}", highlight=False, soft_wrap=True)
         return out
 
     return hook
@@ -87,26 +87,31 @@ def _eval_hook(recipe: Any) -> Callable | None:
 
 def _run(recipe: Any, *, what: str, output: Path | None, resume: str | None, max_steps: int | None,
          data_dir: Path | None, device: str | None) -> None:
+    from uniperceiver.engine.checkpoint import resolve_checkpoint_path
+    from uniperceiver.engine.setup import preflight
     from uniperceiver.engine.trainer import train
 
+    preflight(recipe, data_dir)  # bad input fails here, before anything is printed or created
+    if resume is not None and resume != "auto":
+        resolve_checkpoint_path(resume)
     steps = max_steps if max_steps is not None else recipe.train.max_steps
     where = str(output) if output is not None else "a new folder under ./runs"
     console.print(f"{what}: recipe {recipe.name!r}, {len(recipe.tasks)} task(s), {steps} steps -> {where}",
-                  highlight=False)
+                  highlight=False, soft_wrap=True)
     with _Progress(int(recipe.train.log_every)) as bar:
         result = train(recipe, output=output, resume=resume, data_dir=data_dir, max_steps=max_steps,
                        progress=bar, log=bar.log, evaluate=_eval_hook(recipe), device=device)
     if result.tuning is not None and recipe.tune.mode == "prompt":
-        console.print(f"trainable: {result.tuning.describe()}", highlight=False)
+        console.print(f"trainable: {result.tuning.describe()}", highlight=False, soft_wrap=True)
     skipped = sum(n for per in result.skipped_media.values() for n in per.values())
     extra = f"; skipped {skipped} unreadable sample(s)" if skipped else ""
     extra += f"; skipped {result.skipped_steps} non-finite step(s)" if result.skipped_steps else ""
     if result.interrupted:
         console.print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.last_checkpoint}; "
-                      f"continue with --resume auto --output {result.run_dir}{extra}", highlight=False)
+                      f"continue with --resume auto --output {result.run_dir}{extra}", highlight=False, soft_wrap=True)
         raise typer.Exit(143)
     console.print(f"done: step {result.step}/{result.max_steps} in {result.seconds:.1f} s; weights {result.final_dir}; "
-                  f"run {result.run_dir}{extra}", highlight=False)
+                  f"run {result.run_dir}{extra}", highlight=False, soft_wrap=True)
 
 
 def _with_checkpoint(recipe: Any, checkpoint: Path | None) -> None:
@@ -116,7 +121,7 @@ def _with_checkpoint(recipe: Any, checkpoint: Path | None) -> None:
         recipe.model.checkpoint = str(runs.resolve_model_dir(checkpoint))
     elif not recipe.model.checkpoint:
         found = runs.newest_pretrained()
-        console.print(f"--checkpoint not given: using the newest pre-training run's weights {found}", highlight=False)
+        console.print(f"--checkpoint not given: using the newest pre-training run's weights {found}", highlight=False, soft_wrap=True)
         recipe.model.checkpoint = str(found)
 
 
@@ -173,9 +178,7 @@ def prompt_tune(
 ) -> None:
     """Prompt-tune a pre-trained model on a few-shot share of one task.
 
-    Trains only the LayerNorms, 10 deep prompt tokens per layer and the SPE bias (and the
-    classification prompt head where the task's recipe asks for one); prints how many
-    parameters that is.
+    Trains only the LayerNorms, 10 deep prompt tokens per layer and the SPE bias (and the classification prompt head where the task's recipe asks for one); prints how many parameters that is.
 
     Examples:
 
