@@ -54,7 +54,9 @@ def test_readme_has_commands() -> None:
 def test_readme_command_parses(command: str) -> None:
     group = typer.main.get_command(app)
     args = _upctl_args(command)
-    if args and args[0] == "--version":
+    if args in (["--version"], ["--help"]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
         return
     assert args, command
     name = args[0]

@@ -72,3 +72,7 @@ app.command("finetune")(finetune)
 from upctl.commands.bench import bench  # noqa: E402
 
 app.command("bench")(bench)
+
+from upctl.commands.demo import demo  # noqa: E402
+
+app.command("demo")(demo)

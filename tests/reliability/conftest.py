@@ -32,7 +32,7 @@ SMALL_MODEL: dict[str, int] = {"depth": 1, "width": 64, "heads": 2, "mlp_dim": 1
 SMALL_MODEL_SETS = [f"model.overrides.{k}={v}" for k, v in SMALL_MODEL.items()]
 
 #: Steps of the subprocess runs of recipes/tiny.yaml (pre-emption, determinism).
-RUN_STEPS = 14
+RUN_STEPS = 16
 RUN_SETS = SMALL_MODEL_SETS + [
     f"train.max_steps={RUN_STEPS}",
     "train.ckpt_every=1",
@@ -161,7 +161,8 @@ def loss_curve(run_dir: Path) -> list[tuple[str, str, str, str, str]]:
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> the overall training loss logged for it."""
-    return {int(s): float(v) for s, ph, task, name, v in loss_curve(run_dir) if ph == "train" and not task and name == "loss"}
+    return {int(s): float(v) for s, ph, task, name, v in loss_curve(run_dir)
+            if ph == "train" and not task and name == "loss"}
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from uniperceiver.modeling.config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
 from uniperceiver.tasks.classification import ImageClassification
 
-from .conftest import SMALL_MODEL, flat, invoke, small_recipe, write_recipe
+from .conftest import SMALL_MODEL, invoke, small_recipe, write_recipe
 
 TASKS = [{"name": "mini-faces", "batch_size": 8}, {"name": "mini-digits", "batch_size": 8}]
 SEED = 0

@@ -1,0 +1,5 @@
+"""`python -m upctl ...` (and `torchrun ... -m upctl pretrain ...`)."""
+
+from upctl.main import app
+
+app()
