@@ -107,6 +107,14 @@ def test_model_dir_with_other_size_is_refused(tmp_path: Path) -> None:
     state = load_file(tmp_path / "tiny" / "model.safetensors")
     state["encoder.blocks.0.fc1.weight"] = torch.zeros(10, 10)
     save_file(state, tmp_path / "tiny" / "model.safetensors")
+    # A consistent folder (checksum updated) whose weights do not fit the config: refused by key name.
+    import hashlib
+    import json
+
+    cfg_path = tmp_path / "tiny" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["weights_sha256"] = hashlib.sha256((tmp_path / "tiny" / "model.safetensors").read_bytes()).hexdigest()
+    cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="encoder.blocks.0.fc1.weight"):
         load_model(tmp_path / "tiny")
 

@@ -59,6 +59,9 @@ def test_manifest_writer_is_atomic_and_counts_skips(tmp_path):
         w.skip("missing_media", "x/b.jpg")
     assert w.count == 1 and w.skipped == {"duplicate_id": 1, "missing_media": 1}
     assert w.examples["missing_media"] == ["x/b.jpg"]
+    # A finished split is staged; write_meta publishes all splits of a run together.
+    assert not (out / "train.jsonl").exists() and (out / ".train.jsonl.staged").is_file()
+    write_meta(out, {"dataset": "ds", "raw_root": str(tmp_path), "splits": {"train": 1}})
     before = (out / "train.jsonl").read_bytes()
     assert json.loads(before) == {"id": "a", "label": 0, "media": "x/a.jpg"}
 
@@ -67,7 +70,7 @@ def test_manifest_writer_is_atomic_and_counts_skips(tmp_path):
             w.add({"id": "z", "media": "z.jpg"})
             raise RuntimeError("interrupted")
     assert (out / "train.jsonl").read_bytes() == before  # the old manifest survives
-    assert [p.name for p in out.iterdir()] == ["train.jsonl"]  # no temp file left behind
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.jsonl"]  # no temp file left behind
 
     with pytest.raises(DataError, match="escapes"):
         with ManifestWriter(out, "val") as w:

@@ -22,6 +22,10 @@ class DataError(UpctlError):
     """A dataset, manifest or annotation file is missing or malformed."""
 
 
+class StorageError(UpctlError):
+    """A file could not be written (full disk, permissions, I/O error); the previous file is intact."""
+
+
 class MediaError(DataError):
     """An image or video cannot be read. Loaders catch it, count it and skip the sample.
 

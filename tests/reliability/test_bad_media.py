@@ -166,11 +166,6 @@ def test_training_on_damaged_media_finishes_and_counts_every_skipped_sample_by_k
     assert rank_state(last)["data"]["skipped"] == expected  # per task, per kind: nothing dropped silently
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP upctl/commands/train.py:106-107 (_run, the 'done:' line): training prints only the TOTAL of skipped samples "
-    "('skipped N unreadable sample(s)'), not the count per kind as `upctl evaluate` does "
-    "('missing_media: 3, ...'); the per-kind counts exist in TrainResult.skipped_media but are neither "
-    "printed nor written to metrics.csv / run.json"))
 def test_training_summary_names_each_kind_with_its_count(trained):
     res, _, expected = trained
     for task, per in expected.items():

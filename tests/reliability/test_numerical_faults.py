@@ -102,10 +102,6 @@ def test_nan_in_one_batch_stops_naming_step_and_task_and_keeps_checkpoints_finit
         assert _all_finite(state.optimizer["state"]), f"{path}: non-finite optimizer state"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG upctl/common.py:35 (fail_on_error): the error text is printed as rich MARKUP, so the bracketed "
-    "sample list '[digit-0759, ...]' of TrainingDiverged (and any '[...]' in any UpctlError, e.g. a path "
-    "'/data/[x]/a.jpg') is swallowed; fix: rich.markup.escape(str(exc))"))
 def test_nan_stop_message_names_the_poisoned_sample(stopped_run, poison):
     res, _ = stopped_run
     assert poison[2] in res.flat, res.flat[-1000:]

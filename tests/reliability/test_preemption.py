@@ -284,11 +284,6 @@ def test_sigterm_saves_the_step_reached_and_the_resumed_curve_matches(mini_data,
     assert loss_curve(run) == loss_curve(ref)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG uniperceiver/engine/trainer.py:297/371 (the `window` of _train_one, _log_window:446): metrics are "
-    "averaged over a window of log_every steps that is not part of the checkpoint; after a SIGTERM (or any "
-    "checkpoint) at a step that is not a multiple of log_every, the resumed run logs the mean of only the "
-    "steps after the checkpoint, so metrics.csv differs from the uninterrupted run"))
 def test_sigterm_inside_a_logging_window_keeps_the_loss_curve(mini_data, tmp_path):
     ref, run = _term_and_resume(mini_data, tmp_path, log_every=2)
     assert loss_curve(run) == loss_curve(ref)

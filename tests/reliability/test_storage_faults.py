@@ -148,11 +148,6 @@ def test_resume_after_enospc_gives_the_uninterrupted_result(mini_data, uninterru
     assert_same_tensors(load_weights(out / "final"), load_weights(uninterrupted / "final"), "final weights")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an OSError (ENOSPC) while saving a checkpoint is not turned into an UpctlError: "
-    "uniperceiver/engine/checkpoint.py:215 save_training_checkpoint (write_main_state:139, commit_checkpoint:156) "
-    "lets it propagate and upctl/common.py:31 fail_on_error only catches UpctlError, so `upctl pretrain` dies "
-    "with a Python traceback instead of one line naming the checkpoint and 'No space left on device'"))
 def test_enospc_during_a_checkpoint_write_is_one_clear_line(mini_data, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(TASKS, train={"max_steps": 4, "ckpt_every": 2}))
     FullDisk(monkeypatch, _temp_of(".tmp-step-000002", "optimizer.pt"))
@@ -190,12 +185,6 @@ def test_enospc_during_a_manifest_write_keeps_the_previous_files(faces_data, mon
     open_dataset("mini-faces", faces_data).verify()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: manifests are replaced one split at a time before meta.json (uniperceiver/data/preparers/"
-    "mini.py:188-192, _common.py:305/355 Builder.write_split/finish); when a later write fails (ENOSPC), the "
-    "folder holds a NEW train.jsonl next to the OLD val.jsonl and meta.json, and open_dataset() "
-    "(uniperceiver/data/format.py:181) accepts it: manifest_sha256 is checked only by PreparedDataset.verify() "
-    "(format.py:166), which nothing calls. Here train and val of mini-faces end up overlapping"))
 def test_a_failed_re_prepare_never_leaves_a_mix_of_old_and_new_splits(faces_data, monkeypatch):
     from uniperceiver.errors import DataError
 
@@ -213,10 +202,6 @@ def test_a_failed_re_prepare_never_leaves_a_mix_of_old_and_new_splits(faces_data
     assert not train_ids & val_ids, f"{len(train_ids & val_ids)} samples are in both train and val"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: an OSError (ENOSPC) while writing a manifest is not an UpctlError (uniperceiver/data/format.py "
-    "ManifestWriter / uniperceiver/utils/io.py atomic_write), so `upctl prepare` prints a traceback instead of "
-    "one line naming the manifest and 'No space left on device'"))
 def test_enospc_during_prepare_is_one_clear_line(faces_data, monkeypatch):
     FullDisk(monkeypatch, _temp_of(str(faces_data / "mini-faces"), "train.jsonl"), budget=200)
     res = invoke(["prepare", "mini", "--data-dir", faces_data, "--option", "only=faces"])
@@ -297,11 +282,6 @@ def test_truncated_final_weights_are_refused(three_steps, tmp_path):
         load_model(run / "final")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GAP uniperceiver/modeling/checkpoint.py:25 save_model / :75 load_model: a model directory (final/, "
-    "`upctl convert` output, what --checkpoint loads) has no checksum, so one flipped bit in model.safetensors "
-    "loads silently with a wrong weight; training checkpoints are protected by meta.json sha256, model "
-    "directories are not"))
 def test_bit_flipped_final_weights_are_refused(three_steps, tmp_path):
     run = _copy_run(three_steps, tmp_path / "run")
     _damage(run / "final" / "model.safetensors", "flip")

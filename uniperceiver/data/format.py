@@ -20,9 +20,9 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Iterable
 
-from uniperceiver.errors import DataError
+from uniperceiver.errors import StorageError, DataError
 from uniperceiver.utils.io import atomic_write_json
 
 FORMAT_VERSION = 1
@@ -279,7 +279,10 @@ class ManifestWriter:
             check_relative_media(sample["media"], f"{self.path} sample {sid!r}")
         self._ids.add(sid)
         line = json.dumps(sample, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
-        self._fh.write(line.encode("utf-8") + b"\n")
+        try:
+            self._fh.write(line.encode("utf-8") + b"\n")
+        except OSError as exc:
+            raise StorageError(f"{self.path}: could not write: {exc.strerror or exc}; the previous manifest is kept") from exc
         self.count += 1
 
     def skip(self, reason: str, detail: str = "") -> None:
@@ -296,8 +299,12 @@ class ManifestWriter:
                 os.fsync(self._fh.fileno())
             self._fh.close()
             if exc_type is None:
-                os.replace(self._tmp, self.path)
+                # Staged, not yet live: write_meta publishes every split of the run together, so a
+                # failure in a later split never leaves new manifests next to old ones.
+                os.replace(self._tmp, staged_path(self.path))
                 self.committed = True
+        except OSError as err:
+            raise StorageError(f"{self.path}: could not write: {err.strerror or err}; the previous manifest is kept") from err
         finally:
             if not self.committed:
                 try:
@@ -307,17 +314,39 @@ class ManifestWriter:
             self._fh = None
 
 
+def staged_path(manifest: Path) -> Path:
+    """Where a finished manifest waits until write_meta publishes the whole run."""
+    return manifest.with_name(f".{manifest.name}.staged")
+
+
+def discard_staged(dataset_dirs: Iterable[Path]) -> None:
+    """Remove manifests staged by a run that failed before write_meta (the old files stay live)."""
+    for folder in dataset_dirs:
+        for path in Path(folder).glob(".*.jsonl.staged"):
+            path.unlink(missing_ok=True)
+
+
 def write_meta(dataset_dir: Path, meta: dict) -> None:
-    """Write meta.json atomically, filling format_version and each split's manifest sha256."""
+    """Publish the staged manifests, then write meta.json atomically (format_version, manifest sha256).
+
+    Every split written by this run goes live here together; the short sequence of renames is the
+    only window in which a crash could mix old and new splits.
+    """
     dataset_dir = Path(dataset_dir)
     meta = dict(meta)
     meta["format_version"] = FORMAT_VERSION
     sha = {}
     for split in meta.get("splits", {}):
         path = dataset_dir / f"{split}.jsonl"
-        if not path.is_file():
+        staged = staged_path(path)
+        if not staged.is_file() and not path.is_file():
             raise DataError(f"{path}: manifest of split {split!r} missing while writing meta.json")
-        sha[split] = file_sha256(path)
+        sha[split] = file_sha256(staged if staged.is_file() else path)
+    for split in sha:
+        path = dataset_dir / f"{split}.jsonl"
+        if staged_path(path).is_file():
+            os.replace(staged_path(path), path)
+    discard_staged([dataset_dir])
     meta["manifest_sha256"] = sha
     atomic_write_json(dataset_dir / META_FILE, meta)
 
@@ -378,9 +407,15 @@ def prepare_dataset(
     )
     out_dir = base / name
     start = time.perf_counter()
-    summary: PrepareSummary = module.prepare(
-        root, out_dir, download=download, progress=progress, options=dict(options or {})
-    )
+    try:
+        summary: PrepareSummary = module.prepare(
+            root, out_dir, download=download, progress=progress, options=dict(options or {})
+        )
+    except BaseException:
+        # The previous manifests and meta.json are still live; drop what this run had staged
+        # (`mini` writes several `mini-*` folders, hence the prefix match).
+        discard_staged(p for p in base.glob(f"{name}*") if p.is_dir())
+        raise
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.out_dir = summary.out_dir or str(out_dir)
     _remove_stale_manifests(out_dir)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from uniperceiver.errors import CheckpointError
+from uniperceiver.errors import CheckpointError, StorageError
 from uniperceiver.modeling.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, load_state, read_config, save_model
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -224,25 +224,38 @@ def save_training_checkpoint(
     keep: int,
     env: Any,
     recipe: Any,
+    trainer_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Rank 0 stages the replicated state, every rank adds its RNG + cursors, rank 0 commits.
 
     `loader` is the MultiTaskLoader (its `state_dict()` = consumed data), `env` the DistEnv.
+    `trainer_extra` holds plain values the loop needs to continue exactly (e.g. the open logging window).
+    A write that fails (full disk, I/O error) removes the staging folder and raises one CheckpointError
+    naming the checkpoint; the previous checkpoint and the `latest` pointer are untouched.
     """
     from uniperceiver.engine.distributed import barrier
 
-    if env.is_main:
-        tmp = begin_checkpoint(root, step)
-        write_main_state(tmp, model, optimizer, scheduler,
-                         {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}, scaler)
-    barrier(env)
-    tmp = staging_dir(root, step)
-    write_rank_state(tmp, env.rank, {"rng": capture_rng_state(), "data": loader.state_dict()})
-    barrier(env)
     final = root / step_dir_name(step)
-    if env.is_main:
-        final = commit_checkpoint(root, step, keep, {"recipe": recipe.name, "stage": recipe.stage})
-    barrier(env)
+    try:
+        if env.is_main:
+            tmp = begin_checkpoint(root, step)
+            trainer_state = {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}
+            trainer_state.update(trainer_extra or {})
+            write_main_state(tmp, model, optimizer, scheduler, trainer_state, scaler)
+        barrier(env)
+        tmp = staging_dir(root, step)
+        write_rank_state(tmp, env.rank, {"rng": capture_rng_state(), "data": loader.state_dict()})
+        barrier(env)
+        if env.is_main:
+            final = commit_checkpoint(root, step, keep, {"recipe": recipe.name, "stage": recipe.stage})
+        barrier(env)
+    except (OSError, StorageError) as exc:
+        shutil.rmtree(staging_dir(root, step), ignore_errors=True)
+        cause = exc if isinstance(exc, OSError) else exc.__cause__
+        reason = getattr(cause, "strerror", None) or str(exc)
+        raise CheckpointError(
+            f"could not write checkpoint {final}: {reason}; the previous checkpoint is kept"
+        ) from exc
     return final
 
 

@@ -254,6 +254,8 @@ def _train_one(
     names = [t.cfg.name for t in tasks]
     step = 0
     skipped_steps = 0
+    restored_window: list[tuple[str, float, dict[str, float]]] = []
+    restored_samples = 0
     seed_everything(seed + env.rank)
     if start is not None:
         state = ckpt.load_checkpoint(start, env.rank)
@@ -267,6 +269,8 @@ def _train_one(
             scaler.load_state_dict(state.scaler)
         step = int(state.trainer["step"])
         skipped_steps = int(state.trainer.get("skipped_steps", 0))
+        restored_window = [(str(n), float(v), dict(st)) for n, v, st in state.trainer.get("log_window", [])]
+        restored_samples = int(state.trainer.get("log_window_samples", 0))
         if state.rank_state is not None:
             fresh = loader.load_state_dict(state.rank_state["data"])
             if fresh:
@@ -294,15 +298,18 @@ def _train_one(
     accum = int(tr.grad_accum)
     params = [p for p in model.parameters() if p.requires_grad]
     clip = float(recipe.optim.clip_grad or 0.0)
-    window: list[tuple[str, float, dict[str, float]]] = []
-    window_samples = 0
+    # The logging window (steps since the last metrics row) is part of the checkpoint, so a run
+    # resumed between two log rows writes the same rows as an uninterrupted one.
+    window: list[tuple[str, float, dict[str, float]]] = list(restored_window)
+    window_samples = restored_samples
     window_start = time.perf_counter()
     step_times: list[float] = []
     ckpt_root = run_dir / runs.CKPT_DIR
 
     def save(at: int) -> Path:
+        extra = {"log_window": [(n, v, dict(st)) for n, v, st in window], "log_window_samples": window_samples}
         path = ckpt.save_training_checkpoint(ckpt_root, at, model, optimizer, scheduler, scaler, loader, skipped_steps,
-                                int(tr.keep_checkpoints), env, recipe)
+                                             int(tr.keep_checkpoints), env, recipe, extra)
         result.last_checkpoint = path
         if env.is_main:
             runs.plot_curves(run_dir)

@@ -27,8 +27,11 @@ def save_model(model: UniPerceiver, out_dir: str | Path, extra: dict | None = No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out / WEIGHTS_NAME, lambda fh: fh.write(save(state)))
-    payload = {"model": model.cfg.to_dict(), "format": "uniperceiver-model-v1"}
+    data = save(state)
+    atomic_write(out / WEIGHTS_NAME, lambda fh: fh.write(data))
+    # The checksum lets load_model refuse a truncated or bit-flipped weights file.
+    payload = {"model": model.cfg.to_dict(), "format": "uniperceiver-model-v1",
+               "weights_sha256": hashlib.sha256(data).hexdigest()}
     if extra:
         payload["extra"] = extra
     atomic_write_json(out / CONFIG_NAME, payload)
@@ -46,10 +49,25 @@ def read_config(model_dir: str | Path) -> ModelConfig:
         raise CheckpointError(f"{path}: invalid model config ({exc})") from None
 
 
+def _recorded_sha256(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / CONFIG_NAME).read_text()).get("weights_sha256")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     path = Path(model_dir) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME}")
+    expected = _recorded_sha256(Path(model_dir))
+    if expected is not None:
+        actual = _file_sha256(path)
+        if actual != expected:
+            raise CheckpointError(
+                f"{path}: sha256 {actual[:12]}... does not match config.json ({expected[:12]}...): "
+                "the weights file is truncated or corrupt"
+            )
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -96,13 +114,17 @@ def _is_tuning_extra(key: str) -> bool:
     return key.endswith(".prompt") or key in {"embed.spe_bias", "cls_head.weight", "cls_head.bias", "similarity_weight"}
 
 
-def weights_digest(model_dir: str | Path) -> str:
-    """A short sha256 of the weights file: keys caches of encoded target sets to one checkpoint."""
+def _file_sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(Path(model_dir) / WEIGHTS_NAME, "rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """A short sha256 of the weights file: keys caches of encoded target sets to one checkpoint."""
+    return (_recorded_sha256(Path(model_dir)) or _file_sha256(Path(model_dir) / WEIGHTS_NAME))[:16]
 
 
 def state_digest(model: UniPerceiver) -> str:

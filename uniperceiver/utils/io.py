@@ -11,23 +11,33 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
 
+from uniperceiver.errors import StorageError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write(fileobj)` on a temp file next to `path`, then rename it over `path`."""
+    """Call `write(fileobj)` on a temp file next to `path`, then rename it over `path`.
+
+    An OSError (full disk, I/O error) becomes a StorageError naming `path`; the old file stays.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise StorageError(f"{path}: could not write: {exc.strerror or exc}") from exc
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise StorageError(f"{path}: could not write: {exc.strerror or exc}; the previous file is kept") from exc
         raise
 
 

@@ -104,7 +104,11 @@ def _run(recipe: Any, *, what: str, output: Path | None, resume: str | None, max
     if result.tuning is not None and recipe.tune.mode == "prompt":
         console.print(f"trainable: {result.tuning.describe()}", highlight=False, soft_wrap=True)
     skipped = sum(n for per in result.skipped_media.values() for n in per.values())
-    extra = f"; skipped {skipped} unreadable sample(s)" if skipped else ""
+    per_task = "; ".join(
+        f"{task}: " + ", ".join(f"{kind}: {n}" for kind, n in sorted(per.items()))
+        for task, per in sorted(result.skipped_media.items()) if per
+    )
+    extra = f"; skipped {skipped} unreadable sample(s) ({per_task})" if skipped else ""
     extra += f"; skipped {result.skipped_steps} non-finite step(s)" if result.skipped_steps else ""
     if result.interrupted:
         console.print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.last_checkpoint}; "
