@@ -171,11 +171,11 @@ class Stage:
 
 
 def upctl_prefix() -> list[str]:
-    """How to call the CLI: the `upctl` script beside this Python, else `python -c` on the same app."""
+    """How to call the CLI: the `upctl` script beside this Python, else `python -m upctl` (same app)."""
     script = Path(sys.executable).parent / "upctl"
     if script.is_file() and os.access(script, os.X_OK):
         return [str(script)]
-    return [sys.executable, "-c", "from upctl.main import app; app()"]
+    return [sys.executable, "-m", "upctl"]
 
 
 def child_env(threads: int) -> dict[str, str]:
