@@ -52,6 +52,9 @@ class HeldOut:
     #: Few-shot share for prompt tuning (the paper uses 0.01; see `fraction_note`).
     prompt_fraction: float
     fraction_note: str = ""
+    #: Extra `--set` overrides of `upctl prompt-tune` / `upctl finetune` (e.g. a batch size).
+    prompt_sets: tuple[str, ...] = ()
+    finetune_sets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,26 +72,30 @@ class DemoPlan:
 
 HELD_OUT: tuple[HeldOut, ...] = (
     HeldOut(
+        task="mini-digits", metric="top1", metric_label="top-1 accuracy", chance_kind="accuracy",
+        new="classification against the bare class names 'zero'..'nine' (pre-training saw these images only "
+            "as image-caption pairs 'a handwritten digit ...')",
+        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 125) + 1 = 2 images per digit",
+    ),
+    HeldOut(
         task="mini-faces", metric="top1", metric_label="top-1 accuracy", chance_kind="accuracy",
-        new="the face / not-a-face images and both class names (no face data in pre-training)",
-        prompt_fraction=0.1,
-        fraction_note="1% of 50 images per class is int(0.5)+1 = 1 image per class; 10% gives 6 per class",
+        new="face / not-a-face images and both class names (no faces, no word 'face' as a class in pre-training)",
+        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 image per class",
     ),
     HeldOut(
         task="mini-video-retrieval", metric="i2t_R@1", metric_label="video-to-text R@1", chance_kind="retrieval_r1",
         new="video-text retrieval with free captions (pre-training saw these clips only as 3-way classification)",
-        prompt_fraction=0.2,
-        fraction_note="1% of 29 windows is 1 window, and an in-batch contrastive loss needs several; 20% gives 5",
+        prompt_fraction=0.01, prompt_sets=("tasks.0.batch_size=3",), finetune_sets=("tasks.0.batch_size=4",),
+        fraction_note="1% = int(0.01 x n) + 1 = 1 window per clip class (3 windows), one batch of 3",
     ),
     HeldOut(
         task="mini-sentiment", metric="accuracy", metric_label="accuracy", chance_kind="accuracy",
-        new="sentiment as an SST-2 cloze (pre-training's only text task is masked LM on news sentences)",
-        prompt_fraction=0.1,
-        fraction_note="1% of 50 sentences per label is 1 sentence per label; 10% gives 6 per label",
+        new="sentiment as the SST-2 cloze {bad, wonderful} (the only text task in pre-training is masked LM on news)",
+        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 sentence per label",
     ),
 )
 
-QUICK_STEPS = {"pretrain": 30, "prompt": 10, "finetune": 10}
+QUICK_STEPS = {"pretrain": 20, "prompt": 5, "finetune": 5}
 
 
 def default_plan(*, quick: bool = False, seeds: int | None = None) -> DemoPlan:
@@ -352,6 +359,8 @@ def build_stages(plan: DemoPlan, lay: Layout, device: str | None = None) -> list
                               *data, "--output", str(run), *_steps_args(steps), *train_dev]
                 if frac is not None:
                     train_args += ["--fraction", f"{frac:g}"]
+                for assignment in (t.prompt_sets if regime == "prompt" else t.finetune_sets):
+                    train_args += ["--set", assignment]
                 chains.append([
                     Job(f"{regime}-{t.task}-s{s}", train_args, lay.logs / f"{regime}-{t.task}-s{s}.log", units=units,
                         run_dir=run),

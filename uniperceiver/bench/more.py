@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, time_fn
+from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
 
 
 # -- loaders ---------------------------------------------------------------------------------------
@@ -74,6 +74,7 @@ def _retrieval_worker(n_images: int, dim: int) -> dict[str, Any]:
     txt = torch.nn.functional.normalize(img.repeat_interleave(5, 0) + 0.5 * torch.randn(5 * n_images, dim, generator=g), dim=-1)
     owner = torch.arange(n_images).repeat_interleave(5)
     base = current_rss_bytes()
+    reset_peak_rss()
     start = time.perf_counter()
     image_text_retrieval(img, txt, owner, chunk_size=512)
     return {"seconds": time.perf_counter() - start, "extra_peak_mb": (peak_rss_bytes() - base) / 2**20}
@@ -91,6 +92,7 @@ def _corpus_worker(lines: int) -> dict[str, Any]:
             for _ in range(lines):
                 fh.write(" ".join(rng.choice(words, size=12)) + "\n")
         base = current_rss_bytes()
+        reset_peak_rss()
         start = time.perf_counter()
         n = 0
         with open(path) as fh:  # streamed line by line, as the MLM corpus reader does

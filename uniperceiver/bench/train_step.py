@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from uniperceiver.bench.flops import train_step_flops
-from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, time_fn
+from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
 from uniperceiver.modeling.config import model_config
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
@@ -42,6 +42,7 @@ class StepResult:
     achieved_flops: float
     peak_mem_bytes: int
     step_mem_bytes: int
+    fwd_bwd_mem_bytes: int = 0
 
 
 def _ours(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
@@ -155,7 +156,10 @@ def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
+    fwd_bwd = _fwd_bwd_memory(loss_fn, autocast, device)
+    opt.zero_grad(set_to_none=True)
     before = current_rss_bytes()
+    reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -178,4 +182,24 @@ def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats
         achieved_flops=flops / timing.median_s,
         peak_mem_bytes=peak,
         step_mem_bytes=max(0, peak - before),
+        fwd_bwd_mem_bytes=fwd_bwd,
     )
+
+
+def _fwd_bwd_memory(loss_fn: Callable[[], torch.Tensor], autocast, device: torch.device) -> int:
+    """Memory the forward + backward pass adds (activations and gradients), the part that
+    activation checkpointing changes; the optimizer update is left out."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        base = current_rss_bytes()
+        reset_peak_rss()
+    with autocast:
+        loss = loss_fn()
+    loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return max(0, peak_rss_bytes() - base)

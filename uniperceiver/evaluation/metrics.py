@@ -171,21 +171,38 @@ def _positives_matrix(query_to_gallery: Any, nq: int, ng: int) -> tuple[torch.Te
 
 def _best_positive_ranks(q: torch.Tensor, g: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
                          chunk_size: int) -> torch.Tensor:
-    """0-based rank of the best-ranked positive of every query, query rows processed in chunks.
+    """0-based rank of the best-ranked positive of every query, in tiles of chunk_size x chunk_size.
 
-    Rank = number of gallery items scoring strictly higher than the best positive, so at most
-    `chunk_size x Ng` scores are held at once and ties count in the query's favour.
+    Rank = number of gallery items scoring strictly higher than the best positive (ties count in the
+    query's favour). Both queries and gallery are tiled, so memory stays flat in the number of
+    candidates: pass 1 finds each query's best positive score, pass 2 counts the gallery items above
+    it. Every score comes from the same tile product in both passes, so the comparison is exact.
     """
-    ranks = torch.empty(q.shape[0], dtype=torch.long)
+    nq, ng = q.shape[0], g.shape[0]
+    ranks = torch.empty(nq, dtype=torch.long)
     pos = pos.to(q.device)
     mask = mask.to(q.device)
-    gt = g.t()
-    for start in range(0, q.shape[0], chunk_size):
-        stop = min(start + chunk_size, q.shape[0])
-        sims = q[start:stop] @ gt  # [c, Ng]
-        pos_s = sims.gather(1, pos[start:stop]).masked_fill(~mask[start:stop], float("-inf"))
-        best = pos_s.max(dim=1).values
-        ranks[start:stop] = (sims > best.unsqueeze(1)).sum(dim=1).cpu()
+    for start in range(0, nq, chunk_size):
+        stop = min(start + chunk_size, nq)
+        qc = q[start:stop]
+        p, m = pos[start:stop], mask[start:stop]
+        best = torch.full((stop - start,), float("-inf"), dtype=q.dtype, device=q.device)
+        # Gallery tiles are wider than query tiles (fewer, larger matmuls); memory stays
+        # chunk_size x 8 chunk_size scores whatever the number of candidates.
+        width = 8 * chunk_size
+        tiles = [(gs, min(gs + width, ng)) for gs in range(0, ng, width)]
+        for gs, ge in tiles:
+            inside = m & (p >= gs) & (p < ge)
+            if not bool(inside.any()):
+                continue
+            sims = qc @ g[gs:ge].t()
+            local = (p - gs).clamp(0, ge - gs - 1)
+            cand = sims.gather(1, local).masked_fill(~inside, float("-inf"))
+            best = torch.maximum(best, cand.max(dim=1).values)
+        count = torch.zeros(stop - start, dtype=torch.long, device=q.device)
+        for gs, ge in tiles:
+            count += (qc @ g[gs:ge].t() > best.unsqueeze(1)).sum(dim=1)
+        ranks[start:stop] = count.cpu()
     return ranks
 
 

@@ -52,7 +52,7 @@ def demo(
 
     Stages, each a real upctl command (logs in OUT/logs): prepare mini; pretrain
     recipes/mini/pretrain.yaml once per seed; zeroshot, prompt-tune + evaluate and finetune +
-    evaluate on the held-out tasks mini-faces, mini-video-retrieval and mini-sentiment. Writes
+    evaluate on the held-out tasks mini-digits, mini-faces, mini-video-retrieval and mini-sentiment. Writes
     OUT/results.md, results.json and results.png from the commands' --json records.
 
     Examples:
