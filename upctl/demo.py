@@ -310,12 +310,18 @@ def _steps_args(steps: int | None) -> list[str]:
     return [] if steps is None else ["--max-steps", str(steps)]
 
 
-def recipe_steps(path: Path, stage: str | None = None, task: str | None = None) -> int:
-    """train.max_steps of a recipe file, or of a task's prompt / fine-tune recipe (for progress units)."""
-    from uniperceiver.config import load_recipe, recipe_for_task
+def recipe_steps(path: Path) -> int:
+    """train.max_steps of a recipe file (the progress bar's units for a training command)."""
+    from uniperceiver.config import load_recipe
 
-    rec = load_recipe(path) if task is None else recipe_for_task(task, str(stage))
-    return int(rec.train.max_steps)
+    return int(load_recipe(path).train.max_steps)
+
+
+def task_recipe_steps(task: str, stage: str) -> int:
+    """train.max_steps of a task's prompt-tune / fine-tune recipe (what the command will run)."""
+    from uniperceiver.config import recipe_for_task
+
+    return int(recipe_for_task(task, stage).train.max_steps)
 
 
 def build_stages(plan: DemoPlan, lay: Layout, device: str | None = None) -> list[Stage]:
@@ -353,7 +359,7 @@ def build_stages(plan: DemoPlan, lay: Layout, device: str | None = None) -> list
             for t in plan.tasks:
                 run = lay.tuned_run(regime, t.task, s)
                 steps = (plan.prompt_steps if regime == "prompt" else plan.finetune_steps)
-                units = steps or recipe_steps(Path(), "prompt_tune" if regime == "prompt" else "finetune", t.task)
+                units = steps or task_recipe_steps(t.task, "prompt_tune" if regime == "prompt" else "finetune")
                 frac = fraction_of(t)
                 train_args = [command, "--task", t.task, "--checkpoint", str(lay.pretrain_run(s)), "--seed", str(s),
                               *data, "--output", str(run), *_steps_args(steps), *train_dev]
@@ -392,8 +398,12 @@ def clean_outputs(lay: Layout) -> None:
 
 
 def default_jobs() -> int:
-    """Side-by-side commands: one per core, at least 2 (small models use one core poorly)."""
-    return max(2, min(4, os.cpu_count() or 2))
+    """Side-by-side commands, one thread each: 3 (one per default seed) up to 4 on larger machines.
+
+    On 2 cores 3 single-threaded commands keep both cores busy through the stage barriers (3 seeds
+    of pre-training finish together instead of 2 + 1); small models use extra threads poorly anyway.
+    """
+    return max(3, min(4, os.cpu_count() or 2))
 
 
 __all__ = ["DemoError", "DemoPlan", "HELD_OUT", "HeldOut", "Job", "Layout", "Runner", "Stage", "build_stages",

@@ -17,12 +17,13 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 from uniperceiver.utils.io import atomic_write, atomic_write_json, atomic_write_text
-from upctl.demo import DemoError, DemoPlan, HeldOut, Layout, Stage
+from upctl.demo import DemoError, DemoPlan, Layout, Stage
 
 REGIMES = ("zeroshot", "prompt", "finetune")
 REGIME_LABELS = {"zeroshot": "zero-shot", "prompt": "prompt tuning", "finetune": "fine-tuning"}
@@ -82,6 +83,17 @@ def _subset_size(data_dir: Path, dataset: str, fraction: float, seed: int) -> in
     return int(read_record(path)["num_samples"])
 
 
+def _model_summary(plan: DemoPlan) -> dict[str, Any]:
+    """Size, width, depth and pre-training tasks of the recipe's model (for the table's caption)."""
+    from uniperceiver.config import load_recipe
+    from uniperceiver.modeling.config import model_config
+
+    rec = load_recipe(plan.pretrain_recipe)
+    cfg = model_config(rec.model.size, **dict(rec.model.overrides))
+    return {"size": rec.model.size, "width": cfg.width, "depth": cfg.depth, "heads": cfg.heads,
+            "image_size": cfg.image_size, "tasks": [t.name for t in rec.tasks]}
+
+
 def collect(plan: DemoPlan, lay: Layout, stages: Sequence[Stage], started: float, total_s: float,
             pretrain_steps: int) -> dict[str, Any]:
     """The results document (what results.json holds) from the commands' records."""
@@ -124,13 +136,11 @@ def collect(plan: DemoPlan, lay: Layout, stages: Sequence[Stage], started: float
                 "finetune_at_least_prompt": ft["mean"] >= pt["mean"],
             },
         })
-    import time
-
     return {
         "demo": {"quick": plan.quick, "seeds": list(plan.seeds), "data_dir": str(lay.data_dir), "out": str(lay.out),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                  "total_seconds": round(total_s, 1), "spread": "sample standard deviation over seeds"},
-        "pretrain": {"recipe": str(plan.pretrain_recipe), "steps": pretrain_steps,
+        "pretrain": {"recipe": str(plan.pretrain_recipe), "steps": pretrain_steps, "model": _model_summary(plan),
                      "runs": [str(lay.pretrain_run(s).relative_to(lay.out)) for s in plan.seeds]},
         "stages": [{"stage": st.key, "description": st.description, "commands": len(st.jobs),
                     "seconds": round(st.seconds, 1)} for st in stages],
@@ -167,12 +177,14 @@ HEADER = ["held-out task", "metric (eval split, n)", "chance", "zero-shot", "pro
 
 def render_markdown(results: dict[str, Any]) -> str:
     d, p = results["demo"], results["pretrain"]
+    m = p["model"]
     seeds = d["seeds"]
     lines = [
         "# Uni-Perceiver on the mini benchmark: zero-shot, prompt tuning, fine-tuning",
         "",
-        f"One tiny model pre-trained by `{Path(p['recipe']).name}` ({p['steps']} steps) on image, video and text "
-        f"tasks together, then scored on held-out tasks. Values in percent, "
+        f"One model ({m['size']} size at width {m['width']} x {m['depth']} layers, {m['image_size']} px) pre-trained "
+        f"by `recipes/mini/{Path(p['recipe']).name}` for {p['steps']} steps on image, video and text tasks together "
+        f"({', '.join(m['tasks'])}), then scored on held-out tasks it never trained on. Values in percent, "
         + (f"mean ± sample standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}): seed s "
            "pre-trains, draws the few-shot subset and tunes." if len(seeds) > 1 else f"one seed ({seeds[0]}).")
         + (" QUICK run: a few steps only, the numbers are not meaningful." if d["quick"] else ""),

@@ -17,27 +17,31 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from upctl.common import console, err_console, fail_on_error
+from upctl.demo_report import fmt
 
 
 def _print_table(results: dict) -> None:
-    from upctl.demo_report import HEADER, _cells
-
+    """The results as a rich table narrow enough for an 80-column terminal (results.md has every detail)."""
     n = len(results["demo"]["seeds"])
     table = Table(title=f"held-out tasks, percent ({'mean ± std over ' + str(n) + ' seeds' if n > 1 else '1 seed'})",
                   title_justify="left")
-    for i, name in enumerate(HEADER):
-        table.add_column(name, justify="left" if i < 2 else "right", overflow="fold")
+    for name in ("task", "metric", "chance", "zero-shot", "prompt", "fine-tune"):
+        table.add_column(name, justify="left" if name in ("task", "metric") else "right", overflow="fold")
     for task in results["tasks"]:
-        table.add_row(*_cells(task))
+        r = task["regimes"]
+        cells = [fmt(r[k]["mean"], r[k]["std"], n) for k in ("zeroshot", "prompt", "finetune")]
+        table.add_row(task["task"], task["metric"], f"{task['chance']:.1f}", *cells)
     console.print(table)
+    shares = ", ".join(f"{t['task']} {'/'.join(map(str, sorted(set(t['regimes']['prompt']['train_samples']))))}"
+                       for t in results["tasks"])
+    console.print(f"prompt tuning trained on (samples): {shares}", highlight=False)
     for task in results["tasks"]:
-        c = task["checks"]
-        marks = "  ".join(f"{'✓' if ok else '✗'} {name.replace('_', ' ')}" for name, ok in c.items())
+        marks = "  ".join(f"{'✓' if ok else '✗'} {name.replace('_', ' ')}" for name, ok in task["checks"].items())
         console.print(f"  {task['task']}: {marks}", highlight=False)
 
 
 def demo(
-    out: Path = typer.Option(Path("demo-out"), "--out", help="Output folder: results.md/.json/.png, json/, logs/, runs/."),
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Output folder: results.md/.json/.png, json/, logs/, runs/ (replaced on each run)."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Prepared data (default $UPCTL_DATA, else ./data)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Seeds 0..N-1 (default 3; 1 with --quick)."),
     quick: bool = typer.Option(False, "--quick", help="A smoke run: 1 seed, a few steps per stage (numbers not meaningful)."),
