@@ -47,7 +47,8 @@ MIXTURE = {
     **{f"{d}-pt-caption": (300, w, 1.0) for d, w in DATASET_WEIGHTS.items()},
     **{f"{d}-pt-retrieval": (512, w, 0.5) for d, w in DATASET_WEIGHTS.items()},
 }
-HELD_OUT = {"mini-faces", "mini-video-retrieval", "mini-sentiment"}
+# The demo holds digit CLASSIFICATION out too (digits appear in pre-training only as image-caption pairs).
+HELD_OUT = {"mini-digits", "mini-faces", "mini-video-retrieval", "mini-sentiment"}
 
 
 def _catalog():
@@ -153,7 +154,7 @@ def test_tiny_and_mini_recipes() -> None:
     mini = load_recipe(ROOT / "mini" / "pretrain.yaml")
     names = {t.name for t in mini.tasks}
     assert not names & HELD_OUT
-    assert {"image_cls", "video_cls", "retrieval", "caption", "mlm"} <= {t.family for t in mini.tasks}
+    assert {"video_cls", "retrieval", "caption", "mlm"} <= {t.family for t in mini.tasks}
     catalog = _catalog()
     assert not [n for n in names if catalog.CATALOG[n].held_out]
     for name in ("prompt", "finetune"):

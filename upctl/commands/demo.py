@@ -54,10 +54,9 @@ def demo(
 ) -> None:
     """Run the mini benchmark: the paper's three regimes on held-out tasks, in minutes on a CPU.
 
-    Stages, each a real upctl command (logs in OUT/logs): prepare mini; pretrain
-    recipes/mini/pretrain.yaml once per seed; zeroshot, prompt-tune + evaluate and finetune +
-    evaluate on the held-out tasks mini-digits, mini-faces, mini-video-retrieval and mini-sentiment. Writes
-    OUT/results.md, results.json and results.png from the commands' --json records.
+    Every stage is a real upctl command (logs in OUT/logs): prepare mini, then pretrain recipes/mini/pretrain.yaml once per seed, then zeroshot, prompt-tune + evaluate and finetune + evaluate on the held-out tasks mini-digits, mini-faces, mini-video-retrieval and mini-sentiment.
+
+    The table is built from the commands' --json records and written to OUT/results.md, results.json and results.png (docs/DEMO.md explains it).
 
     Examples:
 
