@@ -19,18 +19,11 @@ import torch
 from uniperceiver.engine import checkpoint as ckpt
 from uniperceiver.engine.distributed import DistEnv, all_gather_with_grad, shard_bounds, shard_encode
 
+import sys as _sys
+_sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_fixtures import mini_data  # noqa: E402,F401  (shared fixture)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def mini_data(tmp_path_factory) -> Path:
-    from uniperceiver.data.format import prepare_dataset
-
-    root = tmp_path_factory.getbasetemp() / "trainer-mini-data"
-    if not (root / ".done").is_file():
-        prepare_dataset("mini", None, root, options={"only": "digits,photos,faces,news"})
-        (root / ".done").write_text("ok")
-    return root
 
 
 WORKER = textwrap.dedent(

@@ -23,24 +23,9 @@ from uniperceiver.errors import ConfigError
 from uniperceiver.modeling import build_model, save_model
 from upctl.main import app
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def mini_data(tmp_path_factory) -> Path:
-    from uniperceiver.data.format import prepare_dataset
-
-    root = tmp_path_factory.getbasetemp() / "trainer-mini-data"
-    if not (root / ".done").is_file():
-        prepare_dataset("mini", None, root, options={"only": "digits,photos,faces,news"})
-        (root / ".done").write_text("ok")
-    return root
+import sys as _sys
+_sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_fixtures import mini_data, one_thread  # noqa: E402,F401  (shared fixtures)
 
 
 @pytest.fixture()

@@ -30,26 +30,11 @@ from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError
 from upctl.main import app
 
+import sys as _sys
+_sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_fixtures import mini_data, one_thread  # noqa: E402,F401  (shared fixtures)
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def mini_data(tmp_path_factory) -> Path:
-    from uniperceiver.data.format import prepare_dataset
-
-    root = tmp_path_factory.getbasetemp() / "trainer-mini-data"
-    if not (root / ".done").is_file():
-        prepare_dataset("mini", None, root, options={"only": "digits,photos,faces,news"})
-        (root / ".done").write_text("ok")
-    return root
 
 
 def write_recipe(path: Path, **train_overrides) -> Path:

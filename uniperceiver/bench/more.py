@@ -6,9 +6,6 @@ compares two measurements taken in the same run.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
+from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, run_for_result, time_fn
 
 
 # -- loaders ---------------------------------------------------------------------------------------
@@ -103,11 +100,7 @@ def _corpus_worker(lines: int) -> dict[str, Any]:
 
 def _in_subprocess(fn: str, *args: Any) -> dict[str, Any]:
     code = f"import json; from uniperceiver.bench.more import {fn} as f; print('RESULT ' + json.dumps(f(*{list(args)!r})))"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ.copy())
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[7:])
-    raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "no output")
+    return run_for_result([sys.executable, "-c", code])
 
 
 def scale_section(report, device: torch.device, quick: bool) -> None:

@@ -9,16 +9,14 @@ cache, and the growth of retrieval scoring and corpus streaming at 1x / 4x / 16x
 from __future__ import annotations
 
 import json
-import os
 import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from uniperceiver.bench.timing import matmul_peak_flops
+from uniperceiver.bench.timing import matmul_peak_flops, run_for_result
 from uniperceiver.errors import UpctlError
 
 Progress = Callable[[int, int | None, str], None]
@@ -52,12 +50,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 def run_case_in_subprocess(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
     """One training-step case in a fresh interpreter; returns its result dict."""
     cmd = [sys.executable, "-m", "uniperceiver.bench.worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-    raise UpctlError(f"benchmark case {spec} failed: {tail[0]}")
+    try:
+        return run_for_result(cmd, timeout)
+    except RuntimeError as exc:
+        raise UpctlError(f"benchmark case {spec} failed: {exc}") from None
 
 
 def step_cases(quick: bool, sizes: list[str]) -> list[dict[str, Any]]:

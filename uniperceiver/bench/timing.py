@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
+import subprocess
 import statistics
 import time
 from dataclasses import dataclass
@@ -74,3 +77,17 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, 
     b = torch.randn(n, n, device=device, dtype=dtype)
     t = time_fn(lambda: a @ b, warmup=2, repeats=repeats, device=device)
     return 2 * n**3 / t.median_s
+
+
+def run_for_result(cmd: list[str], timeout: float = 900) -> dict:
+    """Run a benchmark worker in a fresh interpreter and return the JSON of its `RESULT ...` line.
+
+    A fresh process per case keeps peak-memory figures separate; failures raise RuntimeError
+    carrying the worker's last error line.
+    """
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    raise RuntimeError(tail[0])

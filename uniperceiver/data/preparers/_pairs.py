@@ -140,3 +140,19 @@ def prepare_pairs(
     if not found:
         raise DataError(f"{raw_root}: no image-text pairs found; expected {layout}")
     return b.finish()
+
+
+#: Layout and options shared by the web image-text pair datasets (cc3m, cc12m, sbu, yfcc).
+PAIRS_LAYOUT = "train/ (img2dataset files output: 00000/*.jpg + *.txt) or train.tsv (filepath<TAB>caption)"
+PAIRS_OPTIONS: dict[str, str] = {}
+
+
+def pair_preparer(dataset: str):
+    """The `prepare(raw_root, out_dir, *, download, progress, options)` of one pair dataset."""
+
+    def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None):
+        return prepare_pairs(dataset, raw_root, out_dir, download=download, progress=progress,
+                             options=options or {}, layout=PAIRS_LAYOUT, known_options=PAIRS_OPTIONS)
+
+    prepare.__doc__ = f"Prepare {dataset} image-text pairs (layouts: {PAIRS_LAYOUT})."
+    return prepare

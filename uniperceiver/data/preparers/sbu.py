@@ -10,28 +10,11 @@ The official release is a URL list (SBU_captioned_photo_dataset_urls.txt + _capt
 and the same for a "val" split when present.
 """
 
-from __future__ import annotations
-
-from pathlib import Path
-
-from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._pairs import prepare_pairs
+from uniperceiver.data.preparers._pairs import PAIRS_LAYOUT as LAYOUT
+from uniperceiver.data.preparers._pairs import PAIRS_OPTIONS as OPTIONS
+from uniperceiver.data.preparers._pairs import pair_preparer
 
 DESCRIPTION = "SBU Captions image-text pairs (pre-training)"
-LAYOUT = "train/ (img2dataset files output: 00000/*.jpg + *.txt) or train.tsv (filepath<TAB>caption)"
-OPTIONS: dict[str, str] = {}
+prepare = pair_preparer("sbu")
 
-
-def prepare(
-    raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
-) -> PrepareSummary:
-    return prepare_pairs(
-        "sbu",
-        raw_root,
-        out_dir,
-        download=download,
-        progress=progress,
-        options=options or {},
-        layout=LAYOUT,
-        known_options=OPTIONS,
-    )
+__all__ = ["DESCRIPTION", "LAYOUT", "OPTIONS", "prepare"]
