@@ -197,10 +197,12 @@ def test_pretraining_a_few_tasks_lowers_each_loss(mini_data, tmp_path):
         [{"name": "mini-faces", "batch_size": 16},
          {"name": "mini-photos-retrieval", "batch_size": 8},
          {"name": "mini-photos-caption", "batch_size": 8}],  # vocabulary targets (corpus ids)
-        train={"max_steps": 42},
+        # 60 steps (17 of them mini-faces at seed 0): at 42 steps the binary faces loss was still
+        # within its step-to-step noise, and rounding-level changes (fused vs foreach AdamW) flipped it.
+        train={"max_steps": 60},
     )
     result = train(rec, output=tmp_path / "run", data_dir=mini_data, log=lambda m: None)
-    assert result.step == 42 and not result.interrupted
+    assert result.step == 60 and not result.interrupted
     by_task: dict[str, list[float]] = {}
     for _, name, loss in result.history:
         by_task.setdefault(name, []).append(loss)
@@ -217,7 +219,7 @@ def test_pretraining_a_few_tasks_lowers_each_loss(mini_data, tmp_path):
     assert {r["task"] for r in rows if r["name"] == "loss"} >= {"", "mini-faces", "mini-photos-caption"}
     assert any(r["name"] == "lr" for r in rows) and any(r["name"] == "grad_norm" for r in rows)
     latest = ckpt.find_valid_checkpoint(run / "checkpoints")
-    assert latest is not None and latest.name == "step-000042"
+    assert latest is not None and latest.name == "step-000060"
 
 
 def _poison_at(step_to_poison: int):

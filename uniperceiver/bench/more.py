@@ -104,8 +104,8 @@ def _in_subprocess(fn: str, *args: Any) -> dict[str, Any]:
 
 
 def scale_section(report, device: torch.device, quick: bool) -> None:
-    base_images = 500 if quick else 1000
-    base_lines = 5000 if quick else 20000
+    base_images = 250 if quick else 1000
+    base_lines = 2500 if quick else 20000
     for mult in (1, 4, 16):
         r = _in_subprocess("_retrieval_worker", base_images * mult, 256)
         report.add("scale", f"retrieval {mult}x ({base_images * mult} images x {5 * base_images * mult} captions)",

@@ -7,13 +7,14 @@ process (see `worker.py`) so that the peak memory of a case is its own.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
 from uniperceiver.bench.flops import train_step_flops
-from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
+from uniperceiver.bench.timing import Timing, current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
 from uniperceiver.modeling.config import model_config
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
@@ -30,6 +31,7 @@ class StepCase:
     image_size: int = 224
     checkpointing: bool = False
     precision: str = "fp32"
+    measure_memory: bool = False  # also measure one forward + backward's memory (an extra pass)
 
 
 @dataclass
@@ -42,7 +44,9 @@ class StepResult:
     achieved_flops: float
     peak_mem_bytes: int
     step_mem_bytes: int
-    fwd_bwd_mem_bytes: int = 0
+    fwd_bwd_mem_bytes: int = 0  # rise of memory over one forward + backward (activations + gradients)
+    fwd_bwd_peak_bytes: int = 0  # the whole process's peak during that pass (weights, optimizer state...)
+    fwd_bwd_s: float = 0.0  # that pass's time (one sample)
 
 
 def _ours(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callable[[], torch.Tensor], int]:
@@ -138,9 +142,9 @@ BUILDERS = {"ours": _ours, "bert": _bert, "timm-vit": _vit}
 
 def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats: int = 3) -> StepResult:
     model, loss_fn, seq = BUILDERS[case.impl](case, device)
-    # The same optimizer for every implementation (the kernel our trainer uses on this device), so the
-    # ratio compares the models.
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    # The same optimizer for every implementation (the fused kernel our trainer uses), so the ratio
+    # compares the models.
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.precision == "bf16")
 
     def step() -> None:
@@ -156,15 +160,20 @@ def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    fwd_bwd = _fwd_bwd_memory(loss_fn, autocast, device)
+    fwd_bwd = _fwd_bwd_memory(loss_fn, autocast, device) if case.measure_memory else (0, 0, 0.0)
     opt.zero_grad(set_to_none=True)
     before = current_rss_bytes()
     reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    timing = time_fn(step, warmup=warmup, repeats=repeats, device=device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    if repeats > 0:
+        timing = time_fn(step, warmup=warmup, repeats=repeats, device=device)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
+    elif case.measure_memory:  # memory only: the one forward + backward pass stands for the step's time
+        timing, peak, before = Timing(fwd_bwd[2], fwd_bwd[2], 0), fwd_bwd[1], fwd_bwd[1] - fwd_bwd[0]
+    else:
+        raise ValueError("repeats=0 needs measure_memory (there would be nothing to report)")
     cfg = model_config(case.size, image_size=case.image_size)
     text = 2 * case.text_len if case.kind == "caption" else case.text_len
     if case.impl == "ours":
@@ -182,13 +191,15 @@ def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats
         achieved_flops=flops / timing.median_s,
         peak_mem_bytes=peak,
         step_mem_bytes=max(0, peak - before),
-        fwd_bwd_mem_bytes=fwd_bwd,
+        fwd_bwd_mem_bytes=fwd_bwd[0],
+        fwd_bwd_peak_bytes=fwd_bwd[1],
+        fwd_bwd_s=fwd_bwd[2],
     )
 
 
-def _fwd_bwd_memory(loss_fn: Callable[[], torch.Tensor], autocast, device: torch.device) -> int:
-    """Memory the forward + backward pass adds (activations and gradients), the part that
-    activation checkpointing changes; the optimizer update is left out."""
+def _fwd_bwd_memory(loss_fn: Callable[[], torch.Tensor], autocast, device: torch.device) -> tuple[int, int, float]:
+    """(rise, process peak, seconds) of one forward + backward pass. The rise is the activations and
+    gradients, the part activation checkpointing changes; the optimizer update is left out."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         base = torch.cuda.memory_allocated(device)
@@ -196,10 +207,13 @@ def _fwd_bwd_memory(loss_fn: Callable[[], torch.Tensor], autocast, device: torch
     else:
         base = current_rss_bytes()
         reset_peak_rss()
+    start = time.perf_counter()
     with autocast:
         loss = loss_fn()
     loss.backward()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    return max(0, peak_rss_bytes() - base)
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = peak_rss_bytes()
+    return max(0, peak - base), peak, time.perf_counter() - start

@@ -109,14 +109,14 @@ def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.AdamW:
     betas = tuple(float(b) for b in optim.betas)
     if len(betas) != 2:
         raise ConfigError(f"optim.betas must have two values, got {list(optim.betas)}")
-    # The fused kernel is used on GPUs. On a CPU it is about 7x faster for base (2.94 s -> 0.39 s per
-    # step here) but a run resumed from a checkpoint then drifted from the uninterrupted run in the
-    # last bits (tests/reliability/test_preemption.py), so CPUs keep the foreach path, whose resume is
-    # exact. UPCTL_FUSED_ADAMW=1 forces the fused kernel everywhere, =0 disables it.
+    # The fused kernel is the default everywhere: on a CPU it is about 7x faster than foreach for
+    # base (0.39 s instead of 2.94 s per update on a loaded 2-core machine), and resuming from a
+    # checkpoint stays bit-exact (tests/test_resume.py, tests/reliability/test_preemption.py).
+    # UPCTL_FUSED_ADAMW=0 falls back to the foreach kernel (=1 forces fused).
     params = [p for g in groups for p in g["params"]]
     choice = os.environ.get("UPCTL_FUSED_ADAMW", "")
-    on_gpu = bool(params) and all(p.is_floating_point() and p.device.type == "cuda" for p in params)
-    fused = on_gpu if choice == "" else choice == "1"
+    supported = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    fused = supported if choice == "" else choice == "1"
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=float(optim.eps), fused=fused)  # type: ignore[arg-type]
 
 

@@ -182,26 +182,36 @@ def _best_positive_ranks(q: torch.Tensor, g: torch.Tensor, pos: torch.Tensor, ma
     ranks = torch.empty(nq, dtype=torch.long)
     pos = pos.to(q.device)
     mask = mask.to(q.device)
+    # Gallery tiles are wider than query tiles (fewer, larger matmuls). Every tile's scores and
+    # comparisons are written into the same two preallocated buffers: a fresh multi-MB tensor per
+    # tile made the process's footprint grow with the number of tiles (allocator fragmentation).
+    width = 8 * chunk_size
+    tiles = [(gs, min(gs + width, ng)) for gs in range(0, ng, width)]
+    score_buf = torch.empty(min(chunk_size, nq) * min(width, ng), dtype=q.dtype, device=q.device)
+    above_buf = torch.empty(score_buf.shape, dtype=torch.bool, device=q.device)
+
+    def scores(qc: torch.Tensor, gs: int, ge: int) -> torch.Tensor:
+        out = score_buf[: qc.shape[0] * (ge - gs)].view(qc.shape[0], ge - gs)
+        return torch.mm(qc, g[gs:ge].t(), out=out)
+
     for start in range(0, nq, chunk_size):
         stop = min(start + chunk_size, nq)
         qc = q[start:stop]
         p, m = pos[start:stop], mask[start:stop]
         best = torch.full((stop - start,), float("-inf"), dtype=q.dtype, device=q.device)
-        # Gallery tiles are wider than query tiles (fewer, larger matmuls); memory stays
-        # chunk_size x 8 chunk_size scores whatever the number of candidates.
-        width = 8 * chunk_size
-        tiles = [(gs, min(gs + width, ng)) for gs in range(0, ng, width)]
         for gs, ge in tiles:
             inside = m & (p >= gs) & (p < ge)
             if not bool(inside.any()):
                 continue
-            sims = qc @ g[gs:ge].t()
             local = (p - gs).clamp(0, ge - gs - 1)
-            cand = sims.gather(1, local).masked_fill(~inside, float("-inf"))
+            cand = scores(qc, gs, ge).gather(1, local).masked_fill(~inside, float("-inf"))
             best = torch.maximum(best, cand.max(dim=1).values)
         count = torch.zeros(stop - start, dtype=torch.long, device=q.device)
         for gs, ge in tiles:
-            count += (qc @ g[gs:ge].t() > best.unsqueeze(1)).sum(dim=1)
+            sims = scores(qc, gs, ge)
+            above = torch.gt(sims, best.unsqueeze(1), out=above_buf[: sims.numel()].view(sims.shape))
+            # int32 partial sums: a bool -> int64 sum materialised a 64-bit copy of every tile.
+            count += above.sum(dim=1, dtype=torch.int32)
         ranks[start:stop] = count.cpu()
     return ranks
 

@@ -129,9 +129,15 @@ class Block(nn.Module):
             pk, pv = pk.expand(x.shape[0], -1, -1, -1), pv.expand(x.shape[0], -1, -1, -1)
             prefix = (pk, pv) if past is None else (torch.cat([pk, past[0]], 2), torch.cat([pv, past[1]], 2))
         a, k, v = self.attn(h, mask, prefix)
-        x = x + self.drop_path(self.gamma_1 * a)
-        x = x + self.drop_path(self.gamma_2 * self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        x = self._residual(x, self.gamma_1, a)
+        x = self._residual(x, self.gamma_2, self.fc2(F.gelu(self.fc1(self.norm2(x)))))
         return x, k, v
+
+    def _residual(self, x: Tensor, gamma: Tensor, branch: Tensor) -> Tensor:
+        """x + DropPath(gamma * branch); one fused multiply-add when DropPath is inactive."""
+        if self.drop_path.p == 0.0 or not self.training:
+            return torch.addcmul(x, gamma, branch)
+        return x + self.drop_path(gamma * branch)
 
 
 class Encoder(nn.Module):

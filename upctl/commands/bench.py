@@ -16,8 +16,8 @@ SECTIONS = ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
 
 
 def bench(
-    quick: bool = typer.Option(False, "--quick", help="Small shapes, tiny + base only, 2 repeats (a few minutes on a CPU)."),
-    sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step section (default: tiny,base quick; tiny,small,base full)."),
+    quick: bool = typer.Option(False, "--quick", help="Small shapes, base only, one round of 2 timed steps per case (under 3 minutes on a 2-core CPU)."),
+    sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step section (default: base quick; tiny,small,base full)."),
     sections: str = typer.Option(",".join(SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)}."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     json_path: Path = typer.Option(None, "--json", help="Write the report (machine + rows) as JSON."),
