@@ -19,7 +19,7 @@ import torch
 from fixtures.layouts import make_bookswiki, make_glue, make_vqav2
 from uniperceiver.data.format import PreparedDataset, open_dataset, prepare_dataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.modeling import build_model
+from uniperceiver.modeling import TextSegment, VisualSegment, build_model
 from uniperceiver.tasks import build_task, task_config
 from uniperceiver.tasks.base import encode_targets
 from uniperceiver.tasks.glue import build_prompt
@@ -409,3 +409,25 @@ def test_vqa_training_loss_reaches_encoder_and_answers(vqa_dir):
     assert model.embed.patch.weight.grad.abs().sum() > 0
     red = task.target_set().ids[task.answer_index["red"], 0]
     assert model.embed.word.weight.grad[red].abs().sum() > 0
+
+
+def test_vqa_fixed_temperature_replaces_the_learnable_scale(vqa_dir):
+    """recipes/finetune/vqav2.yaml's `fixed_temperature: 0.03`: logits = cosine / 0.03 and the
+    `downstream` scale gets no gradient."""
+    model = build_model("tiny", depth=1).eval()  # eval: no random temporal offset between the two encodes
+    cfg = task_config("vqav2")
+    cfg.options = {**cfg.options, "fixed_temperature": 0.03}
+    task = build_task(cfg, vqa_dir, model.cfg)
+    rng = np.random.default_rng(0)
+    batch = task.collate([task.load(s, train=True, rng=rng) for s in task.examples("train")], train=True, rng=rng)
+    feats = encode_targets(model, task.target_set())
+    logits = task._logits(model, batch, feats)
+    cos = model.encode([VisualSegment(batch["pixels"]), TextSegment(batch["ids"], batch["valid"])], read=batch["read"]) @ feats.t()
+    torch.testing.assert_close(logits, cos / 0.03)
+    loss, _ = task.loss(model, batch, feats)
+    loss.backward()
+    assert model.head.logit_scales["downstream"].grad is None
+    bad = task_config("vqav2")
+    bad.options = {**bad.options, "fixed_temperature": 0}
+    with pytest.raises(ConfigError, match="fixed_temperature"):
+        build_task(bad, vqa_dir, model.cfg)

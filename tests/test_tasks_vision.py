@@ -299,6 +299,28 @@ def test_bad_labels_and_options_are_clear_errors(data_dir) -> None:
         make_task(ImageClassification, data_dir, "mini-digits", image_size=60)
 
 
+def test_train_augmentation_options(data_dir) -> None:
+    """`hflip: false` never mirrors; `crop_scale: [1, 1]` keeps the whole image, so training pixels then
+    equal a plain resize; the ImageNet default changes them from draw to draw."""
+    sample = make_task(ImageClassification, data_dir, "mini-digits").examples("train")[0]
+
+    def pixels(seed: int, **options) -> torch.Tensor:
+        task = make_task(ImageClassification, data_dir, "mini-digits", **options)
+        return task.load(sample, train=True, rng=np.random.default_rng(seed))["pixels"]
+
+    whole = [pixels(seed, hflip=False, crop_scale=[1.0, 1.0]) for seed in range(4)]
+    assert all(torch.equal(whole[0], w) for w in whole[1:])
+    mirrored = pixels(0, crop_scale=[1.0, 1.0])  # may or may not flip: either the same or the mirror
+    assert torch.equal(mirrored, whole[0]) or torch.equal(mirrored, whole[0].flip(-1))
+    default = [pixels(seed) for seed in range(4)]
+    assert not all(torch.equal(default[0], d) for d in default[1:])
+    for bad in ([0.0, 1.0], [0.9, 0.5], [0.5], "big"):
+        with pytest.raises(ConfigError, match="crop_scale"):
+            make_task(ImageClassification, data_dir, "mini-digits", crop_scale=bad)
+    with pytest.raises(ConfigError, match="hflip"):
+        make_task(ImageClassification, data_dir, "mini-digits", hflip="no")
+
+
 # ---------------------------------------------------------------------------------------- retrieval
 
 

@@ -126,10 +126,11 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
             if spec is not None:
                 _add_step_row(report, spec, runs[side], peak)
         if pair.theirs is not None:
-            ratio = median_ratio([r["median_s"] for r in runs["ours"]], [r["median_s"] for r in runs["theirs"]])
+            ours_s, theirs_s = [r["median_s"] for r in runs["ours"]], [r["median_s"] for r in runs["theirs"]]
             spec = pair.ours
-            report.add("ratio", f"ours/{pair.theirs['impl']} {spec['size']} {spec['kind']}", ratio=round(ratio, 3),
-                       rounds=pair.rounds)
+            report.add("ratio", f"ours/{pair.theirs['impl']} {spec['size']} {spec['kind']}",
+                       ratio=round(median_ratio(ours_s, theirs_s), 3), rounds=pair.rounds,
+                       per_round=" ".join(f"{t / o:.3f}" for o, t in zip(ours_s, theirs_s)))
     if progress:
         progress(total, total, "training steps")
 

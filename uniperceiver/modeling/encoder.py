@@ -85,7 +85,8 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, S, D] normalised. mask: bool [B, 1 or S, Sk_total] (True = attend) or None.
 
-        Returns the attention output and this call's own keys and values (for a cache).
+        Returns the attention output and the keys and values attended to: `prefix_kv` followed by this
+        call's own. A cache keeps slices of these (views), so the prefix is copied once per call.
         """
         q, k, v = self._split_qkv(x)
         keys, vals = k, v
@@ -95,7 +96,7 @@ class Attention(nn.Module):
         attn_mask = None if mask is None else mask.unsqueeze(1)  # [B, 1, Sq|1, Sk]
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)
         b, h, s, hd = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, s, h * hd)), k, v
+        return self.out(out.transpose(1, 2).reshape(b, s, h * hd)), keys, vals
 
     def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -121,7 +122,7 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (output, keys, values) where keys/values are this call's tokens' own."""
+        """Returns (output, keys, values): keys/values as attended, [prompts] + [past] + this call's own."""
         h = self.norm1(x)
         prefix = past
         if self.prompt is not None:
@@ -192,13 +193,12 @@ class Encoder(nn.Module):
             else:
                 x, k, v = block(x, mask, past)
             if new_cache is not None:
-                n = k.shape[2] if build_cache else append_to_cache
-                if cache is not None:
-                    new_cache.keys.append(torch.cat([cache.keys[i], k[:, :, :n]], dim=2))
-                    new_cache.values.append(torch.cat([cache.values[i], v[:, :, :n]], dim=2))
-                else:
-                    new_cache.keys.append(k[:, :, :n])
-                    new_cache.values.append(v[:, :, :n])
+                n = x.shape[1] if build_cache else append_to_cache
+                # k, v are [prompts] + [cache] + this call's tokens: keep the cache and the first n
+                # new tokens as a view (no second copy of the cache per layer and step).
+                skip = self.cfg.prompt_tokens
+                new_cache.keys.append(k[:, :, skip:skip + past_len + n])
+                new_cache.values.append(v[:, :, skip:skip + past_len + n])
         if new_cache is not None:
             n = key_valid.shape[1] if build_cache else append_to_cache
             new_cache.valid = key_valid[:, :n] if cache is None else torch.cat([cache.valid, key_valid[:, :n]], dim=1)

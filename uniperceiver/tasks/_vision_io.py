@@ -10,6 +10,11 @@ from `TaskConfig.options`:
 - `frames` (video, default 8, at most the model's `max_frames`), `stride` (default 32, in frames at
   `target_fps` 30), `sampling` "stride" (reference rule) or "uniform" (centre of equal segments of
   the sample's window: for short clips such as the mini video windows).
+- `hflip` (default true): random horizontal flips in training (images and video). Off for inputs whose
+  meaning a mirror changes (handwritten digits, text in images).
+- `crop_scale` (classification training, default [0.08, 1.0], the ImageNet rule): the area range of the
+  random resized crop. Small or centred images (32-px digits) need a narrower range such as [0.6, 1.0];
+  [1.0, 1.0] keeps the whole image.
 - `views` (video evaluation): "TxS" = temporal x spatial views, e.g. "4x3" for Kinetics-400;
   or `temporal_views` / `spatial_views`. Default 1 temporal x 3 spatial for classification
   (the reference always takes 3 crops) and 1 x 1 (center crop) for captioning / retrieval.
@@ -71,6 +76,8 @@ class VisionOptions:
     #: "cls": random-resized-crop training (ImageNet style); "pair": resize + random crop + flip
     #: (the reference `clip_transforms` used by captioning and retrieval).
     train_style: str
+    hflip: bool = True
+    crop_scale: tuple[float, float] = (0.08, 1.0)
 
     @property
     def views(self) -> int:
@@ -139,7 +146,22 @@ def vision_options(cfg: Any, model_cfg: ModelConfig, *, purpose: str) -> VisionO
     else:
         t_views = _int_option(cfg, "temporal_views", default_views[0])
         s_views = _int_option(cfg, "spatial_views", default_views[1])
-    return VisionOptions(size, eval_resize, frames, stride, sampling, target_fps, t_views, s_views, purpose)
+    hflip = cfg.option("hflip", True)
+    if not isinstance(hflip, bool):
+        raise ConfigError(f"{where}: hflip={hflip!r} must be true or false")
+    crop_scale = _crop_scale(cfg.option("crop_scale", [0.08, 1.0]), where)
+    return VisionOptions(size, eval_resize, frames, stride, sampling, target_fps, t_views, s_views, purpose,
+                         hflip, crop_scale)
+
+
+def _crop_scale(value: Any, where: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: crop_scale={value!r}; expected [low, high] area fractions, e.g. [0.08, 1.0]") from None
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ConfigError(f"{where}: crop_scale={value!r}; expected 0 < low <= high <= 1")
+    return lo, hi
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:
@@ -150,7 +172,7 @@ def torch_generator(rng: np.random.Generator) -> torch.Generator:
 # ------------------------------------------------------------------------------------------ images
 
 
-def pair_train_transform(img: Image.Image, size: int, rng: torch.Generator) -> Tensor:
+def pair_train_transform(img: Image.Image, size: int, rng: torch.Generator, hflip: bool = True) -> Tensor:
     """Reference caption / retrieval training transform: bicubic short side -> size, random size crop, flip 0.5."""
     if img.mode != "RGB":
         img = img.convert("RGB")
@@ -159,7 +181,7 @@ def pair_train_transform(img: Image.Image, size: int, rng: torch.Generator) -> T
     top = int(torch.randint(0, new_h - size + 1, (1,), generator=rng).item())
     left = int(torch.randint(0, new_w - size + 1, (1,), generator=rng).item())
     img = img.crop((left, top, left + size, top + size))
-    if torch.rand(1, generator=rng).item() < 0.5:
+    if hflip and torch.rand(1, generator=rng).item() < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
     return _normalise(pil_to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
@@ -171,8 +193,8 @@ def image_pixels(path: str | Path, opts: VisionOptions, *, train: bool, rng: np.
         return image_eval_transform(img, opts.image_size, opts.eval_resize)
     gen = torch_generator(rng)
     if opts.train_style == "cls":
-        return image_train_transform(img, opts.image_size, rng=gen)[0]
-    return pair_train_transform(img, opts.image_size, gen)
+        return image_train_transform(img, opts.image_size, rng=gen, hflip=opts.hflip, scale=opts.crop_scale)[0]
+    return pair_train_transform(img, opts.image_size, gen, hflip=opts.hflip)
 
 
 # ------------------------------------------------------------------------------------------- video
@@ -232,7 +254,7 @@ def video_pixels(
     if train:
         idx = train_frame_indices(first, last, info.fps, opts, rng)
         frames, _, _ = read_frames_at(path, idx)
-        return video_train_transform(frames, opts.image_size, torch_generator(rng))
+        return video_train_transform(frames, opts.image_size, torch_generator(rng), hflip=opts.hflip)
     groups = eval_frame_indices(first, last, info.fps, opts)
     flat = [i for g in groups for i in g]
     frames, _, _ = read_frames_at(path, flat)

@@ -17,6 +17,8 @@ words "left" and "right" in the question and in the answers. (The reference swap
 word-INTERNAL pieces "left"/"right", which whole words never use, so its questions are in effect
 never swapped; its answers are. Here the whole words `left</w>`/`right</w>` are swapped, as the
 paper describes.)
+Option `fixed_temperature` (the reference fine-tunes with tau 0.03, recipes/finetune/vqav2.yaml):
+logits are cosine / tau instead of the learnable `downstream` scale.
 Evaluation: bicubic resize of the short side + center crop; the argmax answer is scored by the
 official VQA accuracy (`evaluation.vqa_eval.vqa_score`) against the 10 raw human answers.
 """
@@ -115,6 +117,12 @@ class VQA(Task):
         self.scale = str(cfg.option("scale", type(self).scale))
         if self.scale not in model_cfg.logit_scale_names:
             raise ConfigError(f"task {cfg.name!r}: option scale={self.scale!r}; known: {', '.join(model_cfg.logit_scale_names)}")
+        tau = cfg.option("fixed_temperature", None)
+        if tau is not None and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
+            raise ConfigError(f"task {cfg.name!r}: option fixed_temperature={tau!r} must be a positive number")
+        # The reference fine-tunes VQA with a fixed temperature (tau 0.03): logits = cosine / tau,
+        # instead of the learnable, clamped `downstream` scale.
+        self.fixed_temperature: float | None = None if tau is None else float(tau)
         self.left_id = tokenizer.token_to_id("left</w>")
         self.right_id = tokenizer.token_to_id("right</w>")
         self._targets: TargetSet | None = None
@@ -183,6 +191,8 @@ class VQA(Task):
     # -- training / evaluation -------------------------------------------------------------------------
     def _logits(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor) -> Tensor:
         feats = model.encode([VisualSegment(batch["pixels"]), TextSegment(batch["ids"], batch["valid"])], read=batch["read"])
+        if self.fixed_temperature is not None:
+            return model.logits(feats, targets, None) / self.fixed_temperature
         return model.logits(feats, targets, self.scale)
 
     def loss(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor | None) -> tuple[Tensor, dict[str, float]]:
