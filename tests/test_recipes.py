@@ -137,11 +137,12 @@ def test_base_recipe_is_the_reference_mixture() -> None:
     assert {t2[f"{d}-pt-retrieval"].batch_size for d in DATASET_WEIGHTS} == {320}
 
 
-def test_large_recipe_is_base_with_size_large() -> None:
+def test_large_recipe_is_base_with_size_large_and_fsdp() -> None:
     base, large = (recipe_to_dict(load_recipe(ROOT / f)) for f in ("base.yaml", "large.yaml"))
     assert large["model"]["size"] == "large"
     for d in (base, large):
         d.pop("name"), d.pop("description"), d["model"].pop("size")
+    assert large["train"].pop("sharding") == "fsdp" and base["train"].pop("sharding") == "ddp"
     assert base == large
 
 

@@ -86,6 +86,9 @@ class TrainSection:
     compile: bool = False
     #: Cross-rank feature gathering for retrieval; None = the reference rule (only when one task is trained).
     gather_features: bool | None = None
+    #: Data parallelism on several ranks: "ddp" replicates the model; "fsdp" shards parameters,
+    #: gradients and optimizer state (FSDP2); checkpoints are the same files either way.
+    sharding: str = _f("ddp", choices=("ddp", "fsdp"))
 
 
 @dataclass
@@ -169,6 +172,7 @@ OPTION_RULES: dict[str, tuple[Any, dict[str, Any]]] = {
     "length_penalty": (float, {}),
     "fixed_temperature": (float, {"gt": 0}),
     "gather_features": (bool, {}),
+    "hflip": (bool, {}),
 }
 
 

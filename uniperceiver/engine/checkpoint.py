@@ -13,6 +13,11 @@ A folder is written under a temporary name and renamed into place only when comp
 (even SIGKILL) never leaves a half checkpoint behind a valid name. Loading verifies every checksum
 and falls back to the previous checkpoint, with a warning naming both, when one is corrupt.
 Everything is read back with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+
+FSDP runs (`train.sharding: fsdp`) write the SAME files: the full, unsharded model and optimizer
+state, gathered with torch.distributed.checkpoint's state-dict API and written by rank 0, with the
+optimizer state keyed by parameter index exactly like `optimizer.state_dict()`. So a checkpoint
+resumes under DDP, FSDP or one process, whichever wrote it.
 """
 
 from __future__ import annotations
@@ -143,10 +148,20 @@ def write_main_state(
     scheduler: Any,
     trainer_state: dict[str, Any],
     scaler: Any | None = None,
+    full_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
-    """The replicated state (identical on every rank): written by rank 0."""
-    save_model(model, tmp)
-    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+    """The replicated state (identical on every rank): written by rank 0.
+
+    `full_state` = (model state, optimizer state) already gathered from a sharded (FSDP) model by
+    `gather_full_state`; None reads both from `model` and `optimizer` directly.
+    """
+    if full_state is None:
+        save_model(model, tmp)
+        optim_state = optimizer.state_dict()
+    else:
+        save_model(plain_model(model.cfg, full_state[0]), tmp)
+        optim_state = full_state[1]
+    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optim_state))
     atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
     if scaler is not None and scaler.is_enabled():
         atomic_write_bytes(tmp / "scaler.pt", _torch_bytes(scaler.state_dict()))
@@ -233,15 +248,17 @@ def save_training_checkpoint(
     A write that fails (full disk, I/O error) removes the staging folder and raises one CheckpointError
     naming the checkpoint; the previous checkpoint and the `latest` pointer are untouched.
     """
-    from uniperceiver.engine.distributed import barrier
+    from uniperceiver.engine.distributed import barrier, is_sharded
 
     final = root / step_dir_name(step)
+    # Sharded (FSDP) state is gathered by every rank together; rank 0 receives the full tensors.
+    full = gather_full_state(model, optimizer) if is_sharded(model) else None
     try:
         if env.is_main:
             tmp = begin_checkpoint(root, step)
             trainer_state = {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}
             trainer_state.update(trainer_extra or {})
-            write_main_state(tmp, model, optimizer, scheduler, trainer_state, scaler)
+            write_main_state(tmp, model, optimizer, scheduler, trainer_state, scaler, full)
         barrier(env)
         tmp = staging_dir(root, step)
         write_rank_state(tmp, env.rank, {"rng": capture_rng_state(), "data": loader.state_dict()})
@@ -257,6 +274,88 @@ def save_training_checkpoint(
             f"could not write checkpoint {final}: {reason}; the previous checkpoint is kept"
         ) from exc
     return final
+
+
+# -- sharded (FSDP) models: full state in, full state out ----------------------------------------
+
+
+def plain_model(cfg: Any, state: dict[str, torch.Tensor]) -> UniPerceiver:
+    """A plain UniPerceiver holding `state`'s tensors (no copy, no initialisation: built on meta)."""
+    with torch.device("meta"):
+        model = UniPerceiver(cfg)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The name of every optimizer parameter, in `optimizer.state_dict()`'s index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model state, optimizer state) of a sharded model, full and on the CPU of rank 0.
+
+    A collective: every rank calls it; other ranks get empty containers. The optimizer state is
+    converted from torch.distributed.checkpoint's parameter-name keys to the parameter indices of
+    `optimizer.state_dict()`, so the file is the one a DDP or single-process run writes.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    if not optimizer.state:  # nothing stepped yet: DCP would initialise it with a zero-gradient step
+        return model_state, optimizer.state_dict()
+    named = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not named:
+        return model_state, {}
+    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
+    return model_state, {"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any],
+                         source: str) -> None:
+    """Load a full optimizer state (parameter-index keys) into `optimizer`, sharding it under FSDP."""
+    from uniperceiver.engine.distributed import is_sharded
+
+    groups = saved.get("param_groups", [])
+    sizes = [len(g["params"]) for g in groups]
+    want = [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != want:
+        raise CheckpointError(
+            f"cannot resume: {source}/optimizer.pt has parameter groups of sizes {sizes}, this run's optimizer "
+            f"{want} (another model or tuning mode)"
+        )
+    if not is_sharded(model) or not saved.get("state"):
+        optimizer.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = _param_names(model, optimizer)
+    named = {
+        "state": {names[int(i)]: v for i, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups],
+    }
+    # strict=False: parameters no step has used yet have no saved state (AdamW creates it lazily).
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
+    # DCP first gives every parameter a state (a zero-gradient step with lr 0); drop the ones the
+    # checkpoint has none for, so they start from scratch exactly as in the uninterrupted run.
+    by_name = dict(model.named_parameters())
+    for name in set(names) - set(named["state"]):
+        optimizer.state.pop(by_name[name], None)
+
+
+def unsharded_copy(model: torch.nn.Module) -> UniPerceiver:
+    """A plain model with the full weights of a sharded one, on every rank (a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    copy = plain_model(model.cfg, {k: v.detach().clone() for k, v in state.items()})  # type: ignore[attr-defined]
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for name, param in copy.named_parameters():
+        param.requires_grad_(flags.get(name, True))
+    return copy.train(model.training)
 
 
 # -- reading ------------------------------------------------------------------------------------
@@ -381,14 +480,18 @@ __all__ = [
     "capture_rng_state",
     "commit_checkpoint",
     "find_valid_checkpoint",
+    "gather_full_state",
     "list_checkpoints",
     "load_checkpoint",
+    "load_optimizer_state",
     "load_weights_into",
+    "plain_model",
     "prune_checkpoints",
     "resolve_checkpoint_path",
     "restore_rng_state",
     "save_training_checkpoint",
     "step_dir_name",
+    "unsharded_copy",
     "verify_checkpoint",
     "write_main_state",
     "write_rank_state",

@@ -7,14 +7,27 @@
   tasks drawn on any rank are encoded together, each rank a contiguous shard with gradients,
   then all-gathered differentiably (`shard_encode`). Those collectives run on a second process
   group so they can never interleave with DDP's gradient all-reduce on the default group.
+- `train.sharding: fsdp` shards parameters, gradients and optimizer state with FSDP2
+  (`fully_shard`) instead. The step module is ONE FSDP unit, not one unit per encoder block: a
+  micro-step runs the encoder a task-dependent number of times (targets, then one or two inputs),
+  and per-block units issue collectives per block call, so ranks training different tasks would
+  issue different collective sequences (gloo hangs or, worse, pairs equal-sized all-gathers of
+  different blocks). With one unit every rank issues exactly one all-gather and one reduce-scatter
+  per micro-step. Parameters a rank did not use take part with zero gradients (without that, gloo
+  silently pairs one rank's gradients of one parameter with another rank's of an equal-sized other
+  one); parameters no rank used lose their gradient afterwards (`finish_grads`), which is DDP's
+  rule, so AdamW skips them exactly as under DDP. FSDP2 cannot shard 0-dim parameters (the logit
+  scales): those stay replicated and `finish_grads` averages their gradients like DDP does.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -82,14 +95,197 @@ def shutdown_distributed(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(module: nn.Module, env: DistEnv) -> nn.Module:
-    """DDP with find_unused_parameters=True (each rank trains a different task) when distributed."""
+SHARDINGS = ("ddp", "fsdp")
+
+
+def wrap_model(
+    module: nn.Module, env: DistEnv, sharding: str = "ddp", amp_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """The data-parallel wrapper of `module` when distributed (the module itself on one process).
+
+    sharding "ddp": DDP with find_unused_parameters=True (each rank trains a different task).
+    sharding "fsdp": FSDP2 `fully_shard` of the whole module as one unit (see the module docstring),
+    bf16 parameters with fp32 gradient reduction when training in bf16 on CUDA. The optimizer must
+    be built AFTER this call: FSDP replaces the parameters by sharded DTensor parameters.
+    """
+    if sharding not in SHARDINGS:
+        raise ConfigError(f"train.sharding={sharding!r}; expected one of {', '.join(SHARDINGS)}")
     if not env.distributed:
         return module
+    if sharding == "fsdp":
+        return _fully_shard(module, env, amp_dtype)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [env.device.index] if env.device.type == "cuda" else None
     return DDP(module, device_ids=ids, find_unused_parameters=True)
+
+
+class _FsdpGrads:
+    """What FSDP leaves to us: which parameters got a gradient on this rank since the last optimizer
+    step, and the replicated (0-dim) parameters whose gradients FSDP does not reduce.
+
+    FSDP computes gradients on its unsharded parameters (the same Parameter objects every step,
+    registered on the modules while unsharded), so a post-accumulate-grad hook on each records use.
+    """
+
+    def __init__(self, root: nn.Module, replicated: set[nn.Parameter]) -> None:
+        self.sharded = [p for _, p in root.named_parameters()]
+        keep = {id(p) for p in replicated}
+        self.replicated = [i for i, p in enumerate(self.sharded) if id(p) in keep]
+        root.unshard()  # type: ignore[operator]  # FSDPModule.unshard: registers the unsharded parameters
+        try:
+            full = [p for _, p in root.named_parameters()]
+            self.used = [False] * len(full)
+            for i, p in enumerate(full):
+                if p.requires_grad:
+                    p.register_post_accumulate_grad_hook(self._hook(i))
+        finally:
+            root.reshard()  # type: ignore[operator]
+
+    def _hook(self, index: int) -> Any:
+        def mark(_: Tensor) -> None:
+            self.used[index] = True
+
+        return mark
+
+
+def _fully_shard(module: nn.Module, env: DistEnv, amp_dtype: torch.dtype | None) -> nn.Module:
+    if amp_dtype is torch.float16:
+        raise ConfigError(
+            "train.sharding=fsdp does not support fp16 loss scaling (train.precision=fp16, or auto on a GPU "
+            "without bf16); set train.precision=bf16 or fp32, or train.sharding=ddp"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    policy = MixedPrecisionPolicy()
+    if env.device.type == "cuda" and amp_dtype is torch.bfloat16:
+        # Inputs keep their dtype (autocast casts per op); the reduction stays in fp32.
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                      cast_forward_inputs=False)
+    # fully_shard refuses 0-dim parameters ("doesn't support scalar parameters"): keep them whole.
+    scalars = {p for p in module.parameters() if p.dim() == 0}
+    sharded = fully_shard(module, mesh=mesh, mp_policy=policy, ignored_params=scalars or None)
+    # Ranks use different parameters (a text task never touches the patch embedding): zero
+    # gradients keep every rank's reduce-scatter the same size.
+    sharded.set_reduce_scatter_unused_params(True)
+    sharded.upctl_grads = _FsdpGrads(sharded, scalars)  # type: ignore[assignment]
+    return sharded
+
+
+def _loaded(module_name: str, attr: str) -> Any:
+    """A class from a torch.distributed module if that module was imported (else nothing can be one)."""
+    mod = sys.modules.get(module_name)
+    return getattr(mod, attr, None) if mod is not None else None
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    """True for a module wrapped by `wrap_model(..., sharding="fsdp")` on several ranks."""
+    cls = _loaded("torch.distributed.fsdp", "FSDPModule")
+    return cls is not None and isinstance(module, cls)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """True when `module` (or the model inside an FSDP unit) holds sharded DTensor parameters."""
+    cls = _loaded("torch.distributed.tensor", "DTensor")
+    return cls is not None and any(isinstance(p, cls) for p in module.parameters())
+
+
+@contextmanager
+def skip_grad_sync(module: nn.Module, skip: bool) -> Iterator[None]:
+    """Gradient accumulation without communication on non-final micro-steps, for DDP and FSDP.
+
+    DDP: `no_sync()`. FSDP: no reduce-scatter and no reshard after backward, so the next micro-step
+    reuses the gathered parameters; both are switched back on for the final micro-step.
+    """
+    if not skip:
+        yield
+        return
+    if is_fsdp(module):
+        module.set_requires_gradient_sync(False)  # type: ignore[operator]
+        module.set_reshard_after_backward(False)  # type: ignore[operator]
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)  # type: ignore[operator]
+            module.set_reshard_after_backward(True)  # type: ignore[operator]
+        return
+    no_sync = getattr(module, "no_sync", None)
+    if no_sync is None:
+        yield
+        return
+    with no_sync():
+        yield
+
+
+def finish_grads(module: nn.Module, env: DistEnv) -> None:
+    """FSDP, after the last micro-step's backward: finish the gradients the way DDP leaves them.
+
+    - The replicated 0-dim parameters' gradients are averaged over ranks (zero from a rank that did
+      not use one), divided before summing as DDP does.
+    - Parameters that NO rank used get no gradient: FSDP reduce-scatters zeros for them (so the
+      collectives match), DDP leaves them None and AdamW then skips them (no moment decay, no step
+      count).
+    One all-reduce on the side group for both. A no-op for DDP and single processes.
+    """
+    info: _FsdpGrads | None = getattr(module, "upctl_grads", None)
+    if info is None:
+        return
+    dev = env.device if env.backend == "nccl" else torch.device("cpu")
+    parts = [torch.tensor(info.used, dtype=torch.float32, device=dev)]
+    for i in info.replicated:
+        p = info.sharded[i]
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        parts.append((g.detach().float() / env.world_size).reshape(-1).to(dev))
+    buf = torch.cat(parts)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=env.group)
+    n = len(info.used)
+    used = (buf[:n] > 0).cpu().tolist()
+    at = n
+    for i in info.replicated:
+        p = info.sharded[i]
+        p.grad = buf[at : at + p.numel()].view_as(p).to(device=p.device, dtype=p.dtype).clone()
+        at += p.numel()
+    for flag, param in zip(used, info.sharded):
+        if not flag:
+            param.grad = None
+    info.used = [False] * n
+
+
+@contextmanager
+def full_params(module: nn.Module) -> Iterator[None]:
+    """Unsharded parameters on the modules inside (FSDP), e.g. for evaluation between steps."""
+    if not is_fsdp(module):
+        yield
+        return
+    module.unshard()  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        module.reshard()  # type: ignore[operator]
+
+
+def clip_gradients(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """`clip_grad_norm_` with the GLOBAL norm also for FSDP's sharded gradients.
+
+    The same two torch steps as `torch.nn.utils.clip_grad_norm_` (so DDP runs are unchanged); with
+    DTensor gradients the per-shard norms are combined across ranks (`full_tensor`) before clipping.
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    dtensor = _loaded("torch.distributed.tensor", "DTensor")
+    sharded = [g for g in grads if dtensor is not None and isinstance(g, dtensor)]
+    if not sharded:
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+    else:  # FSDP: sharded gradients (a global norm over the shards) + the replicated 0-dim ones
+        plain = [g for g in grads if not isinstance(g, dtensor)]
+        norms = [torch.nn.utils.get_total_norm(sharded, 2.0).full_tensor()]
+        if plain:
+            norms.append(torch.nn.utils.get_total_norm(plain, 2.0).to(norms[0].device))
+        total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
 
 
 def all_gather_with_grad(tensor: Tensor, group: Any = None) -> Tensor:
@@ -181,12 +377,18 @@ __all__ = [
     "all_gather_with_grad",
     "any_flag",
     "barrier",
+    "clip_gradients",
+    "finish_grads",
     "encode_rows",
+    "full_params",
     "gather_ints",
     "init_distributed",
+    "is_fsdp",
+    "is_sharded",
     "pick_device",
     "shard_bounds",
     "shard_encode",
     "shutdown_distributed",
+    "skip_grad_sync",
     "wrap_model",
 ]

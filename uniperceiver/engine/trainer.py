@@ -34,7 +34,10 @@ from torch import Tensor, nn
 
 from uniperceiver.engine import checkpoint as ckpt
 from uniperceiver.engine import runs
-from uniperceiver.engine.distributed import DistEnv, any_flag, barrier, init_distributed, shutdown_distributed, wrap_model
+from uniperceiver.engine.distributed import (
+    DistEnv, any_flag, barrier, clip_gradients, finish_grads, full_params, init_distributed, is_fsdp,
+    shutdown_distributed, skip_grad_sync, wrap_model,
+)
 from uniperceiver.engine.loader import LoadedBatch, MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
 from uniperceiver.engine.setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
@@ -241,8 +244,6 @@ def _train_one(
     tasks, examples = build_training_tasks(recipe, model.cfg, data_dir, env)
     if getattr(tr, "compile", False):
         model.encoder.compile()
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim, total)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     loader = MultiTaskLoader(
         tasks, examples,
@@ -257,13 +258,19 @@ def _train_one(
     restored_window: list[tuple[str, float, dict[str, float]]] = []
     restored_samples = 0
     seed_everything(seed + env.rank)
-    if start is not None:
-        state = ckpt.load_checkpoint(start, env.rank)
+    state = ckpt.load_checkpoint(start, env.rank) if start is not None else None
+    if state is not None:  # the weights go in before wrapping: FSDP shards what the model holds
         try:
             ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in state.model_state.items()}, str(start))
         except CheckpointError as exc:
             raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
-        optimizer.load_state_dict(state.optimizer)
+    step_module = _StepModule(model)
+    ddp = wrap_model(step_module, env, str(getattr(tr, "sharding", "ddp")), amp_dtype)
+    # Built after wrapping: FSDP replaces the parameters by sharded ones (DDP keeps them).
+    optimizer = build_optimizer(model, recipe.optim)
+    scheduler = build_scheduler(optimizer, recipe.optim, total)
+    if state is not None:
+        ckpt.load_optimizer_state(model, optimizer, state.optimizer, str(start))
         scheduler.load_state_dict(state.scheduler)
         if state.scaler is not None:
             scaler.load_state_dict(state.scaler)
@@ -283,15 +290,13 @@ def _train_one(
         say(f"resumed from {start} at step {step}")
     say(f"{recipe.stage} {', '.join(names)}: {total} steps, {tuning.describe()}, "
         f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} on {env.device}"
-        + (f" x {env.world_size} ranks" if env.distributed else "") + f" -> {run_dir}")
+        + (f" x {env.world_size} ranks ({'fsdp' if is_fsdp(ddp) else 'ddp'})" if env.distributed else "") + f" -> {run_dir}")
     if env.is_main and start is None:
         runs.truncate_metrics(run_dir, 0)  # a fresh start in a reused folder: no stale rows
     if env.is_main:
         runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": names,
                                       "max_steps": total, "world_size": env.world_size})
     metrics = runs.MetricsLog(run_dir) if env.is_main else None
-    step_module = _StepModule(model)
-    ddp = wrap_model(step_module, env)
     model.train()
     result = TrainResult(run_dir=run_dir, final_dir=None, step=step, max_steps=total, resumed_from=start,
                          tuning=tuning, skipped_steps=skipped_steps, last_checkpoint=start, model=model)
@@ -332,7 +337,7 @@ def _train_one(
                     name = names[item.spec.task]
                     plan = targets.plan(item.spec.task, step, micro, env)
                     sync = env.distributed and micro < accum - 1
-                    with (ddp.no_sync() if sync else nullcontext()):  # type: ignore[operator]
+                    with skip_grad_sync(ddp, sync):
                         with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                             loss, stats = ddp(task, item.batch, plan)
                         value = float(loss.detach().float().item())
@@ -348,11 +353,12 @@ def _train_one(
                     losses.append(value)
                     result.history.append((step + 1, name, value))
                     window.append((name, value, dict(stats)))
+                finish_grads(ddp, env)
                 any_bad = any_flag(bad is not None, env)
                 grad_norm: float | None = None
                 if not any_bad:
                     scaler.unscale_(optimizer)
-                    norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+                    norm = clip_gradients(params, clip if clip > 0 else float("inf"))
                     grad_norm = float(norm)
                     if not math.isfinite(grad_norm) and not scaler.is_enabled():
                         bad = (",".join(dict.fromkeys(step_tasks)), [], grad_norm)
@@ -384,7 +390,8 @@ def _train_one(
                     progress(StepReport(step, total, mean_loss, lr, step_samples / max(step_times[-1], 1e-9),
                                         per * (total - step), "+".join(dict.fromkeys(step_tasks)), grad_norm))
                 if evaluate is not None and int(tr.eval_every) > 0 and step % int(tr.eval_every) == 0:
-                    scores = evaluate(model, tasks, step)
+                    with full_params(ddp):
+                        scores = evaluate(model, tasks, step)
                     model.train()
                     if metrics is not None and scores:
                         metrics.write(step, "eval", "", scores, time.perf_counter() - began)
@@ -396,13 +403,15 @@ def _train_one(
                     break
                 if int(tr.ckpt_every) > 0 and step % int(tr.ckpt_every) == 0 and step < total:
                     save(step)
+        final_model = ckpt.unsharded_copy(model) if is_fsdp(ddp) else model  # FSDP: a collective
+        result.model = final_model  # callers get a plain model with the full weights
         if not result.interrupted:
             if result.last_checkpoint is None or ckpt.step_dir_name(step) != Path(result.last_checkpoint).name:
                 save(step)
             if env.is_main:
                 from uniperceiver.modeling.checkpoint import save_model
 
-                result.final_dir = save_model(model, run_dir / runs.FINAL_NAME,
+                result.final_dir = save_model(final_model, run_dir / runs.FINAL_NAME,
                                               extra={"recipe": recipe.name, "stage": recipe.stage, "step": step})
             barrier(env)
             if result.final_dir is None:
