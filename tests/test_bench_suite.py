@@ -48,3 +48,23 @@ def test_memory_case_reports_its_pass_and_flops() -> None:
     with pytest.raises(ValueError, match="measure_memory"):
         run_step_case(StepCase(impl="ours", size="tiny", kind="text", batch=2, text_len=16),
                       torch.device("cpu"), warmup=0, repeats=0)
+
+
+def test_image_text_pair_case_counts_both_encodes() -> None:
+    """The retrieval case encodes images and captions separately: its FLOPs are one image step plus one
+    text step, and the contrastive loss trains (its gradient reaches the patch embedding and the words)."""
+    from uniperceiver.bench.flops import train_step_flops
+    from uniperceiver.bench.train_step import BUILDERS
+    from uniperceiver.modeling.config import model_config
+
+    case = StepCase(impl="ours", size="tiny", kind="retrieval", batch=3, frames=1, text_len=8)
+    res = run_step_case(case, torch.device("cpu"), warmup=0, repeats=1)
+    cfg = model_config("tiny", image_size=case.image_size)  # the case's 224 px, not tiny's default
+    assert res.flops_per_step == train_step_flops(cfg, 3, frames=1) + train_step_flops(cfg, 3, text_len=8)
+    model, loss_fn, seq = BUILDERS["ours"](case, torch.device("cpu"))
+    assert seq == (1 + cfg.grid_size**2) + (1 + 8)
+    loss = loss_fn()
+    assert loss.item() > 0
+    loss.backward()
+    assert model.embed.patch.weight.grad.abs().sum() > 0 and model.embed.word.weight.grad.abs().sum() > 0
+    assert any(p.ours["kind"] == "retrieval" for p in step_pairs(quick=False, sizes=["base"]))

@@ -86,6 +86,8 @@ def step_pairs(quick: bool, sizes: list[str]) -> list[StepPair]:
             pairs += [
                 StepPair(dict(impl="ours", size=size, kind="video", batch=2, frames=4), None, rounds),
                 StepPair(dict(impl="ours", size=size, kind="caption", batch=b_img, frames=1, text_len=30), None, rounds),
+                # Image-text pairs/s, the figure open_clip publishes (no in-process baseline).
+                StepPair(dict(impl="ours", size=size, kind="retrieval", batch=b_img, frames=1, text_len=30), None, rounds),
             ]
     return pairs
 
@@ -119,7 +121,10 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
         for _, spec in round_order(pair):
             if progress:
                 progress(done, total, "training steps")
-            res = run_case_in_subprocess({**spec, "device": str(device), "repeats": repeats, "warmup": 1})
+            # On a GPU every case (baselines too) runs under bf16 autocast, as training does there.
+            precision = "bf16" if device.type == "cuda" else "fp32"
+            res = run_case_in_subprocess({**spec, "device": str(device), "repeats": repeats, "warmup": 1,
+                                          "precision": precision})
             runs["ours" if spec is pair.ours else "theirs"].append(res)
             done += 1
         for side, spec in (("ours", pair.ours), ("theirs", pair.theirs)):
@@ -187,8 +192,10 @@ def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None 
     sizes = sizes or (["base"] if quick else ["tiny", "small", "base"])
     sections = sections or ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
     report = BenchReport(machine_info(device))
-    peak = matmul_peak_flops(device)
-    report.add("peak", "matmul fp32", gflops_per_s=round(peak / 1e9, 2))
+    # The MFU denominator in the precision the steps run in: bf16 on a GPU, fp32 on a CPU.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_flops(device, dtype, sizes=(2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072))
+    report.add("peak", "matmul " + ("bf16" if dtype is torch.bfloat16 else "fp32"), gflops_per_s=round(peak / 1e9, 2))
     if "train" in sections:
         run_training_steps(report, device, quick, sizes, peak, progress)
     if "memory" in sections:

@@ -24,7 +24,7 @@ from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 class StepCase:
     impl: str  # "ours" | "bert" | "timm-vit"
     size: str
-    kind: str  # "text" | "image" | "video" | "caption"
+    kind: str  # "text" | "image" | "video" | "caption" | "retrieval" (image-text pairs, contrastive)
     batch: int
     text_len: int = 0
     frames: int = 0
@@ -74,6 +74,21 @@ def _ours(case: StepCase, device: torch.device) -> tuple[torch.nn.Module, Callab
         mask = caption_mask(context, t, device)
     elif ids is not None:
         segments.append(TextSegment(ids))
+
+    if case.kind == "retrieval":
+        # Image-text pairs as in pre-training: images and captions encoded separately by the same
+        # encoder, symmetric cross-entropy over the in-batch similarities (pairs/s is the figure).
+        images, texts = [VisualSegment(pixels)], [TextSegment(ids)]
+        labels = torch.arange(b, device=device)
+
+        def pair_loss() -> torch.Tensor:
+            img = model.encode(images, temporal_offset=0)
+            txt = model.encode(texts)
+            logits = model.logits(img, txt, "retrieve")
+            return torch.nn.functional.cross_entropy(logits.float(), labels) + torch.nn.functional.cross_entropy(
+                logits.float().t(), labels)
+
+        return model, pair_loss, (1 + frames * cfg.grid_size**2) + (1 + case.text_len)
 
     def loss() -> torch.Tensor:
         h, _ = model.hidden(segments, attn_mask=mask, temporal_offset=0)
@@ -176,7 +191,9 @@ def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats
         raise ValueError("repeats=0 needs measure_memory (there would be nothing to report)")
     cfg = model_config(case.size, image_size=case.image_size)
     text = 2 * case.text_len if case.kind == "caption" else case.text_len
-    if case.impl == "ours":
+    if case.impl == "ours" and case.kind == "retrieval":  # two sequences per pair
+        flops = train_step_flops(cfg, case.batch, frames=case.frames) + train_step_flops(cfg, case.batch, text_len=case.text_len)
+    elif case.impl == "ours":
         flops = train_step_flops(cfg, case.batch, text_len=text, frames=case.frames)
     elif case.impl == "bert":
         flops = train_step_flops(cfg, case.batch, text_len=case.text_len)
