@@ -41,8 +41,7 @@ from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import ConfigError
 
-import sys as _sys
-_sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_fixtures import mini_data, one_thread  # noqa: E402,F401  (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
