@@ -188,13 +188,9 @@ def trainer_state(step_dir: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Two shared cores: one intra-op thread for the in-process runs (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Two shared cores: one intra-op thread for the in-process runs (the trainer tests' fixture, autouse).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _trainer_fixtures import one_thread  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")
