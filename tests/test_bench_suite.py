@@ -68,3 +68,18 @@ def test_image_text_pair_case_counts_both_encodes() -> None:
     loss.backward()
     assert model.embed.patch.weight.grad.abs().sum() > 0 and model.embed.word.weight.grad.abs().sum() > 0
     assert any(p.ours["kind"] == "retrieval" for p in step_pairs(quick=False, sizes=["base"]))
+
+
+def test_gpu_shapes_rounds_kinds_and_compile_flags() -> None:
+    from uniperceiver.bench.suite import GPU_SHAPES
+    from uniperceiver.errors import UpctlError
+
+    gpu = step_pairs(quick=False, sizes=["base"], device_type="cuda", rounds=2, compile=True, kinds=["image", "retrieval"])
+    assert [(p.ours["kind"], p.theirs and p.theirs["impl"]) for p in gpu] == [("image", "timm-vit"), ("retrieval", None)]
+    assert gpu[0].ours["batch"] == gpu[0].theirs["batch"] == GPU_SHAPES["image"]
+    assert all(p.rounds == 2 and p.ours["compile"] for p in gpu) and gpu[0].theirs["compile"]
+    assert step_pairs(quick=True, sizes=["base"], device_type="cuda")[0].ours["batch"] == GPU_SHAPES["text"][0]
+    with pytest.raises(UpctlError, match="unknown step kind"):
+        step_pairs(quick=False, sizes=["base"], kinds=["audio"])
+    with pytest.raises(UpctlError, match="--rounds 0"):
+        step_pairs(quick=False, sizes=["base"], rounds=0)

@@ -11,33 +11,23 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from uniperceiver.errors import ConfigError
 from uniperceiver.evaluation.decoding import _search, beam_search, decode_uncached
 from uniperceiver.modeling.masks import caption_mask
-from uniperceiver.modeling.model import TextSegment, VisualSegment, build_model
+from uniperceiver.modeling.model import TextSegment, VisualSegment
 from uniperceiver.tasks.base import encode_targets, vocab_target_set
 from uniperceiver.tokenizers.text import EOT_ID, SPE_ID, get_tokenizer
 
-
-def _digits(n: int, size: int = 64) -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
-    imgs = torch.tensor(load_digits().images[:n], dtype=torch.float32) / 16.0
-    imgs = F.interpolate(imgs[:, None], size=(size, size), mode="nearest").repeat(1, 3, 1, 1)
-    return (imgs - 0.5) / 0.25
+import sys as _sys
+from pathlib import Path as _Path
+_sys.path.insert(0, str(_Path(__file__).parent))
+from _tiny_models import digits as _digits, sensitive_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    m = build_model("tiny").eval()
-    with torch.no_grad():
-        for b in m.encoder.blocks:  # layer scale 1e-3 makes blocks near-identity: make decoding sensitive
-            b.gamma_1.fill_(1.0)
-            b.gamma_2.fill_(1.0)
-    return m
+    return sensitive_tiny_model()
 
 
 @pytest.fixture(scope="module")

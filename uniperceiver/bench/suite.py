@@ -67,29 +67,53 @@ class StepPair:
     rounds: int
 
 
-def step_pairs(quick: bool, sizes: list[str]) -> list[StepPair]:
+# Batch shapes per device: on a 2-core CPU a step of base must stay near seconds; on a GPU the batch
+# must be large enough to keep the matrix units busy (about the reference's per-GPU batch sizes).
+CPU_SHAPES = {"text": (8, 128), "image": 8, "video": (2, 4), "caption": (8, 30), "retrieval": (8, 30)}
+QUICK_CPU_SHAPES = {"text": (4, 64), "image": 2}
+GPU_SHAPES = {"text": (256, 128), "image": 128, "video": (16, 8), "caption": (128, 30), "retrieval": (256, 30)}
+
+
+STEP_KINDS = ("text", "image", "video", "caption", "retrieval")
+
+
+def step_pairs(quick: bool, sizes: list[str], device_type: str = "cpu", rounds: int | None = None,
+               compile: bool = False, kinds: list[str] | None = None) -> list[StepPair]:
     """Text against BertModel and images against timm ViT for every size; video and captioning (full
     runs only) have no established baseline. A full run repeats every pair in 3 rounds (ABBA order);
-    --quick runs one round, with one more timed step per case instead, to stay within a few minutes."""
+    --quick runs one round, with one more timed step per case instead, to stay within a few minutes.
+    `compile` compiles both sides of every pair (ours: the encoder, as `train.compile` does); `kinds`
+    keeps only those step kinds (e.g. image and retrieval)."""
+    unknown = sorted(set(kinds or ()) - set(STEP_KINDS))
+    if unknown:
+        raise UpctlError(f"unknown step kind(s) {unknown}; choose among {', '.join(STEP_KINDS)}")
+    shapes = dict(GPU_SHAPES if device_type == "cuda" else CPU_SHAPES)
+    if quick and device_type != "cuda":
+        shapes.update(QUICK_CPU_SHAPES)
+    n_rounds = rounds if rounds is not None else (1 if quick else 3)
+    if n_rounds < 1:
+        raise UpctlError(f"--rounds {n_rounds}: expected 1 or more")
+    extra = {"compile": True} if compile else {}
     pairs: list[StepPair] = []
     for size in sizes:
-        b_text, t_len = (4, 64) if quick else (8, 128)
-        b_img = 2 if quick else 8
-        rounds = 1 if quick else 3
-        text = dict(size=size, kind="text", batch=b_text, text_len=t_len)
-        image = dict(size=size, kind="image", batch=b_img, frames=1)
+        b_text, t_len = shapes["text"]
+        text = dict(size=size, kind="text", batch=b_text, text_len=t_len, **extra)
+        image = dict(size=size, kind="image", batch=shapes["image"], frames=1, **extra)
         pairs += [
-            StepPair({"impl": "ours", **text}, {"impl": "bert", **text}, rounds),
-            StepPair({"impl": "ours", **image}, {"impl": "timm-vit", **image}, rounds),
+            StepPair({"impl": "ours", **text}, {"impl": "bert", **text}, n_rounds),
+            StepPair({"impl": "ours", **image}, {"impl": "timm-vit", **image}, n_rounds),
         ]
         if not quick:
+            (b_vid, frames), (b_cap, cap_len), (b_pair, pair_len) = shapes["video"], shapes["caption"], shapes["retrieval"]
             pairs += [
-                StepPair(dict(impl="ours", size=size, kind="video", batch=2, frames=4), None, rounds),
-                StepPair(dict(impl="ours", size=size, kind="caption", batch=b_img, frames=1, text_len=30), None, rounds),
+                StepPair(dict(impl="ours", size=size, kind="video", batch=b_vid, frames=frames, **extra), None, n_rounds),
+                StepPair(dict(impl="ours", size=size, kind="caption", batch=b_cap, frames=1, text_len=cap_len, **extra),
+                         None, n_rounds),
                 # Image-text pairs/s, the figure open_clip publishes (no in-process baseline).
-                StepPair(dict(impl="ours", size=size, kind="retrieval", batch=b_img, frames=1, text_len=30), None, rounds),
+                StepPair(dict(impl="ours", size=size, kind="retrieval", batch=b_pair, frames=1, text_len=pair_len, **extra),
+                         None, n_rounds),
             ]
-    return pairs
+    return [p for p in pairs if not kinds or p.ours["kind"] in kinds]
 
 
 def round_order(pair: StepPair) -> list[tuple[int, dict[str, Any]]]:
@@ -111,9 +135,13 @@ def median_ratio(ours_s: list[float], theirs_s: list[float]) -> float:
 
 
 def run_training_steps(report: BenchReport, device: torch.device, quick: bool, sizes: list[str],
-                       peak: float, progress: Progress | None = None) -> None:
-    pairs = step_pairs(quick, sizes)
-    repeats = 2 if quick else 3
+                       peak: float, progress: Progress | None = None, rounds: int | None = None,
+                       compile: bool = False, kinds: list[str] | None = None) -> None:
+    pairs = step_pairs(quick, sizes, device.type, rounds, compile, kinds)
+    # A GPU step takes milliseconds: more repeats cost little and steady the median; its warm-up also
+    # covers the cuBLAS / cuDNN heuristics. A compiled case compiles in its first forward and backward.
+    repeats = 10 if device.type == "cuda" else (2 if quick else 3)
+    warmup = 3 if device.type == "cuda" else (2 if compile else 1)
     total = sum(len(round_order(p)) for p in pairs)
     done = 0
     for pair in pairs:
@@ -123,7 +151,7 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
                 progress(done, total, "training steps")
             # On a GPU every case (baselines too) runs under bf16 autocast, as training does there.
             precision = "bf16" if device.type == "cuda" else "fp32"
-            res = run_case_in_subprocess({**spec, "device": str(device), "repeats": repeats, "warmup": 1,
+            res = run_case_in_subprocess({**spec, "device": str(device), "repeats": repeats, "warmup": warmup,
                                           "precision": precision})
             runs["ours" if spec is pair.ours else "theirs"].append(res)
             done += 1
@@ -133,7 +161,8 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
         if pair.theirs is not None:
             ours_s, theirs_s = [r["median_s"] for r in runs["ours"]], [r["median_s"] for r in runs["theirs"]]
             spec = pair.ours
-            report.add("ratio", f"ours/{pair.theirs['impl']} {spec['size']} {spec['kind']}",
+            report.add("ratio", f"ours/{pair.theirs['impl']} {spec['size']} {spec['kind']}"
+                       + (" compiled" if spec.get("compile") else ""),
                        ratio=round(median_ratio(ours_s, theirs_s), 3), rounds=pair.rounds,
                        per_round=" ".join(f"{t / o:.3f}" for o, t in zip(ours_s, theirs_s)))
     if progress:
@@ -146,7 +175,7 @@ def _add_step_row(report: BenchReport, spec: dict[str, Any], results: list[dict]
     first = results[0]
     report.add(
         "train_step",
-        f"{spec['impl']} {spec['size']} {spec['kind']}",
+        f"{spec['impl']} {spec['size']} {spec['kind']}" + (" compiled" if spec.get("compile") else ""),
         batch=spec["batch"],
         median_s=round(median_s, 4),
         samples_per_s=round(spec["batch"] / median_s, 3),
@@ -165,8 +194,10 @@ def run_checkpointing_memory(report: BenchReport, device: torch.device, size: st
     # GPU) activations, which checkpointing drops, dominate the step's memory over the gradients.
     # --quick skips the timed step (repeats=0): the slowdown then compares the single measured
     # forward + backward passes.
-    spec = dict(impl="ours", size=size, kind="text", batch=16 if quick else 32, text_len=128,
-                repeats=0 if quick else 1, warmup=0, device=str(device), measure_memory=True)
+    batch = 128 if device.type == "cuda" else (16 if quick else 32)
+    spec = dict(impl="ours", size=size, kind="text", batch=batch, text_len=128,
+                repeats=0 if quick else 1, warmup=0, device=str(device), measure_memory=True,
+                precision="bf16" if device.type == "cuda" else "fp32")
     # A fixed mmap threshold makes glibc return every freed block over 128 KiB to the system, so the
     # resident high-water mark follows the live tensors. With its default adaptive threshold, freed
     # activation blocks stay in the heap and checkpointing's recomputation shows up as
@@ -188,7 +219,8 @@ def run_checkpointing_memory(report: BenchReport, device: torch.device, size: st
 
 
 def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None = None,
-              sections: list[str] | None = None, progress: Progress | None = None) -> BenchReport:
+              sections: list[str] | None = None, progress: Progress | None = None,
+              rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None) -> BenchReport:
     sizes = sizes or (["base"] if quick else ["tiny", "small", "base"])
     sections = sections or ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
     report = BenchReport(machine_info(device))
@@ -197,7 +229,7 @@ def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None 
     peak = matmul_peak_flops(device, dtype, sizes=(2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072))
     report.add("peak", "matmul " + ("bf16" if dtype is torch.bfloat16 else "fp32"), gflops_per_s=round(peak / 1e9, 2))
     if "train" in sections:
-        run_training_steps(report, device, quick, sizes, peak, progress)
+        run_training_steps(report, device, quick, sizes, peak, progress, rounds, compile, kinds)
     if "memory" in sections:
         run_checkpointing_memory(report, device, "base", quick)
     extra = _optional_sections()

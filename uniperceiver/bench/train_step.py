@@ -32,6 +32,7 @@ class StepCase:
     checkpointing: bool = False
     precision: str = "fp32"
     measure_memory: bool = False  # also measure one forward + backward's memory (an extra pass)
+    compile: bool = False  # torch.compile: our encoder (as train.compile does), the baselines whole
 
 
 @dataclass
@@ -157,6 +158,13 @@ BUILDERS = {"ours": _ours, "bert": _bert, "timm-vit": _vit}
 
 def run_step_case(case: StepCase, device: torch.device, warmup: int = 1, repeats: int = 3) -> StepResult:
     model, loss_fn, seq = BUILDERS[case.impl](case, device)
+    if case.compile:
+        if isinstance(model, UniPerceiver):
+            model.encoder.compile()
+        elif case.impl == "timm-vit":  # the step calls forward_features, which Module.compile() skips
+            model.forward_features = torch.compile(model.forward_features)
+        else:
+            model.compile()
     # The same optimizer for every implementation (the fused kernel our trainer uses), so the ratio
     # compares the models.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -163,6 +163,17 @@ class Encoder(nn.Module):
             mask = torch.cat([ones, mask], dim=-1)
         return mask
 
+    @staticmethod
+    def _all_valid(valid: Tensor, maybe_padded: bool) -> bool:
+        """Whether no key is padding. Looking reads the tensor (a GPU->host sync, a graph break under
+        torch.compile), so it is skipped when the caller vouches there is no padding, and while
+        compiling (the mask then stays: same result, another attention kernel)."""
+        if not maybe_padded:
+            return True
+        if torch.compiler.is_compiling():
+            return False
+        return bool(valid.all())
+
     def forward(
         self,
         x: Tensor,
@@ -171,6 +182,7 @@ class Encoder(nn.Module):
         cache: KVCache | None = None,
         append_to_cache: int = 0,
         build_cache: bool = False,
+        padded: bool = True,
     ) -> tuple[Tensor, KVCache | None]:
         """Run every block.
 
@@ -179,12 +191,13 @@ class Encoder(nn.Module):
         cache: keys/values of earlier tokens that x may attend to (not modified in place).
         append_to_cache: how many leading tokens of x to add to the returned cache.
         build_cache: return a fresh cache holding all of x (prefill).
+        padded: False when the caller knows every key is valid (no padded text): saves a host sync.
         """
         past_len = 0 if cache is None else cache.length
         all_valid = key_valid if cache is None else torch.cat([cache.valid, key_valid], dim=1)
         mask = self._full_mask(all_valid, attn_mask, past_len)
-        if attn_mask is None and self.cfg.prompt_tokens == 0 and bool(all_valid.all()):
-            mask = None  # no masking at all: lets SDPA pick its fastest kernel
+        if attn_mask is None and self.cfg.prompt_tokens == 0 and self._all_valid(all_valid, padded and cache is None):
+            mask = None  # no masking at all: lets SDPA pick its fastest kernel (flash on GPUs)
         new_cache = KVCache() if (build_cache or append_to_cache) else None
         for i, block in enumerate(self.blocks):
             past = None if cache is None else (cache.keys[i], cache.values[i])

@@ -172,7 +172,8 @@ class UniPerceiver(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Final-layer hidden states of `[SPE] + segments`: ([B, S, D], key_valid [B, S])."""
         x, valid = self.embed_segments(segments, temporal_offset)
-        x, _ = self.encoder(x, valid, attn_mask)
+        padded = any(isinstance(seg, TextSegment) and seg.valid is not None for seg in segments)
+        x, _ = self.encoder(x, valid, attn_mask, padded=padded)
         return x, valid
 
     def encode(

@@ -20,6 +20,9 @@ def bench(
     sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step section (default: base quick; tiny,small,base full)."),
     sections: str = typer.Option(",".join(SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)}."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    rounds: int = typer.Option(None, "--rounds", help="ABBA rounds per training-step pair (default: 3 full, 1 quick)."),
+    kinds: str = typer.Option("", "--kinds", help="Comma-separated training-step kinds to run (default all): text, image, video, caption, retrieval."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile every training-step case, baselines too (our encoder, as train.compile does)."),
     json_path: Path = typer.Option(None, "--json", help="Write the report (machine + rows) as JSON."),
     csv_path: Path = typer.Option(None, "--csv", help="Write the rows as CSV."),
 ) -> None:
@@ -55,7 +58,9 @@ def bench(
         size_list = [s.strip() for s in sizes.split(",") if s.strip()] or None
         console.print(f"benchmarking on {dev} ({'quick' if quick else 'full'}): {', '.join(chosen)}")
         with progress_callback("bench") as progress:
-            report = run_suite(dev, quick=quick, sizes=size_list, sections=chosen, progress=progress)
+            report = run_suite(dev, quick=quick, sizes=size_list, sections=chosen, progress=progress,
+                               rounds=rounds, compile=compile,
+                               kinds=[k.strip() for k in kinds.split(",") if k.strip()] or None)
     _print(report.rows)
     if json_path:
         write_json(json_path, report.to_dict())

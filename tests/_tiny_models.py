@@ -1,0 +1,29 @@
+"""Inputs and a model shared by the decoding tests and the GPU tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from uniperceiver.modeling.model import build_model
+
+
+def digits(n: int, size: int = 64) -> torch.Tensor:
+    """The first `n` scikit-learn handwritten digits (real pixels) as normalised 3-channel images."""
+    from sklearn.datasets import load_digits
+
+    imgs = torch.tensor(load_digits().images[:n], dtype=torch.float32) / 16.0
+    imgs = F.interpolate(imgs[:, None], size=(size, size), mode="nearest").repeat(1, 3, 1, 1)
+    return (imgs - 0.5) / 0.25
+
+
+def sensitive_tiny_model() -> torch.nn.Module:
+    """A seeded tiny model in eval mode whose blocks matter: LayerScale 1e-3 makes blocks near-identity,
+    so the gammas are set to 1 (decoding and numerics checks would otherwise see almost nothing)."""
+    torch.manual_seed(0)
+    m = build_model("tiny").eval()
+    with torch.no_grad():
+        for b in m.encoder.blocks:
+            b.gamma_1.fill_(1.0)
+            b.gamma_2.fill_(1.0)
+    return m
