@@ -35,7 +35,7 @@ from uniperceiver.config import recipe_from_dict
 from uniperceiver.data.download import UnsafeArchiveError, extract_archive
 from uniperceiver.engine import checkpoint as ckpt
 from uniperceiver.engine.trainer import train
-from uniperceiver.errors import CheckpointError, ConfigError, MediaError
+from uniperceiver.errors import CheckpointError, DataError, MediaError
 from uniperceiver.modeling.config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
 
@@ -341,7 +341,9 @@ def test_a_video_window_claiming_a_billion_seconds_reads_only_the_frames_asked_f
     assert _peak_rss_mb() - before < 300, "memory grew with the claimed window"
 
 
-def test_a_corpus_claiming_a_billion_lines_is_refused_before_reading(mini_data, tmp_path):
+def test_a_corpus_claiming_a_billion_lines_is_refused_by_its_line_index(mini_data, tmp_path):
+    """The manifest's line count is checked against the file when the line index is built: a lie is a
+    clear error naming the file, found in one read of the (small) file, not a billion-line loop."""
     data, raw = tmp_path / "data", tmp_path / "raw"
     raw.mkdir()
     (raw / "book.txt").write_text("A first sentence of the book.\nA second one.\n")
@@ -353,7 +355,7 @@ def test_a_corpus_claiming_a_billion_lines_is_refused_before_reading(mini_data, 
         json.dumps({"id": "book.txt", "text_file": "book.txt", "lines": 10**9}) + "\n")
     task = build_task(task_config("mini-news-mlm"), data, model_config("tiny", **SMALL_MODEL))
     t0 = time.perf_counter()
-    with pytest.raises(ConfigError, match="1,000,000,000 lines"):
+    with pytest.raises(DataError, match=r"book\.txt: the manifest counts 1,000,000,000 non-blank lines, the file has 2"):
         task.examples("train")
     assert time.perf_counter() - t0 < 10
 

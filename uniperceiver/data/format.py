@@ -224,7 +224,8 @@ def iter_corpus_lines(dataset: PreparedDataset, split: str, start_line: int = 0)
             skip -= n
             continue
         path = dataset.media_path({"id": sample["id"], "media": sample["text_file"]})
-        with open(path, "r", encoding="utf-8", errors="replace") as fh:
+        # newline="\n": lines end at "\n" only, as the line index (data/corpus_index.py) splits them.
+        with open(path, "r", encoding="utf-8", errors="replace", newline="\n") as fh:
             for line in fh:
                 text = line.strip()
                 if not text:

@@ -65,7 +65,8 @@ class TaskBatchDataset:
 
     def __init__(self, tasks: Sequence[Task], examples: Sequence[Sequence[dict]], seed: int, rank: int = 0) -> None:
         self.tasks = list(tasks)
-        self.examples = [list(e) for e in examples]
+        # Lists are copied; other sequences (a streamed corpus's lazy windows) are kept as they are.
+        self.examples = [list(e) if isinstance(e, (list, tuple)) else e for e in examples]
         self.seed = int(seed)
         self.rank = int(rank)
 

@@ -20,12 +20,13 @@ Vocabulary (option `vocab`): "full" = all 49,411 ids (reference); "corpus" = the
 in any split of the dataset, plus `<|endoftext|>` (a documented deviation that makes small models
 affordable; labels are then indices into that sorted subset, and a label outside it is ignored).
 
-Streamed corpora (bookswiki: manifest lines {"text_file", "lines"}): `examples()` would have to
-hold every line in memory, so it refuses corpora longer than option `max_lines` (default
-200,000). The simplest correct training path is `MaskedLM.iter_examples(split, start_line)`: a
-generator over the same packed windows, streamed with `format.iter_corpus_lines`; `start_line`
-(lines already consumed) makes it resumable. `task.streaming(split)` tells a trainer which path
-to take. The corpus vocabulary of a streamed corpus is read once by streaming as well.
+Streamed corpora (bookswiki: manifest lines {"text_file", "lines"}): `examples()` is a lazy
+sequence (`CorpusWindows`) over a memory-mapped line index (`data/corpus_index.py`, built once beside
+the manifest): window i is read from disk when the loader asks for it, so the trainer samples a
+BooksWiki-size corpus with the usual per-epoch permutation and exact resume, in memory that does not
+grow with the corpus. `MaskedLM.iter_examples(split, start_line)` streams the same windows in order
+(one pass, for tools that read the corpus sequentially). The corpus vocabulary of a streamed corpus is
+read once by streaming as well.
 
 Evaluation: masked-token accuracy (percent) with a masking that depends only on the sample id
 and option `eval_seed` (default 0), so every evaluation of a split masks the same tokens.
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from uniperceiver.data.corpus_index import CorpusIndex
 from uniperceiver.data.format import iter_corpus_lines
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
@@ -82,6 +85,46 @@ def truncate_keep_last(seq: list[int], max_len: int) -> list[int]:
     return seq if len(seq) <= max_len else seq[: max_len - 1] + [seq[-1]]
 
 
+class CorpusWindows(Sequence):
+    """The packed MLM windows of a streamed corpus, one per non-blank line, read on access.
+
+    Window i holds line i and the lines after it until it has `min_words` words, wrapping to the
+    corpus start (as `MaskedLM.iter_examples` packs them; a line with no word only adds nothing).
+    Nothing but the memory-mapped line index is held, so memory does not grow with the corpus.
+    """
+
+    def __init__(self, index: CorpusIndex, split: str, count_words, min_words: int) -> None:
+        self.index = index
+        self.split = split
+        self.count_words = count_words
+        self.min_words = int(min_words)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = int(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"window {i} outside the split's {n:,} windows")
+        lines: list[str] = []
+        got = 0
+        for text in self.index.lines_from(i):
+            lines.append(text)
+            got += self.count_words(text)
+            if got >= self.min_words:
+                break
+        return {"id": f"{self.split}:{i}", "lines": lines}
+
+    def __iter__(self) -> Iterator[dict]:
+        for i in range(len(self)):
+            yield self[i]
+
+
 def _seed_for(key: str, seed: int) -> np.random.Generator:
     digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
     return np.random.default_rng([int(seed), digest])
@@ -110,9 +153,8 @@ class MaskedLM(Task):
         if self.vocab not in ("full", "corpus"):
             raise ConfigError(f"task {cfg.name!r}: option vocab={self.vocab!r}; expected 'full' or 'corpus'")
         self.eval_seed = int(cfg.option("eval_seed", 0))
-        self.max_lines = int(cfg.option("max_lines", 200_000))
         self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
-        self._examples: dict[str, list[dict]] = {}
+        self._examples: dict[str, Sequence[dict]] = {}
         self._targets: TargetSet | None = None
         self._lookup: Tensor | None = None  # token id -> index in the target set (-100 outside)
 
@@ -130,21 +172,18 @@ class MaskedLM(Task):
         n = len(self.tokenizer.encode_words(text))
         return n + 1 if n else 0  # + <|endoftext|>
 
-    def examples(self, split: str) -> list[dict]:
+    def examples(self, split: str) -> Sequence[dict]:
         """Packed windows, one starting at every non-empty line: {"id": "<split>:<line>", "lines": [...]}.
 
-        A streamed corpus longer than option `max_lines` is refused (use `iter_examples`).
+        A streamed corpus gives a lazy `CorpusWindows` (windows read from disk on access); inline
+        "text" samples give a list.
         """
         if split not in self._examples:
             if self.streaming(split):
-                total = self._line_count(split)
-                if total > self.max_lines:
-                    raise ConfigError(
-                        f"task {self.cfg.name!r}: split {split!r} of {self.dataset.name!r} has {total:,} lines, more "
-                        f"than options.max_lines={self.max_lines:,}; stream it with MaskedLM.iter_examples() "
-                        "(or raise max_lines)"
-                    )
-            self._examples[split] = list(self.iter_examples(split))
+                self._examples[split] = CorpusWindows(CorpusIndex.open(self.dataset, split), split, self._words,
+                                                      self.min_words)
+            else:
+                self._examples[split] = list(self.iter_examples(split))
         return self._examples[split]
 
     def iter_examples(self, split: str, start_line: int = 0) -> Iterator[dict]:

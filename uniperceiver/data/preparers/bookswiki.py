@@ -27,9 +27,9 @@ OPTIONS = {"val_files": "number of files (the last ones, sorted by path) kept ap
 
 
 def count_lines(path: Path) -> int:
-    """Non-blank lines, counted the way iter_corpus_lines reads them (text mode, str.strip)."""
+    """Non-blank lines, counted the way iter_corpus_lines reads them (lines end at "\n", str.strip)."""
     n = 0
-    with open(path, "r", encoding="utf-8") as fh:
+    with open(path, "r", encoding="utf-8", newline="\n") as fh:
         for line in fh:
             if line.strip():
                 n += 1
