@@ -269,3 +269,31 @@ def test_one_word_table_lookup_per_sequence() -> None:
         )
         stack += [n for n, _ in node.next_functions]
     assert lookups == 1
+
+
+def test_layerscale_folded_into_the_last_linears_equals_scaling_the_branch() -> None:
+    """gamma * linear(x), computed either way (scaled activations, or gamma folded into the weight and
+    bias for large batches): the output and the gradients of the input, gammas and weights agree."""
+    from uniperceiver.modeling.encoder import Block
+
+    torch.manual_seed(0)
+    cfg = model_config("tiny")
+    block = Block(cfg, drop_path=0.0)
+    with torch.no_grad():
+        block.gamma_1.uniform_(0.5, 1.5)
+        block.gamma_2.uniform_(-1.0, 1.0)
+    # 2 x 5 tokens: gamma scales the activations; 4 x 300 tokens: gamma is folded into the weights
+    # (tokens >= 1.5 x the linear's input width, for both linears of tiny).
+    for shape in ((2, 5), (4, 300)):
+        x = torch.randn(*shape, cfg.width, requires_grad=True)
+        params = [x, block.gamma_1, block.gamma_2, block.fc2.weight, block.fc2.bias, block.attn.out.weight]
+        out, _, _ = block(x, None)
+        got = torch.autograd.grad(out.pow(2).sum(), params)
+
+        a, _, _ = block.attn(block.norm1(x), None)  # the unscaled branch
+        y = x + block.gamma_1 * a
+        ref = y + block.gamma_2 * block.fc2(F.gelu(block.fc1(block.norm2(y))))
+        want = torch.autograd.grad(ref.pow(2).sum(), params)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)

@@ -85,9 +85,20 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, S, D] normalised. mask: bool [B, 1 or S, Sk_total] (True = attend) or None.
 
-        Returns the attention output and the keys and values attended to: `prefix_kv` followed by this
-        call's own. A cache keeps slices of these (views), so the prefix is copied once per call.
+        Returns the projected attention output and the keys and values attended to (see `attend`).
         """
+        merged, keys, vals = self.attend(x, mask, prefix_kv)
+        return self.out(merged), keys, vals
+
+    def attend(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        prefix_kv: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Attention before the output projection: heads merged ([B, S, D]), keys and values attended
+        to: `prefix_kv` followed by this call's own. A cache keeps slices of these (views), so the
+        prefix is copied once per call."""
         q, k, v = self._split_qkv(x)
         keys, vals = k, v
         if prefix_kv is not None:
@@ -96,7 +107,7 @@ class Attention(nn.Module):
         attn_mask = None if mask is None else mask.unsqueeze(1)  # [B, 1, Sq|1, Sk]
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=attn_mask)
         b, h, s, hd = out.shape
-        return self.out(out.transpose(1, 2).reshape(b, s, h * hd)), keys, vals
+        return out.transpose(1, 2).reshape(b, s, h * hd), keys, vals
 
     def _split_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
@@ -129,16 +140,26 @@ class Block(nn.Module):
             pk, pv = self.attn.project_kv(self.norm1(self.prompt).unsqueeze(0))
             pk, pv = pk.expand(x.shape[0], -1, -1, -1), pv.expand(x.shape[0], -1, -1, -1)
             prefix = (pk, pv) if past is None else (torch.cat([pk, past[0]], 2), torch.cat([pv, past[1]], 2))
-        a, k, v = self.attn(h, mask, prefix)
-        x = self._residual(x, self.gamma_1, a)
-        x = self._residual(x, self.gamma_2, self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        merged, k, v = self.attn.attend(h, mask, prefix)
+        x = self._residual(x, merged, self.attn.out, self.gamma_1)
+        x = self._residual(x, F.gelu(self.fc1(self.norm2(x))), self.fc2, self.gamma_2)
         return x, k, v
 
-    def _residual(self, x: Tensor, gamma: Tensor, branch: Tensor) -> Tensor:
-        """x + DropPath(gamma * branch); one fused multiply-add when DropPath is inactive."""
+    def _residual(self, x: Tensor, inp: Tensor, linear: nn.Linear, gamma: Tensor) -> Tensor:
+        """x + DropPath(gamma * linear(inp)), with LayerScale applied where it costs least.
+
+        Scaling the activations keeps `linear(inp)` alive for gamma's gradient and costs two
+        activation-sized passes in backward; folding gamma into the weight and bias (same function
+        and gradients up to rounding) costs three weight-sized passes instead. Fold when the
+        activations are the larger (big batches: a GPU step), else one fused multiply-add.
+        """
+        tokens = inp.numel() // inp.shape[-1]
+        fold = 2 * tokens >= 3 * linear.in_features
+        if fold:
+            branch = F.linear(inp, linear.weight * gamma[:, None], linear.bias * gamma)
         if self.drop_path.p == 0.0 or not self.training:
-            return torch.addcmul(x, gamma, branch)
-        return x + self.drop_path(gamma * branch)
+            return x + branch if fold else torch.addcmul(x, gamma, linear(inp))
+        return x + self.drop_path(branch if fold else gamma * linear(inp))
 
 
 class Encoder(nn.Module):
