@@ -297,3 +297,21 @@ def test_layerscale_folded_into_the_last_linears_equals_scaling_the_branch() -> 
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_padded_cache_keys_stay_masked_without_an_attention_mask() -> None:
+    """A cache built from a padded sequence: new tokens attend to its valid keys only, even when the
+    caller passes no attention mask (the no-mask fast path must not skip the cache's padding)."""
+    torch.manual_seed(0)
+    enc = build_model("tiny").eval().encoder
+    with torch.no_grad():
+        for b in enc.blocks:
+            b.gamma_1.fill_(1.0)
+            b.gamma_2.fill_(1.0)
+        width = enc.cfg.width
+        x, new = torch.randn(1, 4, width), torch.randn(1, 2, width)
+        _, padded_cache = enc(x, torch.tensor([[True, True, False, False]]), build_cache=True)
+        _, short_cache = enc(x[:, :2], torch.ones(1, 2, dtype=torch.bool), build_cache=True)
+        got, _ = enc(new, torch.ones(1, 2, dtype=torch.bool), cache=padded_cache)
+        want, _ = enc(new, torch.ones(1, 2, dtype=torch.bool), cache=short_cache)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

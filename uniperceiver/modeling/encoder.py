@@ -217,7 +217,7 @@ class Encoder(nn.Module):
         past_len = 0 if cache is None else cache.length
         all_valid = key_valid if cache is None else torch.cat([cache.valid, key_valid], dim=1)
         mask = self._full_mask(all_valid, attn_mask, past_len)
-        if attn_mask is None and self.cfg.prompt_tokens == 0 and self._all_valid(all_valid, padded and cache is None):
+        if attn_mask is None and self.cfg.prompt_tokens == 0 and self._all_valid(all_valid, padded or cache is not None):
             mask = None  # no masking at all: lets SDPA pick its fastest kernel (flash on GPUs)
         new_cache = KVCache() if (build_cache or append_to_cache) else None
         for i, block in enumerate(self.blocks):
