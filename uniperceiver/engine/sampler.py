@@ -153,9 +153,7 @@ class ResumableBatchSampler:
         return self._shard
 
     def shard_size(self) -> int:
-        """How many samples this rank reads per epoch."""
-        if self.num_samples <= ARRAY_LIMIT:
-            return int(self.shard(self.state.epoch).size)
+        """How many samples this rank reads per epoch (the same every epoch: no permutation needed)."""
         return max(1, len(range(self.rank, self.num_samples, self.world_size)))
 
     def _sample_at(self, epoch: int, position: int) -> int:

@@ -153,13 +153,14 @@ class Block(nn.Module):
         and gradients up to rounding) costs three weight-sized passes instead. Fold when the
         activations are the larger (big batches: a GPU step), else one fused multiply-add.
         """
-        tokens = inp.numel() // inp.shape[-1]
-        fold = 2 * tokens >= 3 * linear.in_features
-        if fold:
+        plain = self.drop_path.p == 0.0 or not self.training
+        if 2 * (inp.numel() // inp.shape[-1]) >= 3 * linear.in_features:
             branch = F.linear(inp, linear.weight * gamma[:, None], linear.bias * gamma)
-        if self.drop_path.p == 0.0 or not self.training:
-            return x + branch if fold else torch.addcmul(x, gamma, linear(inp))
-        return x + self.drop_path(branch if fold else gamma * linear(inp))
+        elif plain:
+            return torch.addcmul(x, gamma, linear(inp))
+        else:
+            branch = gamma * linear(inp)
+        return x + branch if plain else x + self.drop_path(branch)
 
 
 class Encoder(nn.Module):
