@@ -55,7 +55,7 @@ def test_image_text_pair_case_counts_both_encodes() -> None:
     text step, and the contrastive loss trains (its gradient reaches the patch embedding and the words)."""
     from uniperceiver.bench.flops import train_step_flops
     from uniperceiver.bench.train_step import BUILDERS
-    from uniperceiver.modeling.config import model_config
+    from uniperceiver.modeling.model_config import model_config
 
     case = StepCase(impl="ours", size="tiny", kind="retrieval", batch=3, frames=1, text_len=8)
     res = run_step_case(case, torch.device("cpu"), warmup=0, repeats=1)

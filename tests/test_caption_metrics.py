@@ -18,13 +18,13 @@ from pycocoevalcap.meteor.meteor import Meteor  # noqa: E402
 from pycocoevalcap.rouge.rouge import Rouge  # noqa: E402
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: E402
 
-from uniperceiver.evaluation.caption_metrics import (  # noqa: E402
+from uniperceiver.metrics.captions import (  # noqa: E402
     _ptb_tokenize,
     caption_scores,
     java_available,
     spice_jar_paths,
 )
-from uniperceiver.evaluation.metrics import MetricError  # noqa: E402
+from uniperceiver.metrics import MetricError  # noqa: E402
 
 needs_java = pytest.mark.skipif(not java_available(), reason="java not on PATH (needed by the PTB tokenizer/METEOR)")
 

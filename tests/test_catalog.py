@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from uniperceiver.data.format import prepare_dataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks import ALIASES, CATALOG, FAMILIES, TaskConfig, build_task, resolve_task, task_config
 from uniperceiver.tasks.catalog import TaskSpec, family_class, prepare_name
 from uniperceiver.tasks.glue import GlueCloze

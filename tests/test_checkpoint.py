@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from uniperceiver.errors import CheckpointError
-from uniperceiver.modeling.checkpoint import load_model, save_model
+from uniperceiver.modeling.model_dir import load_model, save_model
 from uniperceiver.modeling.convert import convert_checkpoint, ours_to_official
 from uniperceiver.modeling.model import TextSegment, VisualSegment, build_model
 

@@ -16,7 +16,7 @@ skdata = pytest.importorskip("skimage.data")  # optional: the mini extra (scikit
 sk_datasets = pytest.importorskip("sklearn.datasets")  # optional: the mini extra (scikit-learn)
 
 from uniperceiver.errors import ConfigError, DataError  # noqa: E402
-from uniperceiver.evaluation.custom_task import (  # noqa: E402
+from uniperceiver.tasks.custom import (  # noqa: E402
     build_custom_task,
     load_custom_spec,
     single_input_spec,

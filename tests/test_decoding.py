@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from uniperceiver.errors import ConfigError
-from uniperceiver.evaluation.decoding import _search, beam_search, decode_uncached
+from uniperceiver.modeling.decoding import _search, beam_search, decode_uncached
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, VisualSegment
 from uniperceiver.tasks.base import encode_targets, vocab_target_set

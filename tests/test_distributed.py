@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import DistEnv, all_gather_with_grad, shard_bounds, shard_encode
 
 import sys as _sys
@@ -34,7 +34,7 @@ WORKER = textwrap.dedent(
     from uniperceiver.engine.distributed import DistEnv, shard_encode
     from uniperceiver.engine.trainer import train
     from uniperceiver.modeling import build_model
-    from uniperceiver.modeling.checkpoint import state_digest
+    from uniperceiver.modeling.model_dir import state_digest
     from uniperceiver.tasks.base import encode_targets, vocab_target_set
 
     out, data = sys.argv[1], sys.argv[2]

@@ -22,10 +22,10 @@ from PIL import Image
 for _mod in ("sklearn", "skimage"):
     pytest.importorskip(_mod)  # optional: the mini extra
 
-from uniperceiver.evaluation.custom_task import build_custom_task, load_custom_spec  # noqa: E402
+from uniperceiver.tasks.custom import build_custom_task, load_custom_spec  # noqa: E402
 from uniperceiver.evaluation.harness import evaluate_task, join_predictions, split_predictions  # noqa: E402
 from uniperceiver.modeling import build_model, save_model  # noqa: E402
-from uniperceiver.modeling.checkpoint import load_model  # noqa: E402
+from uniperceiver.modeling.model_dir import load_model  # noqa: E402
 from uniperceiver.tokenizers.text import get_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ def plain(v):
 ckpt, data_dir, out_dir, *jobs = sys.argv[1:]
 dist.init_process_group("gloo")
 torch.set_num_threads(1)
-from uniperceiver.evaluation.custom_task import build_custom_task, is_custom_task_file, load_custom_spec
+from uniperceiver.tasks.custom import build_custom_task, is_custom_task_file, load_custom_spec
 from uniperceiver.evaluation.harness import evaluate_task
-from uniperceiver.modeling.checkpoint import load_model
+from uniperceiver.modeling.model_dir import load_model
 from uniperceiver.tasks.catalog import build_task, task_config
 from uniperceiver.tokenizers.text import get_tokenizer
 
@@ -289,7 +289,7 @@ def test_retrieval_json_keeps_features_to_recompute_recall(cli, tmp_path: Path, 
     metrics are recomputed from it with the metric function itself."""
     from safetensors.torch import load_file
 
-    from uniperceiver.evaluation.metrics import image_text_retrieval
+    from uniperceiver.metrics import image_text_retrieval
 
     res = cli("zeroshot", "--task", "mini-photos-retrieval", "-c", ckpt, "--data-dir", mini_data, "--json", "r.json")
     assert res.exit_code == 0, res.output

@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 from uniperceiver.config import load_recipe, recipe_from_dict
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import DistEnv, wrap_model
 from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.trainer import train
@@ -71,7 +71,7 @@ WORKER = textwrap.dedent(
     import torch, torch.distributed as dist
     from uniperceiver.config import recipe_from_dict
     from uniperceiver.engine.trainer import train
-    from uniperceiver.modeling.checkpoint import state_digest
+    from uniperceiver.modeling.model_dir import state_digest
 
     out, data = sys.argv[1], sys.argv[2]
     recipes = json.load(open(os.path.join(out, "recipes.json")))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver.config import recipe_from_dict
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.trainer import train
 from uniperceiver.modeling.model import TextSegment, VisualSegment
 
@@ -81,7 +81,7 @@ def test_compiled_encoder_equals_eager() -> None:
 
 
 def test_cached_decoding_equals_recomputation_on_cuda() -> None:
-    from uniperceiver.evaluation.decoding import beam_search, decode_uncached
+    from uniperceiver.modeling.decoding import beam_search, decode_uncached
     from uniperceiver.tasks.base import encode_targets, vocab_target_set
     from uniperceiver.tokenizers.text import EOT_ID
 

@@ -1,4 +1,4 @@
-"""Tests of uniperceiver.evaluation.metrics against hand-worked cases, brute force and sklearn/scipy."""
+"""Tests of uniperceiver.metrics against hand-worked cases, brute force and sklearn/scipy."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits
 from sklearn.linear_model import LinearRegression, LogisticRegression
 
 from uniperceiver.errors import UpctlError
-from uniperceiver.evaluation.metrics import (
+from uniperceiver.metrics import (
     GLUE_MAIN_METRIC,
     MetricError,
     accuracy,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver.errors import ConfigError, UpctlError
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.modeling.embeddings import sincos_2d
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment, build_model

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.tuning import is_prompt_trainable, layer_norm_params, setup_tuning
 from uniperceiver.errors import ConfigError

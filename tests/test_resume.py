@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from uniperceiver.config import load_recipe
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError

@@ -9,7 +9,7 @@ import torch
 
 from uniperceiver.evaluation.target_cache import TargetCache, default_cache_dir, model_key_for
 from uniperceiver.modeling import build_model, save_model
-from uniperceiver.modeling.checkpoint import state_digest, weights_digest
+from uniperceiver.modeling.model_dir import state_digest, weights_digest
 from uniperceiver.tasks.base import encode_targets, text_target_set, vocab_target_set
 from uniperceiver.tokenizers.text import get_tokenizer
 

@@ -344,7 +344,7 @@ def test_vqa_layout_and_read_position(vqa_dir, tiny, tok):
         feats = encode_targets(tiny, task.target_set())
     preds = task.evaluate_batch(tiny, batch, feats)
     m = task.compute_metrics(preds)
-    from uniperceiver.evaluation.vqa_eval import vqa_score
+    from uniperceiver.metrics.vqa import vqa_score
     ref = vqa_score({p["question_id"]: p["answer"] for p in preds}, {s["question_id"]: s["answers"] for s in samples})
     assert m["accuracy"] == ref["overall"] and m["num_questions"] == 2
     assert "accuracy_yes/no" in m

@@ -20,11 +20,11 @@ import torch.nn.functional as F
 
 from uniperceiver.data.format import open_dataset, prepare_dataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.evaluation.caption_metrics import caption_scores, java_available
-from uniperceiver.evaluation.decoding import beam_search
+from uniperceiver.metrics.captions import caption_scores, java_available
+from uniperceiver.modeling.decoding import beam_search
 from uniperceiver.evaluation.harness import evaluate_task, target_features
-from uniperceiver.evaluation.metrics import image_text_retrieval, multiview_accuracy, topk_accuracy
-from uniperceiver.modeling.config import model_config
+from uniperceiver.metrics import image_text_retrieval, multiview_accuracy, topk_accuracy
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, VisualSegment
 from uniperceiver.tasks._vision_io import eval_frame_indices, parse_views, train_frame_indices, vision_options

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from uniperceiver.config import recipe_from_dict
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.loader import MultiTaskLoader
 from uniperceiver.engine.optim import WarmupSchedule, build_optimizer, lr_at, no_weight_decay, param_groups
 from uniperceiver.engine.runs import read_metrics

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from uniperceiver.evaluation.metrics import MetricError
-from uniperceiver.evaluation.vqa_eval import (
+from uniperceiver.metrics import MetricError
+from uniperceiver.metrics.vqa import (
     answer_soft_scores,
     normalize_answer,
     process_punctuation,

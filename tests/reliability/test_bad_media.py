@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.sampler import ResumableBatchSampler, TaskChooser
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
 
 from .conftest import SMALL_MODEL, invoke, rank_state, small_recipe, write_recipe

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.runs import iter_step_losses
 
 from .conftest import LAUNCHER_SOURCE, SMALL_MODEL_SETS, TINY_RECIPE, rank_state, subprocess_env, trainer_state

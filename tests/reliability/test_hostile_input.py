@@ -33,10 +33,10 @@ import yaml
 
 from uniperceiver.config import recipe_from_dict
 from uniperceiver.data.download import UnsafeArchiveError, extract_archive
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError, DataError, MediaError
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
 
 from .conftest import SMALL_MODEL, TINY_RECIPE, invoke, small_recipe, write_recipe

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.sampler import ResumableBatchSampler, TaskChooser
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
 from uniperceiver.tasks.classification import ImageClassification
 

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 import torch
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 
 from .conftest import (
     RUN_STEPS,

@@ -2,7 +2,7 @@
 truncated or bit-flipped checkpoints.
 
 ENOSPC is injected where every atomic write of the project goes through: `tempfile.mkstemp` +
-`os.fdopen` (uniperceiver/utils/io.py, ManifestWriter). Writes to the chosen temporary file stop
+`os.fdopen` (uniperceiver/utils/files.py, ManifestWriter). Writes to the chosen temporary file stop
 with OSError(ENOSPC) after part of the data went to disk, as on a real full disk.
 """
 
@@ -20,10 +20,10 @@ import pytest
 
 from uniperceiver.config import recipe_from_dict
 from uniperceiver.data.format import open_dataset, prepare_dataset
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError, UpctlError
-from uniperceiver.modeling.checkpoint import load_model
+from uniperceiver.modeling.model_dir import load_model
 
 from .conftest import assert_same_tensors, invoke, load_weights, small_recipe, write_recipe
 

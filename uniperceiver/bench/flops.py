@@ -7,7 +7,7 @@ the weighted sum over S_k keys. A training step (forward + backward) is 3x the f
 
 from __future__ import annotations
 
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 
 
 def encoder_forward_flops(cfg: ModelConfig, batch: int, seq: int, keys: int | None = None) -> int:

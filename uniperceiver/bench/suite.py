@@ -241,6 +241,6 @@ def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None 
 
 def _optional_sections() -> dict[str, Callable[[BenchReport, torch.device, bool], None]]:
     """Sections living in their own modules (decoding, loaders, evaluation, scaling)."""
-    from uniperceiver.bench import more
+    from uniperceiver.bench import sections
 
-    return more.SECTIONS
+    return sections.SECTIONS

@@ -15,7 +15,7 @@ import torch
 
 from uniperceiver.bench.flops import train_step_flops
 from uniperceiver.bench.timing import Timing, current_rss_bytes, peak_rss_bytes, reset_peak_rss, time_fn
-from uniperceiver.modeling.config import model_config
+from uniperceiver.modeling.model_config import model_config
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 

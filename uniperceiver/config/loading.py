@@ -33,7 +33,7 @@ from uniperceiver.config.schema import (
 )
 from uniperceiver.errors import ConfigError
 from uniperceiver.tasks.base import TaskConfig
-from uniperceiver.utils.io import atomic_write_text
+from uniperceiver.utils.files import atomic_write_text
 
 _STAGE_ALIASES = {"prompt": "prompt_tune", "prompt-tune": "prompt_tune", "prompt_tune": "prompt_tune",
                   "finetune": "finetune", "fine-tune": "finetune", "fine_tune": "finetune"}

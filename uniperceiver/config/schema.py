@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from uniperceiver.errors import ConfigError
-from uniperceiver.modeling.config import SIZES
+from uniperceiver.modeling.model_config import SIZES
 from uniperceiver.tasks.base import TaskConfig
 
 #: The task families every recipe may use (tasks/catalog.py maps each to its class).
@@ -150,7 +150,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalSection,
 }
 
-#: Checks for TaskConfig fields (the class itself is lead-owned and carries no metadata).
+#: Checks for TaskConfig fields.
 TASK_RULES: dict[str, dict[str, Any]] = {
     "batch_size": {"gt": 0},
     "sample_weight": {"ge": 0},
@@ -409,7 +409,7 @@ def build_task(raw: Any, key: str) -> TaskConfig:
 
 def _check_model(model: ModelSection, tune: TuneSection) -> None:
     """model.overrides must be ModelConfig fields with valid values (checked by ModelConfig itself)."""
-    from uniperceiver.modeling.config import ModelConfig, model_config
+    from uniperceiver.modeling.model_config import ModelConfig, model_config
 
     allowed = [f.name for f in dataclasses.fields(ModelConfig) if f.name != "size"]
     for name in model.overrides:

@@ -23,7 +23,7 @@ from typing import Iterator
 import numpy as np
 
 from uniperceiver.errors import DataError
-from uniperceiver.utils.io import atomic_write, atomic_write_json
+from uniperceiver.utils.files import atomic_write, atomic_write_json
 
 _CHUNK = 1 << 20  # bytes read per step while scanning a file (bounds the scan's memory: ~10 MB)
 _PRINTABLE = np.zeros(256, dtype=bool)

@@ -11,7 +11,6 @@ pointing outside the target and device files make the whole archive refused.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tarfile
@@ -20,11 +19,11 @@ import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable
 
 from uniperceiver.errors import UpctlError
+from uniperceiver.utils.files import sha256_file
+from uniperceiver.utils.progress import Progress
 
-Progress = Callable[[int, "int | None", str], None]
 _CHUNK = 1 << 20
 
 
@@ -52,14 +51,6 @@ class RemoteFile:
     size: int | None = None
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download(
     url: str,
     dest: str | Path,
@@ -76,7 +67,7 @@ def download(
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_file():
-        if sha256 is None or sha256_of(dest) == sha256.lower():
+        if sha256 is None or sha256_file(dest) == sha256.lower():
             return dest
         dest.unlink()  # a stale or corrupt complete file: fetch again
     part = dest.with_name(dest.name + ".part")
@@ -120,7 +111,7 @@ def download(
     if total is not None and size != total:
         raise DownloadError(f"{url}: got {size} of {total} bytes in {part}; run again to resume")
     if sha256 is not None:
-        digest = sha256_of(part)
+        digest = sha256_file(part)
         if digest != sha256.lower():
             part.unlink()
             raise DownloadError(
@@ -240,5 +231,5 @@ def fetch(
         if f.extract:
             extract_archive(path, raw_root / f.extract_to)
             stamp.parent.mkdir(parents=True, exist_ok=True)
-            stamp.write_text(sha256_of(path) + "\n")
+            stamp.write_text(sha256_file(path) + "\n")
     return done

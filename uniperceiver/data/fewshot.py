@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from uniperceiver.data.format import SPLITS_DIR, PreparedDataset, file_sha256
+from uniperceiver.data.format import SPLITS_DIR, PreparedDataset
 from uniperceiver.errors import DataError
-from uniperceiver.utils.io import atomic_write_json
+from uniperceiver.utils.files import atomic_write_json, sha256_file
 
 RULES = ("per_class", "per_image", "per_item", "per_answer", "per_label")
 
@@ -117,7 +117,7 @@ def fraction_subset(
     rule = rule or infer_rule(dataset, samples[0] if samples else None)
     if rule not in RULES:
         raise DataError(f"unknown few-shot rule {rule!r}; expected one of {', '.join(RULES)}")
-    digest = file_sha256(manifest)
+    digest = sha256_file(manifest)
     path = dataset.root / SPLITS_DIR / subset_path_name(split, fraction, seed)
     by_id = {str(s["id"]): s for s in samples}
     if path.is_file():

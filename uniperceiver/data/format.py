@@ -11,7 +11,6 @@ Write side: `ManifestWriter` (one split, atomic) and `write_meta`. Read side: `o
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -20,16 +19,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Iterable
+from typing import IO, Any, Iterator, Iterable
 
 from uniperceiver.errors import StorageError, DataError
-from uniperceiver.utils.io import atomic_write_json
+from uniperceiver.utils.files import atomic_write_json, sha256_file
+from uniperceiver.utils.progress import Progress
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 SPLITS_DIR = "splits"
 
-Progress = Callable[[int, "int | None", str], None]
 
 # Skip reasons produced by media checks; summaries add them up as missing / unreadable media.
 MISSING_REASONS = ("missing_media",)
@@ -52,14 +51,6 @@ def sort_splits(names: list[str] | Any) -> list[str]:
     names = list(names)
     head = [s for s in _CANONICAL_SPLITS if s in names]
     return head + sorted(s for s in names if s not in _CANONICAL_SPLITS)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_relative_media(media: Any, where: str) -> str:
@@ -170,7 +161,7 @@ class PreparedDataset:
             path = self.manifest_path(split)
             if not path.is_file():
                 raise DataError(f"{path}: manifest missing; run `upctl prepare {self.name}` again")
-            digest = file_sha256(path)
+            digest = sha256_file(path)
             if recorded.get(split) != digest:
                 raise DataError(
                     f"{path}: sha256 {digest[:12]}... does not match meta.json "
@@ -342,7 +333,7 @@ def write_meta(dataset_dir: Path, meta: dict) -> None:
         staged = staged_path(path)
         if not staged.is_file() and not path.is_file():
             raise DataError(f"{path}: manifest of split {split!r} missing while writing meta.json")
-        sha[split] = file_sha256(staged if staged.is_file() else path)
+        sha[split] = sha256_file(staged if staged.is_file() else path)
     for split in sha:
         path = dataset_dir / f"{split}.jsonl"
         if staged_path(path).is_file():

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from uniperceiver.errors import CheckpointError
-from uniperceiver.utils.io import atomic_write_bytes, atomic_write_text
+from uniperceiver.utils.files import atomic_write_bytes, atomic_write_text
 
 METRICS_NAME = "metrics.csv"
 RECIPE_NAME = "recipe.yaml"
@@ -170,7 +170,7 @@ def plot_curves(run_dir: Path) -> Path | None:
 
 
 def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    from uniperceiver.utils.io import atomic_write_json
+    from uniperceiver.utils.files import atomic_write_json
 
     atomic_write_json(Path(run_dir) / RUN_INFO, info)
 
@@ -213,7 +213,7 @@ def list_runs(root: Path | None = None, stage: str | None = None, recipe: str | 
 
 def model_dir_of_run(run: Path) -> Path | None:
     """A run's usable weights: final/ when it finished, else its newest valid checkpoint."""
-    from uniperceiver.engine.checkpoint import find_valid_checkpoint
+    from uniperceiver.engine.train_checkpoint import find_valid_checkpoint
 
     final = Path(run) / FINAL_NAME
     if (final / "model.safetensors").is_file() and (final / "config.json").is_file():

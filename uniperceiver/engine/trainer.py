@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine import runs
 from uniperceiver.engine.distributed import (
     DistEnv, any_flag, barrier, clip_gradients, finish_grads, full_params, init_distributed, is_fsdp,
@@ -40,7 +40,7 @@ from uniperceiver.engine.distributed import (
 )
 from uniperceiver.engine.loader import LoadedBatch, MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
-from uniperceiver.engine.setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
+from uniperceiver.engine.run_setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
 from uniperceiver.engine.targets import StepTargets, TargetSets
 from uniperceiver.engine.tuning import TuningInfo, setup_tuning
 from uniperceiver.errors import CheckpointError, ConfigError, UpctlError
@@ -409,7 +409,7 @@ def _train_one(
             if result.last_checkpoint is None or ckpt.step_dir_name(step) != Path(result.last_checkpoint).name:
                 save(step)
             if env.is_main:
-                from uniperceiver.modeling.checkpoint import save_model
+                from uniperceiver.modeling.model_dir import save_model
 
                 result.final_dir = save_model(final_model, run_dir / runs.FINAL_NAME,
                                               extra={"recipe": recipe.name, "stage": recipe.stage, "step": step})

@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from uniperceiver.errors import ConfigError
-from uniperceiver.modeling.checkpoint import load_model, read_config
+from uniperceiver.modeling.model_dir import load_model, read_config
 from uniperceiver.modeling.model import UniPerceiver
 
 MODES = ("full", "prompt")

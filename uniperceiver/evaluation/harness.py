@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ from torch import Tensor
 from uniperceiver.errors import DataError, MediaError, UpctlError
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
 from uniperceiver.tasks.base import Task, encode_targets
+from uniperceiver.utils.progress import Progress
 
 __all__ = [
     "EvalResult",
@@ -37,7 +38,6 @@ __all__ = [
     "Progress",
 ]
 
-Progress = Callable[[int, "int | None", str], None]
 
 
 @dataclass

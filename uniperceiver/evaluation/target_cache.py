@@ -5,7 +5,7 @@ Why: at evaluation the targets do not change, yet encoding them is expensive (th
 they are keyed by (a digest of the checkpoint, `TargetSet.key`) and kept in memory for the life
 of the cache object and on disk as `<dir>/<model_key>/<target_key>.safetensors` across runs.
 
-The model key is `uniperceiver.modeling.checkpoint.weights_digest(model_dir)` for a checkpoint on
+The model key is `uniperceiver.modeling.model_dir.weights_digest(model_dir)` for a checkpoint on
 disk, or `state_digest(model)` for an in-memory model (`model_key_for`). Disk writes are atomic, a
 corrupt or mismatched file is recomputed and overwritten, and nothing here is global: two caches
 on the same folder share only the files.
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from uniperceiver.errors import UpctlError
 from uniperceiver.tasks.base import TargetSet
-from uniperceiver.utils.io import atomic_write
+from uniperceiver.utils.files import atomic_write
 
 __all__ = ["TargetCache", "default_cache_dir", "model_key_for"]
 
@@ -42,7 +42,7 @@ def default_cache_dir() -> Path:
 
 def model_key_for(model: torch.nn.Module, model_dir: str | Path | None = None) -> str:
     """The cache key of a model: the weights file digest when loaded from a directory, else its state digest."""
-    from uniperceiver.modeling.checkpoint import WEIGHTS_NAME, state_digest, weights_digest
+    from uniperceiver.modeling.model_dir import WEIGHTS_NAME, state_digest, weights_digest
 
     if model_dir is not None and (Path(model_dir) / WEIGHTS_NAME).is_file():
         return weights_digest(model_dir)

@@ -10,8 +10,8 @@ Public API:
     convert_checkpoint(source, out_dir)
 """
 
-from uniperceiver.modeling.checkpoint import load_model, save_model
-from uniperceiver.modeling.config import SIZES, ModelConfig, model_config
+from uniperceiver.modeling.model_dir import load_model, save_model
+from uniperceiver.modeling.model_config import SIZES, ModelConfig, model_config
 from uniperceiver.modeling.encoder import KVCache
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import Segment, TextSegment, UniPerceiver, VisualSegment, build_model

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from uniperceiver.errors import CheckpointError
-from uniperceiver.modeling.checkpoint import check_state_fits, save_model
-from uniperceiver.modeling.config import LOGIT_SCALE_NAMES, ModelConfig, model_config
+from uniperceiver.modeling.model_dir import check_state_fits, save_model
+from uniperceiver.modeling.model_config import LOGIT_SCALE_NAMES, ModelConfig, model_config
 from uniperceiver.modeling.model import UniPerceiver
 
 # Official (plain torch) name -> ours, for keys outside the per-layer blocks.

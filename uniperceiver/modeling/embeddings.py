@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from uniperceiver.errors import UpctlError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 
 SPE_ID = 49410
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 
 
 class DropPath(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from uniperceiver.errors import ConfigError, UpctlError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.embeddings import SPE_ID, Embeddings, init_embeddings
 from uniperceiver.modeling.encoder import Encoder, KVCache, init_encoder
 
@@ -266,6 +266,6 @@ def _batch_size(seg: Segment) -> int:
 
 def build_model(size: str = "tiny", **overrides) -> UniPerceiver:
     """`build_model("base")`: a randomly initialised model of a named size (reference init)."""
-    from uniperceiver.modeling.config import model_config
+    from uniperceiver.modeling.model_config import model_config
 
     return UniPerceiver(model_config(size, **overrides))

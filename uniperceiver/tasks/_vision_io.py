@@ -45,7 +45,7 @@ from torch import Tensor
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, probe_video, read_frames_at
 from uniperceiver.errors import ConfigError, MediaError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
 

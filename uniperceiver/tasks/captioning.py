@@ -10,7 +10,7 @@ ignored. Targets are the vocabulary "word classifier" (`vocab_target_set`): opti
 deviation that makes small models and CPU runs affordable; labels index into that subset).
 Logits use the "caption" temperature; loss = cross entropy with optional `label_smoothing`.
 
-Evaluation: beam search on the KV cache (`uniperceiver.evaluation.decoding.beam_search`; options
+Evaluation: beam search on the KV cache (`uniperceiver.modeling.decoding.beam_search`; options
 `beam_size` 2, `max_gen_len` 21, `length_penalty` 0.0), detokenised, scored with the COCO caption
 tools (`caption_metrics.caption_scores`, PTB tokenizer and METEOR need Java; option `meteor`
 (True), `spice` ("auto")). Metrics are reported x 100 (BLEU-4 36.4, CIDEr 116.9, as in the paper
@@ -31,9 +31,9 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.evaluation.caption_metrics import caption_scores
-from uniperceiver.evaluation.decoding import beam_search
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.metrics.captions import caption_scores
+from uniperceiver.modeling.decoding import beam_search
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options

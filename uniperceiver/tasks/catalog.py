@@ -25,7 +25,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import Task, TaskConfig
 from uniperceiver.tokenizers.text import ClipTokenizer
 

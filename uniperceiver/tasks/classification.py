@@ -40,7 +40,7 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.evaluation.metrics import glue_metrics
+from uniperceiver.metrics import glue_metrics
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
 from uniperceiver.tokenizers.text import PAD_ID, SPE_ID, ClipTokenizer

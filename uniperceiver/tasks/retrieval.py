@@ -30,8 +30,8 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.evaluation.metrics import image_text_retrieval
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.metrics import image_text_retrieval
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import Task, TaskConfig

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from uniperceiver.data.media import load_image
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.evaluation.vqa_eval import vqa_score
+from uniperceiver.metrics.vqa import vqa_score
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID

@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from uniperceiver.data import media
 from uniperceiver.data.format import ManifestWriter, PrepareSummary, write_meta
 from uniperceiver.errors import ConfigError, DataError, MediaError
+from uniperceiver.utils.progress import Progress
 
-Progress = Callable[[int, "int | None", str], None]
 
 COMMON_OPTIONS: dict[str, str] = {
     "check": "media check: decode (default; full image decode, video probe + one decoded frame), "

@@ -43,6 +43,7 @@ from PIL import Image
 from uniperceiver.data.format import ManifestWriter, PrepareSummary, write_meta
 from uniperceiver.data.media import load_image, probe_video
 from uniperceiver.errors import ConfigError, UpctlError
+from uniperceiver.utils.progress import Progress
 
 SUBSETS = ("digits", "photos", "faces", "video", "sentiment", "news")
 DIGIT_CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -99,7 +100,6 @@ OPTIONS = {
     "only": "comma-separated subsets to build (default all): " + ",".join(SUBSETS),
 }
 
-Progress = Callable[[int, "int | None", str], None]
 _PIP_NAMES = {"sklearn": "scikit-learn", "skimage": "scikit-image", "skvideo": "scikit-video", "gensim": "gensim"}
 
 

@@ -63,9 +63,9 @@ SPLITS = {
 
 def _normalizer() -> Callable[[str], str]:
     try:
-        from uniperceiver.evaluation.vqa_eval import normalize_answer
+        from uniperceiver.metrics.vqa import normalize_answer
     except ImportError as exc:
-        raise DataError(f"VQA answer normalisation unavailable (uniperceiver.evaluation.vqa_eval: {exc})") from None
+        raise DataError(f"VQA answer normalisation unavailable (uniperceiver.metrics.vqa: {exc})") from None
     return normalize_answer
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, sample_video_frames
 from uniperceiver.errors import ConfigError, DataError, MediaError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, text_target_set
 from uniperceiver.tokenizers.text import ClipTokenizer

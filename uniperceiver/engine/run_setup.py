@@ -10,13 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from uniperceiver.engine import checkpoint as ckpt
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine import runs
 from uniperceiver.engine.distributed import DistEnv
 from uniperceiver.engine.tuning import load_for_tuning, tuning_overrides
 from uniperceiver.errors import CheckpointError, ConfigError, DataError
-from uniperceiver.modeling.checkpoint import read_config
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_dir import read_config
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, build_model
 from uniperceiver.tasks.base import Task
 

@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from uniperceiver.errors import CheckpointError, StorageError
-from uniperceiver.modeling.checkpoint import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, load_state, read_config, save_model
+from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, load_state, read_config, save_model
 from uniperceiver.modeling.model import UniPerceiver
-from uniperceiver.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 META_NAME = "meta.json"
 LATEST_NAME = "latest"
@@ -52,16 +52,6 @@ Warn = Callable[[str], None]
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
-
-
-def sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_bytes(obj: Any) -> bytes:

@@ -64,7 +64,7 @@ def loader_section(report, device: torch.device, quick: bool) -> None:
 
 # -- scaling ---------------------------------------------------------------------------------------
 def _retrieval_worker(n_images: int, dim: int) -> dict[str, Any]:
-    from uniperceiver.evaluation.metrics import image_text_retrieval
+    from uniperceiver.metrics import image_text_retrieval
 
     g = torch.Generator().manual_seed(0)
     img = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
@@ -83,7 +83,7 @@ def _corpus_worker(lines: int, batches: int = 20, batch_size: int = 64) -> dict[
     seeded permutation over every window, windows read from disk, masked and collated)."""
     from uniperceiver.data.format import prepare_dataset
     from uniperceiver.engine.loader import MultiTaskLoader
-    from uniperceiver.modeling.config import model_config
+    from uniperceiver.modeling.model_config import model_config
     from uniperceiver.tasks.catalog import build_task, task_config
 
     words = "the quick brown fox jumps over the lazy dog while news of the day is read aloud".split()
@@ -113,7 +113,7 @@ def _corpus_worker(lines: int, batches: int = 20, batch_size: int = 64) -> dict[
 
 
 def _in_subprocess(fn: str, *args: Any) -> dict[str, Any]:
-    code = f"import json; from uniperceiver.bench.more import {fn} as f; print('RESULT ' + json.dumps(f(*{list(args)!r})))"
+    code = f"import json; from uniperceiver.bench.sections import {fn} as f; print('RESULT ' + json.dumps(f(*{list(args)!r})))"
     return run_for_result([sys.executable, "-c", code])
 
 
@@ -137,7 +137,7 @@ SECTIONS: dict[str, Callable[..., None]] = {"loader": loader_section, "scale": s
 # -- caption decoding ------------------------------------------------------------------------------
 def decode_section(report, device: torch.device, quick: bool) -> None:
     """Beam search (beam 2, 20 tokens) with the key/value cache vs recomputing every step."""
-    from uniperceiver.evaluation.decoding import beam_search, decode_uncached
+    from uniperceiver.modeling.decoding import beam_search, decode_uncached
     from uniperceiver.modeling.model import VisualSegment, build_model
     from uniperceiver.tokenizers.text import EOT_ID
 

@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from typing import Any, Hashable, Literal, Mapping, Sequence
 
-from uniperceiver.evaluation.metrics import MetricError
+from uniperceiver.metrics import MetricError
 
 __all__ = [
     "normalize_answer",

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Hashable, Literal, Mapping, Sequence
 
-from uniperceiver.evaluation.metrics import MetricError
+from uniperceiver.metrics import MetricError
 
 __all__ = ["caption_scores", "spice_jar_paths", "java_available"]
 

@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file, save
 
 from uniperceiver.errors import CheckpointError, ConfigError
-from uniperceiver.modeling.config import ModelConfig
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver
-from uniperceiver.utils.io import atomic_write, atomic_write_json
+from uniperceiver.utils.files import atomic_write, atomic_write_json, sha256_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -62,7 +62,7 @@ def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME}")
     expected = _recorded_sha256(Path(model_dir))
     if expected is not None:
-        actual = _file_sha256(path)
+        actual = sha256_file(path)
         if actual != expected:
             raise CheckpointError(
                 f"{path}: sha256 {actual[:12]}... does not match config.json ({expected[:12]}...): "
@@ -114,17 +114,9 @@ def _is_tuning_extra(key: str) -> bool:
     return key.endswith(".prompt") or key in {"embed.spe_bias", "cls_head.weight", "cls_head.bias", "similarity_weight"}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_digest(model_dir: str | Path) -> str:
     """A short sha256 of the weights file: keys caches of encoded target sets to one checkpoint."""
-    return (_recorded_sha256(Path(model_dir)) or _file_sha256(Path(model_dir) / WEIGHTS_NAME))[:16]
+    return (_recorded_sha256(Path(model_dir)) or sha256_file(Path(model_dir) / WEIGHTS_NAME))[:16]
 
 
 def state_digest(model: UniPerceiver) -> str:
