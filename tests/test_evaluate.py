@@ -303,6 +303,23 @@ def test_retrieval_json_keeps_features_to_recompute_recall(cli, tmp_path: Path, 
     assert image_text_retrieval(img, txt, owner) == pytest.approx(record["metrics"])
 
 
+def test_json_dash_prints_the_record_with_tensors_inline(cli, tmp_path: Path, ckpt: Path, mini_data: Path) -> None:
+    """`--json -`: only the record on stdout (tables go to stderr), feature tensors as nested lists."""
+    from uniperceiver.metrics import image_text_retrieval
+
+    res = cli("zeroshot", "--task", "mini-photos-retrieval", "-c", ckpt, "--data-dir", mini_data, "--json", "-",
+              "--no-cache")
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout)
+    assert record["tensors_file"] is None and not (tmp_path / "-").exists() and not list(tmp_path.glob("*.safetensors"))
+    assert "i2t_R@1" in res.stderr  # the metrics table is still shown
+    preds = record["predictions"]
+    img = torch.tensor([p["image_feat"] for p in preds])
+    txt = torch.cat([torch.tensor(p["text_feats"]) for p in preds])
+    owner = [i for i, p in enumerate(preds) for _ in range(len(p["text_feats"]))]
+    assert image_text_retrieval(img, txt, owner) == pytest.approx(record["metrics"])
+
+
 def test_zeroshot_video_and_split_option(cli, tmp_path: Path, ckpt: Path, mini_data: Path) -> None:
     res = cli("zeroshot", "--task", "mini-video", "-c", ckpt, "--data-dir", mini_data, "--split", "train",
               "--limit", 3, "--json", "v.json", "--no-cache")
@@ -377,6 +394,8 @@ def test_predict_single_files(cli, tmp_path: Path, ckpt: Path) -> None:
         (["zeroshot", "--task", "mini-faces"], "run `upctl prepare mini` first"),
         (["zeroshot", "--task", "vqa"], "needs the dataset 'vqav2'"),
         (["zeroshot", "--task", "mini-digits", "--limit", "0"], "--limit must be a positive"),
+        (["zeroshot", "--task", "mini-digits", "--top-k", "3"], "--top-k applies to a custom task file"),
+        (["zeroshot", "--task", "unreadable.yaml", "--set", "beam_size=1"], "apply to catalog tasks"),
         (["zeroshot", "--task", "mini-digits", "--split", "nosuch"], "has no split 'nosuch'"),
         (["zeroshot", "--task", "empty.yaml"], "candidate list is empty"),
         (["zeroshot", "--task", "unreadable.yaml"], "none of the 1 samples"),

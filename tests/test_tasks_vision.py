@@ -30,7 +30,7 @@ from uniperceiver.modeling.model import TextSegment, VisualSegment
 from uniperceiver.tasks._vision_io import eval_frame_indices, parse_views, train_frame_indices, vision_options
 from uniperceiver.tasks.base import TaskConfig, encode_targets, text_target_set
 from uniperceiver.tasks.captioning import IGNORE, Captioning
-from uniperceiver.tasks.classification import ImageClassification, VideoClassification, mix_batch, smooth_one_hot
+from uniperceiver.tasks.classification import ClassificationOptions, ImageClassification, VideoClassification, mix_batch, smooth_one_hot
 from uniperceiver.tasks.retrieval import Retrieval
 from uniperceiver.tokenizers.text import EOT_ID, SPE_ID, get_tokenizer
 
@@ -205,11 +205,11 @@ def test_video_cls_views_are_averaged_and_training_works(data_dir, model) -> Non
 
 def test_frame_rules_follow_the_reference() -> None:
     cfg = TaskConfig("k", "video_cls", "k400", options={"frames": 8, "stride": 32, "views": "4x3"})
-    opts = vision_options(cfg, model_config("tiny"), purpose="cls")
+    opts = vision_options(cfg.typed_options(ClassificationOptions, model_config("tiny")), model_config("tiny"), purpose="cls")
     # 4 temporal views deal out 32 frames read at stride 32/4 = 8: view j gets 32k + 8j at 30 fps.
     views = eval_frame_indices(0, 299, 30.0, opts)
     assert views == [[32 * k + 8 * j for k in range(8)] for j in range(4)]
-    one = vision_options(TaskConfig("k", "video_cls", "k", options={"frames": 4, "stride": 8}), model_config("tiny"), purpose="cls")
+    one = vision_options(ClassificationOptions(frames=4, stride=8), model_config("tiny"), purpose="cls")
     assert eval_frame_indices(10, 20, 30.0, one) == [[10, 18, 10 + 16 % 11, 10 + 24 % 11]]  # wraps in the window
     rng = np.random.default_rng(0)
     idx = train_frame_indices(0, 299, 25.0, one, rng)
@@ -219,7 +219,7 @@ def test_frame_rules_follow_the_reference() -> None:
     with pytest.raises(ConfigError, match="views"):
         parse_views("4by3", "t")
     with pytest.raises(ConfigError, match="temporal table"):
-        vision_options(TaskConfig("k", "video_cls", "k", options={"frames": 16}), model_config("tiny"), purpose="cls")
+        TaskConfig("k", "video_cls", "k", options={"frames": 16}).typed_options(ClassificationOptions, model_config("tiny"))
 
 
 def test_example_image_targets(data_dir, model) -> None:
@@ -270,9 +270,10 @@ def test_synonyms_are_sampled_per_class_per_batch(data_dir, tmp_path) -> None:
     (dst / "meta.json").write_text(json.dumps(meta))
     task = make_task(ImageClassification, tmp_path, "mini-digits-syn")
     assert task.target_set().labels == meta["targets"]["classes"]
-    a = task.sample_target_set(np.random.default_rng(0))
-    b = task.sample_target_set(np.random.default_rng(0))
-    c = task.sample_target_set(np.random.default_rng(1))
+    assert task.target_set_varies and task.targets_are_texts  # the engine draws per batch, on its text path
+    a = task.training_target_set(np.random.default_rng(0))
+    b = task.training_target_set(np.random.default_rng(0))
+    c = task.training_target_set(np.random.default_rng(1))
     assert a.labels == b.labels and a.labels != c.labels and len(a) == 10
     for i, label in enumerate(a.labels):
         assert label in meta["targets"]["synonyms"][i]
@@ -280,7 +281,8 @@ def test_synonyms_are_sampled_per_class_per_batch(data_dir, tmp_path) -> None:
     assert torch.equal(a.ids, same.ids) and torch.equal(a.valid, same.valid)
     assert a.key != c.key
     off = make_task(ImageClassification, tmp_path, "mini-digits-syn", synonyms=False)
-    assert off.sample_target_set(np.random.default_rng(1)).labels == meta["targets"]["classes"]
+    assert not off.target_set_varies
+    assert off.training_target_set(np.random.default_rng(1)).labels == meta["targets"]["classes"]
 
 
 def test_bad_labels_and_options_are_clear_errors(data_dir) -> None:

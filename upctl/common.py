@@ -1,33 +1,52 @@
-"""Small helpers shared by the commands: one-line errors, the rich console, progress bars."""
+"""What every command shares: one-line errors, the rich consoles, progress bars, `--json`.
+
+Kept cheap to import: `upctl --help` loads every command module, so nothing here (or at the top
+of a command module) may import torch or the model code; commands import the library inside
+their bodies.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from uniperceiver.errors import UpctlError
+from uniperceiver.utils.progress import Progress
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
 
+#: `--json -` writes the record to standard output instead of a file.
+STDOUT = "-"
+
+#: The global `--debug` flag of the invocation in progress (set by the app's callback, reset when
+#: the invocation's context closes, so in-process runs such as tests never leak it to the next).
+_DEBUG: contextvars.ContextVar[bool] = contextvars.ContextVar("upctl_debug", default=False)
+
+
+def set_debug(ctx: typer.Context, enabled: bool) -> None:
+    """Record `upctl --debug` for this invocation only."""
+    token = _DEBUG.set(enabled)
+    ctx.call_on_close(lambda: _DEBUG.reset(token))
+
 
 def debug_enabled() -> bool:
-    """`--debug` is read from the environment so every command honours it the same way."""
-    return os.environ.get("UPCTL_DEBUG", "") not in ("", "0")
+    """Tracebacks instead of one line: the global `upctl --debug` flag, or UPCTL_DEBUG=1 in the environment."""
+    return _DEBUG.get() or os.environ.get("UPCTL_DEBUG", "") not in ("", "0")
 
 
 @contextlib.contextmanager
 def fail_on_error() -> Iterator[None]:
-    """Turn an expected error into one red line and exit code 1 (a traceback only with UPCTL_DEBUG=1)."""
+    """Turn an expected error into one red line and exit code 1 (a traceback only with --debug)."""
     try:
         yield
     except UpctlError as exc:
@@ -49,8 +68,11 @@ def fail_on_error() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_callback(description: str = "working") -> Iterator[Callable[[int, int | None, str], None]]:
-    """A rich progress bar exposed as the library's `progress(done, total, description)` callback."""
+def progress_callback(description: str = "working") -> Iterator[Progress]:
+    """A rich progress bar (on stderr) exposed as the library's `Progress` callback."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -58,7 +80,8 @@ def progress_callback(description: str = "working") -> Iterator[Callable[[int, i
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=False, disable=not sys.stderr.isatty() and os.environ.get("UPCTL_PROGRESS") != "1") as bar:
+    live = sys.stderr.isatty() or os.environ.get("UPCTL_PROGRESS") == "1"
+    with RichProgress(*columns, console=err_console, transient=False, disable=not live) as bar:
         tasks: dict[str, Any] = {}
 
         def update(done: int, total: int | None, desc: str = description) -> None:
@@ -69,8 +92,24 @@ def progress_callback(description: str = "working") -> Iterator[Callable[[int, i
         yield update
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Write a `--json FILE` result atomically."""
-    from uniperceiver.utils.io import atomic_write_text
+def json_to_stdout(json_file: str | Path | None) -> bool:
+    """True for `--json -`: the record owns standard output."""
+    return json_file is not None and str(json_file) == STDOUT
 
-    atomic_write_text(Path(path), json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+
+def report_console(json_file: str | Path | None) -> Console:
+    """Where a command prints its human-readable report: stdout, or stderr when `--json -` claims stdout,
+    so `upctl tasks --json - | jq` reads clean JSON."""
+    return err_console if json_to_stdout(json_file) else console
+
+
+def write_json(path: str | Path, payload: Any) -> None:
+    """Write a `--json FILE` result atomically, or to standard output for `--json -`."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    if json_to_stdout(path):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    from uniperceiver.utils.files import atomic_write_text
+
+    atomic_write_text(Path(path), text)

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
-from uniperceiver.utils.io import atomic_write, atomic_write_json, atomic_write_text
+from uniperceiver.utils.files import atomic_write, atomic_write_json, atomic_write_text
 from upctl.demo import DemoError, DemoPlan, Layout, Stage
 
 REGIMES = ("zeroshot", "prompt", "finetune")
@@ -86,7 +86,7 @@ def _subset_size(data_dir: Path, dataset: str, fraction: float, seed: int) -> in
 def _model_summary(plan: DemoPlan) -> dict[str, Any]:
     """Size, width, depth and pre-training tasks of the recipe's model (for the table's caption)."""
     from uniperceiver.config import load_recipe
-    from uniperceiver.modeling.config import model_config
+    from uniperceiver.modeling.model_config import model_config
 
     rec = load_recipe(plan.pretrain_recipe)
     cfg = model_config(rec.model.size, **dict(rec.model.overrides))

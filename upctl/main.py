@@ -1,10 +1,16 @@
-"""The `upctl` Typer application: one subcommand per stage, all calling `uniperceiver`."""
+"""The `upctl` Typer application: one subcommand per stage, all calling `uniperceiver`.
+
+Start-up stays fast (`upctl --help` in well under a second): the command modules imported here
+import only typer, rich and torch-free parts of the library at the top; the model, the tasks and
+torch are imported inside the command bodies (tests/test_cli_fast.py checks it).
+"""
 
 from __future__ import annotations
 
 import typer
 
 from uniperceiver import __version__
+from upctl.common import set_debug
 
 app = typer.Typer(
     name="upctl",
@@ -24,8 +30,12 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     version: bool = typer.Option(
         False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."
+    ),
+    debug: bool = typer.Option(
+        False, "--debug", help="Show the full traceback of an error instead of one line (also: UPCTL_DEBUG=1)."
     ),
 ) -> None:
     """Uni-Perceiver toolkit.
@@ -37,7 +47,10 @@ def main(
       upctl pretrain recipes/tiny.yaml
 
       upctl zeroshot --task mini-digits
+
+      upctl --debug validate my-recipe.yaml
     """
+    set_debug(ctx, debug)
 
 
 from upctl.commands.convert import convert  # noqa: E402

@@ -24,7 +24,6 @@ from uniperceiver.config.schema import (
     FieldError,
     Recipe,
     StageSection,
-    _catalog,
     _fields,
     build_recipe,
     canonical_task_name,
@@ -32,7 +31,9 @@ from uniperceiver.config.schema import (
     unknown_key,
 )
 from uniperceiver.errors import ConfigError
+from uniperceiver.tasks import catalog
 from uniperceiver.tasks.base import TaskConfig
+from uniperceiver.tasks.catalog import TaskSpec
 from uniperceiver.utils.files import atomic_write_text
 
 _STAGE_ALIASES = {"prompt": "prompt_tune", "prompt-tune": "prompt_tune", "prompt_tune": "prompt_tune",
@@ -122,15 +123,59 @@ def read_yaml(path: str | Path) -> Any:
 # -- overrides -------------------------------------------------------------------------------------------
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """`a.b=c` -> ("a.b", YAML value of c). An empty value means null."""
-    key, sep, value = text.partition("=")
+# One syntax for every `KEY=VALUE` flag of the command line (`--set` of recipes and of task options,
+# `--option` of preparers): split at the first '=', key stripped and non-empty, each key once.
+# `parse_key_values` keeps the values as text (preparers check their own); `parse_overrides` reads
+# them as YAML (`0.1`, `true`, `[4, 3]`, an empty value = null), as recipes are.
+
+#: flag -> (how its help spells the form, an example).
+_FORMS = {"--set": ("KEY=VALUE", "optim.lr=1e-4 or tasks.0.batch_size=8"), "--option": ("key=value", "check=verify")}
+
+
+def _split_pair(text: str, what: str) -> tuple[str, str]:
+    key, sep, value = str(text).partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. optim.lr=1e-4 or tasks.0.batch_size=8")
-    if not value.strip():
-        return key, None
-    return key, parse_yaml(value, f"--set {text}")
+        form, example = _FORMS.get(what, ("key=value", "name=value"))
+        raise ConfigError(f"{what} {text!r}: expected {form} (e.g. {what} {example})")
+    return key, value
+
+
+def parse_key_values(pairs: Sequence[str] | None, what: str = "--option") -> dict[str, str]:
+    """`["k=v", ...]` -> {k: "v"} (values as text, stripped); a pair without '=' or a key given twice
+    is a one-line ConfigError naming the flag `what`."""
+    out: dict[str, str] = {}
+    for pair in [pairs] if isinstance(pairs, str) else pairs or []:
+        key, value = _split_pair(pair, what)
+        if key in out:
+            raise ConfigError(f"{what} {pair!r}: {key!r} is given twice ({what} {key}={out[key]} first)")
+        out[key] = value.strip()
+    return out
+
+
+def parse_value(text: str, label: str) -> Any:
+    """The YAML value of one override (`0.1`, `true`, `[0.9, 0.99]`); an empty text means null."""
+    return None if not text.strip() else parse_yaml(text, label)
+
+
+def parse_assignment(text: str, what: str = "--set") -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", YAML value of c). An empty value means null."""
+    key, value = _split_pair(text, what)
+    return key, parse_value(value, f"{what} {text}")
+
+
+def parse_overrides(pairs: Sequence[str] | None, what: str = "--set") -> dict[str, Any]:
+    """`["k=v", ...]` -> {k: YAML value of v}, with the checks of `parse_key_values`."""
+    raw = parse_key_values(pairs, what)
+    return {key: parse_value(value, f"{what} {key}={value}") for key, value in raw.items()}
+
+
+def override_task_options(cfg: TaskConfig, pairs: Sequence[str] | None, what: str = "--set") -> TaskConfig:
+    """A copy of `cfg` with `KEY=VALUE` task options applied, checked by the family's typed `Options`
+    (an unknown key gets a "did you mean"; a bad value names the key and what is allowed)."""
+    changes = parse_overrides(pairs, what)
+    options = catalog.resolved_options(cfg.family, {**cfg.options, **changes}, f"{what}: task {cfg.name!r}: options")
+    return dataclasses.replace(cfg, options=options)
 
 
 def _set_free(node: dict, tokens: list[str], value: Any, key: str) -> None:
@@ -173,7 +218,8 @@ def set_path(raw: dict, dotted: str, value: Any) -> str:
     """Assign `value` at `dotted` in a raw recipe mapping; returns the display key (tasks[2].batch_size).
 
     Only keys of the schema are accepted (unknown ones raise FieldError with a close match); below
-    free-form mappings (model.overrides, tasks[i].options, stages[i].set) any key goes.
+    the mappings model.overrides, tasks[i].options and stages[i].set any key goes here, and is
+    checked when the recipe is built (model fields, the family's typed options, a stage's recipe).
     """
     tokens = dotted.split(".")
     if any(not t for t in tokens):
@@ -355,13 +401,13 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _shipped_candidates(spec: Any, canonical: str, stage: str) -> list[Path]:
+def _shipped_candidates(spec: TaskSpec, stage: str) -> list[Path]:
     root = recipes_dir()
     cands: list[Path] = []
-    attr = getattr(spec, "prompt_recipe" if stage == "prompt_tune" else "finetune_recipe", None)
-    if isinstance(attr, (str, Path)) and str(attr):
-        cands += [Path(attr), root / attr, root.parent / attr]
-    cands.append(root / _STAGE_DIRS[stage] / f"{canonical}.yaml")
+    named = spec.prompt_recipe if stage == "prompt_tune" else spec.finetune_recipe
+    if named:
+        cands += [Path(named), root / named, root.parent / named]
+    cands.append(root / _STAGE_DIRS[stage] / f"{spec.name}.yaml")
     return cands
 
 
@@ -376,24 +422,19 @@ def recipe_for_task(task_name: str, stage: str, overrides: Sequence[str] = ()) -
         raise ConfigError(f"stage {stage!r} has no per-task recipes{suggest(stage, _STAGE_ALIASES)} "
                           "(allowed: prompt_tune, finetune)")
     stage = _STAGE_ALIASES[stage]
-    cat = _catalog()
     canonical = canonical_task_name(task_name)
-    if canonical is None and cat is not None:
-        known = sorted(getattr(cat, "CATALOG", {}))
+    if canonical is None:
+        known = sorted(catalog.CATALOG)
         raise ConfigError(f"unknown task {task_name!r}{suggest(task_name, known)}; known tasks: {', '.join(known)}")
-    canonical = canonical or task_name
-    spec = getattr(cat, "CATALOG", {}).get(canonical) if cat is not None else None
-    for cand in _shipped_candidates(spec, canonical, stage):
+    spec = catalog.CATALOG[canonical]
+    for cand in _shipped_candidates(spec, stage):
         if cand.is_file():
             recipe = load_recipe(cand, overrides)
             if recipe.stage != stage:
                 raise ConfigError(f"{cand}: stage: {recipe.stage!r}, but it is the {stage} recipe of {canonical!r}")
             return recipe
-    if spec is None:
-        raise ConfigError(f"no {stage} recipe for task {task_name!r}: none shipped and the task catalog "
-                          "is not importable to build one")
     sub = _STAGE_DIRS[stage]
-    dataset = str(getattr(spec, "dataset", ""))
+    dataset = spec.dataset
     template = recipes_dir() / "mini" / f"{sub}.yaml"
     if dataset.startswith("mini") and template.is_file():
         raw = read_yaml(template)

@@ -8,34 +8,28 @@ schema and its checks cannot drift apart.
 
 Task entries are `TaskConfig`s (uniperceiver/tasks/base.py). A task `name` found in the catalog
 (uniperceiver/tasks/catalog.py) starts from the catalog's defaults; any other name must give
-`family` and `dataset` itself.
+`family` and `dataset` itself. A task's `options` are checked by its family's typed `Options`
+dataclass (uniperceiver/tasks/options.py), which holds each option's type, default and rules, and
+are stored complete (every option, resolved).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import re
-import types
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model_config import SIZES
+from uniperceiver.tasks import catalog
 from uniperceiver.tasks.base import TaskConfig
+from uniperceiver.tasks.options import FieldError, check_value, show, suggest, unknown_key
+from uniperceiver.tasks.options import opt as _f
 
 #: The task families every recipe may use (tasks/catalog.py maps each to its class).
-FAMILIES: tuple[str, ...] = ("image_cls", "video_cls", "retrieval", "caption", "mlm", "vqa", "glue")
+FAMILIES: tuple[str, ...] = tuple(catalog.FAMILIES)
 STAGES: tuple[str, ...] = ("pretrain", "prompt_tune", "finetune")
-
-
-def _f(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
-    """A dataclass field with validation rules: choices, gt, ge, le, lt (checked on load)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
 
 
 @dataclass
@@ -157,125 +151,8 @@ TASK_RULES: dict[str, dict[str, Any]] = {
     "loss_weight": {"ge": 0},
 }
 
-#: Types and ranges of the task options every family shares; other option keys pass through to the family.
-OPTION_RULES: dict[str, tuple[Any, dict[str, Any]]] = {
-    "image_size": (int, {"gt": 0}),
-    "frames": (int, {"gt": 0}),
-    "stride": (int, {"gt": 0}),
-    "max_len": (int, {"gt": 0}),
-    "label_smoothing": (float, {"ge": 0, "lt": 1}),
-    "mixup": (float, {"ge": 0}),
-    "cutmix": (float, {"ge": 0}),
-    "vocab": (str, {"choices": ("full", "corpus")}),
-    "beam_size": (int, {"ge": 1}),
-    "max_gen_len": (int, {"ge": 1}),
-    "length_penalty": (float, {}),
-    "fixed_temperature": (float, {"gt": 0}),
-    "gather_features": (bool, {}),
-    "hflip": (bool, {}),
-}
-
-
-class FieldError(Exception):
-    """A problem at one dotted key; `build_recipe` turns it into a ConfigError naming the file."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-        self.message = message
-
-
-# -- value checks ----------------------------------------------------------------------------------
-
-_NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _show(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})" if not isinstance(value, (int, float)) or isinstance(value, bool) else repr(value)
-
-
-def suggest(word: str, allowed: typing.Iterable[str]) -> str:
-    """ "; did you mean 'x'?" when a close match exists (difflib), else ""."""
-    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _check_rules(value: Any, key: str, rules: dict[str, Any]) -> None:
-    choices = rules.get("choices")
-    if choices is not None and value not in choices:
-        raise FieldError(key, f"{value!r} is not allowed{suggest(value, choices)} (allowed: {', '.join(map(str, choices))})")
-    bounds = [("gt", ">", lambda a, b: a > b), ("ge", ">=", lambda a, b: a >= b),
-              ("lt", "<", lambda a, b: a < b), ("le", "<=", lambda a, b: a <= b)]
-    for name, sign, ok in bounds:
-        if name in rules and isinstance(value, (int, float)) and not ok(value, rules[name]):
-            parts = [f"{s} {rules[n]}" for n, s, _ in bounds if n in rules]
-            raise FieldError(key, f"must be {' and '.join(parts)}, got {value!r}")
-
-
-def check_value(value: Any, tp: Any, key: str, rules: dict[str, Any] | None = None) -> Any:
-    """Check (and lightly normalise) one value against a type hint and its rules.
-
-    Normalisations: ints are accepted for floats; numeric strings such as "1e-3" are accepted for
-    floats (PyYAML reads `1e-3` as a string, a classic trap); lists become tuples for tuple fields.
-    """
-    rules = rules or {}
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return check_value(value, inner[0], key, rules)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise FieldError(key, f"expected true or false, got {_show(value)}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise FieldError(key, f"expected an integer, got {_show(value)}")
-        _check_rules(value, key, rules)
-        return value
-    if tp is float:
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise FieldError(key, f"expected a number, got {_show(value)}")
-        value = float(value)
-        _check_rules(value, key, rules)
-        return value
-    if tp is str:
-        if not isinstance(value, str) or not value.strip():
-            raise FieldError(key, f"expected a non-empty string, got {_show(value)}")
-        _check_rules(value, key, rules)
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise FieldError(key, f"expected a list of {len(args)} values, got {_show(value)}")
-        return tuple(check_value(v, a, f"{key}[{i}]", rules) for i, (v, a) in enumerate(zip(value, args)))
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise FieldError(key, f"expected a list, got {_show(value)}")
-        return [check_value(v, args[0], f"{key}[{i}]", rules) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise FieldError(key, f"expected a mapping, got {_show(value)}")
-        for k in value:
-            if not isinstance(k, str):
-                raise FieldError(f"{key}.{k}", "keys must be strings")
-        return dict(value)
-    raise TypeError(f"unsupported schema type {tp!r} at {key}")  # a bug in this module, not user input
-
-
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
-
-
-def unknown_key(key: str, name: Any, allowed: typing.Iterable[str]) -> FieldError:
-    allowed = list(allowed)
-    return FieldError(f"{key}.{name}" if key else str(name),
-                      f"unknown key{suggest(name, allowed)} (allowed: {', '.join(allowed)})")
 
 
 def build_section(cls: type, raw: Any, key: str) -> Any:
@@ -284,7 +161,7 @@ def build_section(cls: type, raw: Any, key: str) -> Any:
         raw = {}
     fields = _fields(cls)
     if not isinstance(raw, dict):
-        raise FieldError(key, f"expected a mapping with keys {', '.join(fields)}, got {_show(raw)}")
+        raise FieldError(key, f"expected a mapping with keys {', '.join(fields)}, got {show(raw)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in raw.items():
@@ -301,53 +178,14 @@ def build_section(cls: type, raw: Any, key: str) -> Any:
 # -- tasks -------------------------------------------------------------------------------------------
 
 
-def _catalog() -> Any:
-    """The task catalog module, or None while it is not importable (then names need family + dataset)."""
-    try:
-        from uniperceiver.tasks import catalog
-    except ImportError:
-        return None
-    return catalog
-
-
 def canonical_task_name(name: str) -> str | None:
     """The catalog's name for `name` (aliases, case and '_' resolved as the catalog does), or None."""
-    cat = _catalog()
-    if cat is None or not isinstance(name, str):
+    if not isinstance(name, str):
         return None
-    if hasattr(cat, "resolve_task"):
-        try:
-            return cat.resolve_task(name).name
-        except ConfigError:
-            return None
-    aliases = getattr(cat, "ALIASES", {})
-    name = aliases.get(name, name)
-    return name if name in getattr(cat, "CATALOG", {}) else None
-
-
-def known_families() -> tuple[str, ...]:
-    cat = _catalog()
-    extra = tuple(k for k in getattr(cat, "FAMILIES", {}) if k not in FAMILIES) if cat else ()
-    return FAMILIES + extra
-
-
-def _catalog_defaults(name: str) -> dict[str, Any]:
-    """TaskConfig fields of a catalog task, as a plain dict (the recipe entry is laid on top)."""
-    cat = _catalog()
-    if hasattr(cat, "task_config"):
-        return dataclasses.asdict(cat.task_config(name))
-    spec = cat.CATALOG[name]
-    out: dict[str, Any] = {"name": name, "family": spec.family, "dataset": spec.dataset, "options": {}}
-    defaults = dict(getattr(spec, "defaults", None) or {})
-    task_fields = _fields(TaskConfig)
-    for k, v in defaults.items():
-        if k == "options":
-            out["options"].update(v)
-        elif k in task_fields:
-            out[k] = v
-        else:
-            out["options"][k] = v
-    return out
+    try:
+        return catalog.resolve_task(name).name
+    except ConfigError:
+        return None
 
 
 def build_task(raw: Any, key: str) -> TaskConfig:
@@ -356,7 +194,7 @@ def build_task(raw: Any, key: str) -> TaskConfig:
         raw = {"name": raw}
     fields = _fields(TaskConfig)
     if not isinstance(raw, dict):
-        raise FieldError(key, f"expected a task name or a mapping with keys {', '.join(fields)}, got {_show(raw)}")
+        raise FieldError(key, f"expected a task name or a mapping with keys {', '.join(fields)}, got {show(raw)}")
     for name in raw:
         if name not in fields:
             raise unknown_key(key, name, fields)
@@ -366,7 +204,7 @@ def build_task(raw: Any, key: str) -> TaskConfig:
     canonical = canonical_task_name(name)
     merged: dict[str, Any]
     if canonical is not None:
-        merged = _catalog_defaults(canonical)
+        merged = dataclasses.asdict(catalog.task_config(canonical))
         merged["name"] = canonical
         if "family" in raw and raw["family"] != merged["family"]:
             raise FieldError(f"{key}.family", f"{raw['family']!r} contradicts catalog task {canonical!r}, "
@@ -374,11 +212,8 @@ def build_task(raw: Any, key: str) -> TaskConfig:
     else:
         missing = [k for k in ("family", "dataset") if k not in raw]
         if missing:
-            cat = _catalog()
-            hint = suggest(name, list(getattr(cat, "CATALOG", {}))) if cat else ""
-            where = "not in the task catalog" if cat else "not checked against a catalog (catalog not importable)"
-            raise FieldError(f"{key}.name", f"task {name!r} is {where}{hint}; use a catalog task (`upctl tasks`) "
-                                            f"or give {' and '.join(missing)} explicitly")
+            raise FieldError(f"{key}.name", f"task {name!r} is not in the task catalog{suggest(name, catalog.CATALOG)}; "
+                                            f"use a catalog task (`upctl tasks`) or give {' and '.join(missing)} explicitly")
         merged = {"name": name, "options": {}}
     hints = typing.get_type_hints(TaskConfig)
     for fname, value in raw.items():
@@ -392,14 +227,10 @@ def build_task(raw: Any, key: str) -> TaskConfig:
         if fname in ("name", "options"):
             continue
         merged[fname] = check_value(value, hints[fname], f"{key}.{fname}", TASK_RULES.get(fname))
-    if merged["family"] not in known_families():
-        fams = known_families()
-        raise FieldError(f"{key}.family", f"{merged['family']!r} is not a task family{suggest(merged['family'], fams)} "
-                                          f"(allowed: {', '.join(fams)})")
-    for oname, value in options.items():
-        if oname in OPTION_RULES:
-            tp, rules = OPTION_RULES[oname]
-            options[oname] = check_value(value, tp, f"{key}.options.{oname}", rules)
+    if merged["family"] not in FAMILIES:
+        raise FieldError(f"{key}.family", f"{merged['family']!r} is not a task family{suggest(merged['family'], FAMILIES)} "
+                                          f"(allowed: {', '.join(FAMILIES)})")
+    options = catalog.resolved_options(merged["family"], options, f"{key}.options")
     merged["options"] = options
     return TaskConfig(**merged)
 
@@ -429,7 +260,7 @@ def build_recipe(raw: Any, default_name: str = "recipe") -> Recipe:
     """Check a plain mapping (YAML after overrides) and build the `Recipe`. Raises FieldError."""
     fields = _fields(Recipe)
     if not isinstance(raw, dict):
-        raise FieldError("", f"a recipe must be a mapping with keys {', '.join(fields)}, got {_show(raw)}")
+        raise FieldError("", f"a recipe must be a mapping with keys {', '.join(fields)}, got {show(raw)}")
     for name in raw:
         if name not in fields:
             raise unknown_key("", name, fields)
@@ -448,7 +279,7 @@ def build_recipe(raw: Any, default_name: str = "recipe") -> Recipe:
     _check_model(sections["model"], sections["tune"])
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
-        raise FieldError("tasks", f"expected a non-empty list of tasks, got {_show(tasks_raw)}")
+        raise FieldError("tasks", f"expected a non-empty list of tasks, got {show(tasks_raw)}")
     tasks = [build_task(t, f"tasks[{i}]") for i, t in enumerate(tasks_raw)]
     seen: dict[str, int] = {}
     for i, t in enumerate(tasks):
@@ -460,7 +291,7 @@ def build_recipe(raw: Any, default_name: str = "recipe") -> Recipe:
         raise FieldError("tasks", "every sample_weight is 0: at least one task must be drawn")
     stages_raw = raw.get("stages") or []
     if not isinstance(stages_raw, list):
-        raise FieldError("stages", f"expected a list of {{name, set}} mappings, got {_show(stages_raw)}")
+        raise FieldError("stages", f"expected a list of {{name, set}} mappings, got {show(stages_raw)}")
     stages = [build_section(StageSection, s, f"stages[{i}]") for i, s in enumerate(stages_raw)]
     names = [s.name for s in stages]
     for i, n in enumerate(names):

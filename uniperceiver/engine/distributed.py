@@ -5,7 +5,7 @@
 - Every rank draws its own task per step (reference), so ranks run different graphs: DDP uses
   find_unused_parameters=True, and the shared target sets (vocabulary, class names) of all the
   tasks drawn on any rank are encoded together, each rank a contiguous shard with gradients,
-  then all-gathered differentiably (`shard_encode`). Those collectives run on a second process
+  then all-gathered differentiably (`shard_encode`, through `utils.collectives.all_gather_with_grad`). Those collectives run on a second process
   group so they can never interleave with DDP's gradient all-reduce on the default group.
 - `train.sharding: fsdp` shards parameters, gradients and optimizer state with FSDP2
   (`fully_shard`) instead. The step module is ONE FSDP unit, not one unit per encoder block: a
@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from uniperceiver.errors import ConfigError
+from uniperceiver.utils.collectives import all_gather_with_grad
 
 
 @dataclass
@@ -55,6 +56,14 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher (torchrun) set it, 0 otherwise.
+
+    Known before any process group exists, so a caller can decide early who prints (rank 0 only).
+    """
+    return int(os.environ.get("RANK", "0"))
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -211,11 +220,10 @@ def skip_grad_sync(module: nn.Module, skip: bool) -> Iterator[None]:
             module.set_requires_gradient_sync(True)  # type: ignore[operator]
             module.set_reshard_after_backward(True)  # type: ignore[operator]
         return
-    no_sync = getattr(module, "no_sync", None)
-    if no_sync is None:
+    if not isinstance(module, nn.parallel.DistributedDataParallel):
         yield
         return
-    with no_sync():
+    with module.no_sync():
         yield
 
 
@@ -229,9 +237,9 @@ def finish_grads(module: nn.Module, env: DistEnv) -> None:
       count).
     One all-reduce on the side group for both. A no-op for DDP and single processes.
     """
-    info: _FsdpGrads | None = getattr(module, "upctl_grads", None)
-    if info is None:
+    if not is_fsdp(module):
         return
+    info: _FsdpGrads = module.upctl_grads  # type: ignore[assignment]  # set by `wrap_model` on every module it shards
     dev = env.device if env.backend == "nccl" else torch.device("cpu")
     parts = [torch.tensor(info.used, dtype=torch.float32, device=dev)]
     for i in info.replicated:
@@ -286,18 +294,6 @@ def clip_gradients(params: Iterable[Tensor], max_norm: float) -> Tensor:
         total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-def all_gather_with_grad(tensor: Tensor, group: Any = None) -> Tensor:
-    """Concatenate `tensor` from every rank along dim 0; gradients flow back to each rank's piece.
-
-    All ranks must pass tensors of the same shape. Identity without a process group.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous(), group=group), dim=0)
 
 
 def gather_ints(values: list[int], env: DistEnv) -> list[list[int]]:
@@ -385,6 +381,7 @@ __all__ = [
     "init_distributed",
     "is_fsdp",
     "is_sharded",
+    "launch_rank",
     "pick_device",
     "shard_bounds",
     "shard_encode",

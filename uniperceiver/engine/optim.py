@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
+from uniperceiver.config.schema import OptimSection
 from uniperceiver.errors import ConfigError
+from uniperceiver.modeling.model import UniPerceiver
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -60,18 +61,18 @@ def _strip_wrappers(name: str) -> str:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float | None = None, depth: int | None = None
+    model: UniPerceiver, weight_decay: float, layer_decay: float | None = None, depth: int | None = None
 ) -> list[dict[str, Any]]:
     """Trainable parameters split into (layer, decay / no decay) groups.
 
     Each group carries `lr_scale` (layer-wise decay, 1.0 without it) and a readable `name`; frozen
-    parameters (requires_grad False, e.g. during prompt tuning) are left out entirely.
+    parameters (requires_grad False, e.g. during prompt tuning) are left out entirely. `depth`
+    (for layer-wise decay) defaults to the model's.
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ConfigError(f"optim.layer_decay={layer_decay} must be in (0, 1]")
     if depth is None:
-        cfg = getattr(model, "cfg", None)
-        depth = int(getattr(cfg, "depth", 0))
+        depth = model.cfg.depth
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for raw_name, param in model.named_parameters():
         if not param.requires_grad:
@@ -96,12 +97,12 @@ def param_groups(
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, optim: Any) -> torch.optim.AdamW:
+def build_optimizer(model: UniPerceiver, optim: OptimSection) -> torch.optim.AdamW:
     """AdamW over `param_groups` from a recipe's `optim` section (lr, betas, eps, weight_decay, layer_decay)."""
     lr = float(optim.lr)
     if lr <= 0:
         raise ConfigError(f"optim.lr={lr} must be positive")
-    groups = param_groups(model, float(optim.weight_decay), getattr(optim, "layer_decay", None))
+    groups = param_groups(model, float(optim.weight_decay), optim.layer_decay)
     # `param_names` is informative only; torch's AdamW ignores unknown group keys but saves them in
     # state_dict, so keep the list (strings are safe for weights_only loading).
     for g in groups:
@@ -188,7 +189,7 @@ class WarmupSchedule:
         self._apply()
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: Any, total_steps: int) -> WarmupSchedule:
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int) -> WarmupSchedule:
     """The schedule of a recipe's `optim` section over `total_steps` optimizer steps."""
     return WarmupSchedule(
         optimizer,

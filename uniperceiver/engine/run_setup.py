@@ -10,22 +10,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from uniperceiver.engine import train_checkpoint as ckpt
+from uniperceiver.config.schema import Recipe
 from uniperceiver.engine import runs
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import DistEnv
 from uniperceiver.engine.tuning import load_for_tuning, tuning_overrides
 from uniperceiver.errors import CheckpointError, ConfigError, DataError
-from uniperceiver.modeling.model_dir import read_config
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, build_model
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.modeling.model_dir import read_config
 from uniperceiver.tasks.base import Task
 
 Log = Callable[[str], None]
 
 
-def run_label(recipe: Any) -> str:
+def run_label(recipe: Recipe) -> str:
     """`<task>` for single-task runs (prompt-tune / finetune), else the recipe name."""
-    tasks = list(getattr(recipe, "tasks", []) or [])
+    tasks = list(recipe.tasks)
     return tasks[0].name if len(tasks) == 1 else str(recipe.name)
 
 
@@ -41,7 +42,7 @@ def _broadcast(values: list[Any], env: DistEnv) -> list[Any]:
 
 
 def prepare_run_dir(
-    recipe: Any,
+    recipe: Recipe,
     output: str | Path | None,
     runs_root: str | Path | None,
     resume: str | Path | None,
@@ -76,7 +77,7 @@ def prepare_run_dir(
     return Path(box[0]), (Path(box[1]) if box[1] else None)
 
 
-def _decide(recipe: Any, output: str | Path | None, root: Path, resume: str | Path | None, say: Log,
+def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str | Path | None, say: Log,
             want_checkpoint: bool) -> tuple[Path, Path | None]:
     if resume is not None and str(resume) not in ("auto",) and want_checkpoint:
         start = ckpt.resolve_checkpoint_path(resume, warn=say)
@@ -115,12 +116,12 @@ def _run_of_checkpoint(step_dir: Path) -> Path:
     return parent.parent if parent.name == runs.CKPT_DIR else parent
 
 
-def preflight(recipe: Any, data_dir: str | Path | None) -> None:
+def preflight(recipe: Recipe, data_dir: str | Path | None) -> None:
     """Cheap checks of everything a run needs, before any folder is created (one clear line each)."""
     from uniperceiver.data.format import resolve_data_dir
     from uniperceiver.tasks.catalog import family_class, prepare_name
 
-    base = resolve_data_dir(data_dir if data_dir is not None else getattr(recipe, "data_dir", None))
+    base = resolve_data_dir(data_dir if data_dir is not None else recipe.data_dir)
     for cfg in recipe.tasks:
         family_class(cfg.family)
         if not (base / cfg.dataset / "meta.json").is_file():
@@ -130,7 +131,7 @@ def preflight(recipe: Any, data_dir: str | Path | None) -> None:
         _checked_checkpoint(recipe)
 
 
-def _checked_checkpoint(recipe: Any) -> Path:
+def _checked_checkpoint(recipe: Recipe) -> Path:
     m = recipe.model
     path = runs.resolve_model_dir(m.checkpoint)
     saved = read_config(path)
@@ -142,7 +143,7 @@ def _checked_checkpoint(recipe: Any) -> Path:
     return path
 
 
-def build_training_model(recipe: Any) -> UniPerceiver:
+def build_training_model(recipe: Recipe) -> UniPerceiver:
     """A fresh model of `model.size` (+ overrides), or `model.checkpoint`'s weights with the tuning
     parameters of `tune.mode` added. Checks that a checkpoint fits the recipe's size."""
     m = recipe.model
@@ -153,7 +154,7 @@ def build_training_model(recipe: Any) -> UniPerceiver:
 
 
 def build_training_tasks(
-    recipe: Any, model_cfg: ModelConfig, data_dir: str | Path | None, env: DistEnv
+    recipe: Recipe, model_cfg: ModelConfig, data_dir: str | Path | None, env: DistEnv
 ) -> tuple[list[Task], list[list[dict]]]:
     """Build every task (opening its prepared dataset) and its training samples.
 
@@ -164,16 +165,15 @@ def build_training_tasks(
     from uniperceiver.tokenizers.text import get_tokenizer
 
     tok = get_tokenizer()
-    base = data_dir if data_dir is not None else getattr(recipe, "data_dir", None)
+    base = data_dir if data_dir is not None else recipe.data_dir
     gather = recipe.train.gather_features
     if gather is None:  # reference: cross-rank feature gathering only when one task is trained alone
         gather = len(recipe.tasks) == 1 and env.distributed
     tasks: list[Task] = []
     examples: list[list[dict]] = []
     for cfg in recipe.tasks:
-        if cfg.family == "retrieval" and "gather_features" not in cfg.options:
-            cfg.options["gather_features"] = bool(gather and env.distributed)
         task = build_task(cfg, base, model_cfg, tok)
+        task.set_feature_gathering(bool(gather and env.distributed))  # a task's own option wins
         rows = training_examples(task, cfg.split, recipe.tune.fraction, recipe.tune.fraction_seed)
         if not rows:
             raise DataError(f"task {cfg.name!r}: split {cfg.split!r} of dataset {cfg.dataset!r} has no samples")

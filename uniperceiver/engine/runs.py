@@ -16,29 +16,23 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from uniperceiver.errors import CheckpointError
+# Finding a run's weights is read-only layout knowledge that evaluation needs too (it sits below the engine).
+from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
+    CKPT_DIR, FINAL_NAME, RUN_INFO, RunRecord, default_runs_root, list_runs, model_dir_of_run, newest_pretrained,
+    read_run_info, resolve_model_dir,
+)
 from uniperceiver.utils.files import atomic_write_bytes, atomic_write_text
 
 METRICS_NAME = "metrics.csv"
 RECIPE_NAME = "recipe.yaml"
 PLOT_NAME = "curves.png"
-FINAL_NAME = "final"
-CKPT_DIR = "checkpoints"
-RUN_INFO = "run.json"
 CSV_FIELDS = ("step", "time_s", "phase", "task", "name", "value")
 _SAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
-
-
-def default_runs_root() -> Path:
-    """`./runs` (absolute): the DESIGN's default place for runs."""
-    return Path("runs").absolute()
 
 
 def run_name(stage: str, label: str, when: float | None = None) -> str:
@@ -173,88 +167,6 @@ def write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
     from uniperceiver.utils.files import atomic_write_json
 
     atomic_write_json(Path(run_dir) / RUN_INFO, info)
-
-
-def read_run_info(run_dir: Path) -> dict[str, Any]:
-    path = Path(run_dir) / RUN_INFO
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-@dataclass
-class RunRecord:
-    path: Path
-    stage: str
-    recipe: str
-    mtime: float
-
-
-def list_runs(root: Path | None = None, stage: str | None = None, recipe: str | None = None) -> list[RunRecord]:
-    """Runs under `root` (default ./runs), newest first, optionally of one stage / recipe name."""
-    root = Path(root) if root is not None else default_runs_root()
-    if not root.is_dir():
-        return []
-    out = []
-    for p in root.iterdir():
-        if not p.is_dir():
-            continue
-        info = read_run_info(p)
-        if not info:
-            continue
-        if stage is not None and info.get("stage") != stage:
-            continue
-        if recipe is not None and info.get("recipe") != recipe:
-            continue
-        out.append(RunRecord(p, str(info.get("stage", "")), str(info.get("recipe", "")), p.stat().st_mtime))
-    return sorted(out, key=lambda r: (r.mtime, r.path.name), reverse=True)
-
-
-def model_dir_of_run(run: Path) -> Path | None:
-    """A run's usable weights: final/ when it finished, else its newest valid checkpoint."""
-    from uniperceiver.engine.train_checkpoint import find_valid_checkpoint
-
-    final = Path(run) / FINAL_NAME
-    if (final / "model.safetensors").is_file() and (final / "config.json").is_file():
-        return final
-    def stage_index(p: Path) -> int:
-        head = p.name.split("-")[1] if p.name.count("-") >= 1 else ""
-        return int(head) if head.isdigit() else -1
-
-    stages = sorted((p for p in Path(run).glob("stage-*") if p.is_dir()), key=stage_index, reverse=True)
-    for st in stages:
-        found = model_dir_of_run(st)
-        if found is not None:
-            return found
-    return find_valid_checkpoint(Path(run) / CKPT_DIR, warn=lambda m: None)
-
-
-def newest_pretrained(root: Path | None = None) -> Path:
-    """`--checkpoint` default: the weights of the newest pre-training run under ./runs."""
-    root_path = Path(root) if root is not None else default_runs_root()
-    for rec in list_runs(root_path, stage="pretrain"):
-        found = model_dir_of_run(rec.path)
-        if found is not None:
-            return found
-    raise CheckpointError(
-        f"no pre-training run with weights under {root_path}; pass --checkpoint DIR (a model folder from "
-        "`upctl convert` or a run) or run `upctl pretrain RECIPE.yaml` first"
-    )
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """`--checkpoint PATH`: a model folder, a training step folder, or a run folder -> model folder."""
-    p = Path(path).expanduser()
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return p
-    if p.is_dir():
-        found = model_dir_of_run(p)
-        if found is not None:
-            return found
-    if not p.exists():
-        raise CheckpointError(f"--checkpoint {path}: no such folder")
-    raise CheckpointError(f"--checkpoint {path}: not a model folder (config.json + model.safetensors) or a run with weights")
 
 
 def iter_step_losses(run_dir: Path) -> Iterable[tuple[int, str, float]]:

@@ -14,18 +14,18 @@ collective as well).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from uniperceiver.engine.distributed import DistEnv, gather_ints, shard_encode
-from uniperceiver.tasks.base import TargetSet, Task, encode_targets
+from uniperceiver.tasks.base import TargetSet, Task
 
 
 def target_rng(seed: int, step: int, micro: int, task: int) -> np.random.Generator:
-    """RNG of `sample_target_set` (e.g. one ImageNet-21k synonym per class): equal on every rank."""
+    """RNG of `Task.training_target_set` (e.g. one ImageNet-21k synonym per class): equal on every rank."""
     return np.random.default_rng([int(seed), 0x7A26E7, int(step), int(micro), int(task)])
 
 
@@ -38,41 +38,29 @@ class TargetSets:
         self._cache: dict[int, TargetSet | None] = {}
 
     def token_ids(self, index: int, step: int, micro: int) -> TargetSet | None:
-        """The task's target set as token ids (cached unless the family samples one per batch)."""
+        """The task's target set as token ids (cached unless `target_set_varies`)."""
         task = self.tasks[index]
-        sampler = getattr(task, "sample_target_set", None)
-        if callable(sampler):
-            return sampler(target_rng(self.seed, step, micro, index))
+        if task.target_set_varies:
+            return task.training_target_set(target_rng(self.seed, step, micro, index))
         if index not in self._cache:
             self._cache[index] = task.target_set()
         return self._cache[index]
 
-    def _custom(self, index: int) -> Any:
-        """The family's own encoder for targets that are not plain texts (e.g. example images).
-
-        Classification always offers `encode_target_set`; for class NAMES it is `encode_targets`,
-        so those stay on the shared (shardable) text path.
-        """
-        task = self.tasks[index]
-        enc = getattr(task, "encode_target_set", None)
-        if not callable(enc) or getattr(task, "targets_kind", "images") == "names":
-            return None
-        return enc
-
     def plan(self, index: int, step: int, micro: int, env: DistEnv) -> "StepTargets":
         """Decide what to encode this micro-step (a collective when distributed: call on all ranks)."""
+        task = self.tasks[index]
         own = self.token_ids(index, step, micro)
         if not env.distributed:
-            return StepTargets(index, own, self._custom(index), [], None)
+            return StepTargets(index, own, task.encode_target_set, [], None)
         drawn = sorted({t for (t,) in gather_ints([index], env)})
         shared: list[tuple[int, TargetSet]] = []
         for t in drawn:
-            if self._custom(t) is not None:
-                continue
+            if not self.tasks[t].targets_are_texts:
+                continue  # example images: only the task's own encoder knows them
             ts = own if t == index else self.token_ids(t, step, micro)
             if ts is not None and len(ts) > 0:
                 shared.append((t, ts))
-        return StepTargets(index, own, self._custom(index), shared, env)
+        return StepTargets(index, own, task.encode_target_set, shared, env)
 
 
 class StepTargets:
@@ -82,11 +70,12 @@ class StepTargets:
     to a GPU, which this object (holding a process group) must not go through.
     """
 
-    def __init__(self, index: int, own: TargetSet | None, custom: Any, shared: list[tuple[int, TargetSet]],
-                 env: DistEnv | None) -> None:
+    def __init__(self, index: int, own: TargetSet | None, encode_own: Callable[[Any, TargetSet], Tensor],
+                 shared: list[tuple[int, TargetSet]], env: DistEnv | None) -> None:
         self.index = index
         self.own = own
-        self.custom = custom
+        #: The drawn task's `encode_target_set` (texts single-process, example images always).
+        self.encode_own = encode_own
         self.shared = shared
         self.env = env
 
@@ -95,9 +84,7 @@ class StepTargets:
         if self.env is None:
             if self.own is None:
                 return None, None
-            if self.custom is not None:
-                return self.custom(model, self.own), None
-            return encode_targets(model, self.own), None  # type: ignore[arg-type]
+            return self.encode_own(model, self.own), None
         feats = None
         tie = None
         if self.shared:
@@ -111,8 +98,9 @@ class StepTargets:
                 if t == self.index:
                     feats = every[start : start + len(ts)]
                 start += len(ts)
-        if feats is None and self.own is not None and self.custom is not None:
-            feats = self.custom(model, self.own)
+        if feats is None and self.own is not None and len(self.own) > 0:
+            # Example-image targets (never in the shared text set) go through the task itself.
+            feats = self.encode_own(model, self.own)
         return feats, tie
 
 

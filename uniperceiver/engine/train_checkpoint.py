@@ -4,10 +4,18 @@ Layout of `<run>/checkpoints/`:
     step-000123/
         model.safetensors, config.json   the weights (a model directory: `load_model` reads it)
         optimizer.pt, scheduler.pt       torch.save of tensors and plain containers only
-        trainer.pt                       step, sampler cursors, skipped counts (rank 0)
-        rng-rank0.pt, rng-rank1.pt ...   python / numpy / torch / cuda RNG states + data state per rank
+        trainer.pt                       the TrainState every rank shares (rank 0): step, skipped
+                                         steps, world size, fp16 loss scale, open logging window,
+                                         periodic-eval scores, state version
+        rng-rank0.pt, rng-rank1.pt ...   each rank's part of the TrainState: its data cursors (draw,
+                                         per-task epoch / cursor, skipped media) + python / numpy /
+                                         torch / cuda RNG states
         meta.json                        step, time, sha256 of every file above
     latest                               the name of the newest complete folder (atomic pointer)
+
+The TrainState (`train_state.py`) is written and read as one unit: `save_training_checkpoint`
+takes it whole, `load_checkpoint(...).state` gives it back whole. Checkpoints of an earlier
+TrainState version (before the loop kept one state) are refused with one line naming the folder.
 
 A folder is written under a temporary name and renamed into place only when complete, so a crash
 (even SIGKILL) never leaves a half checkpoint behind a valid name. Loading verifies every checksum
@@ -23,31 +31,30 @@ resumes under DDP, FSDP or one process, whichever wrote it.
 from __future__ import annotations
 
 import io
-import json
 import os
-import random
-import re
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
+from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state  # noqa: F401 - re-exported
 from uniperceiver.errors import CheckpointError, StorageError
-from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, load_state, read_config, save_model
+# The read-only side of the step-folder format (find, verify) is shared with evaluation, below the engine.
+from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
+    FORMAT, LATEST_NAME, META_NAME, STEP_RE, Warn, find_valid_checkpoint, list_checkpoints, verify_checkpoint,
+)
+from uniperceiver.modeling.model_dir import check_state_fits, load_state, read_config, save_model
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
-META_NAME = "meta.json"
-LATEST_NAME = "latest"
-STEP_RE = re.compile(r"^step-(\d+)$")
-FORMAT = "uniperceiver-train-checkpoint-v1"
+if TYPE_CHECKING:
+    from uniperceiver.engine.distributed import DistEnv
+    from uniperceiver.engine.loader import MultiTaskLoader
+    from uniperceiver.engine.optim import WarmupSchedule
 
-Warn = Callable[[str], None]
 
 
 def step_dir_name(step: int) -> str:
@@ -67,48 +74,6 @@ def _torch_load(path: Path) -> Any:
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
-# -- RNG states (plain containers and tensors only) ---------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, numpy (legacy global), torch CPU and CUDA RNG states as weights_only-safe objects."""
-    py = random.getstate()
-    np_state = np.random.get_state(legacy=False)
-    state: dict[str, Any] = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np.asarray(np_state["state"]["key"], dtype=np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((int(py[0]), tuple(int(x) for x in py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": n["bit_generator"],
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": int(n["pos"])},
-            "has_gauss": int(n["has_gauss"]),
-            "gauss": float(n["gauss"]),
-        }
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = list(state["cuda"])
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
 # -- writing ------------------------------------------------------------------------------------
 
 
@@ -126,36 +91,46 @@ def begin_checkpoint(ckpt_root: Path, step: int) -> Path:
     return tmp
 
 
+@dataclass
+class Trainables:
+    """The live objects a training checkpoint saves besides the TrainState.
+
+    `model` is the bare model (under FSDP it holds the sharded parameters), not its DDP / FSDP
+    wrapper; `loader` and `scaler` hold the TrainState's cursors and loss scale while training.
+    """
+
+    model: UniPerceiver
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupSchedule
+    scaler: torch.amp.GradScaler
+    loader: MultiTaskLoader
+
+
 def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
-    """Each rank's own RNG and data-cursor state (they differ between ranks)."""
+    """Each rank's part of the TrainState (data cursors, RNG states: they differ between ranks)."""
     atomic_write_bytes(tmp / f"rng-rank{rank}.pt", _torch_bytes(state))
 
 
 def write_main_state(
     tmp: Path,
-    model: UniPerceiver,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    trainer_state: dict[str, Any],
-    scaler: Any | None = None,
+    parts: Trainables,
+    shared: dict[str, Any],
     full_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
     """The replicated state (identical on every rank): written by rank 0.
 
-    `full_state` = (model state, optimizer state) already gathered from a sharded (FSDP) model by
-    `gather_full_state`; None reads both from `model` and `optimizer` directly.
+    `shared` is `TrainState.shared_dict()`. `full_state` = (model state, optimizer state) already
+    gathered from a sharded (FSDP) model by `gather_full_state`; None reads both from `parts`.
     """
     if full_state is None:
-        save_model(model, tmp)
-        optim_state = optimizer.state_dict()
+        save_model(parts.model, tmp)
+        optim_state = parts.optimizer.state_dict()
     else:
-        save_model(plain_model(model.cfg, full_state[0]), tmp)
+        save_model(plain_model(parts.model.cfg, full_state[0]), tmp)
         optim_state = full_state[1]
     atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optim_state))
-    atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(scheduler.state_dict()))
-    if scaler is not None and scaler.is_enabled():
-        atomic_write_bytes(tmp / "scaler.pt", _torch_bytes(scaler.state_dict()))
-    atomic_write_bytes(tmp / "trainer.pt", _torch_bytes(trainer_state))
+    atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(parts.scheduler.state_dict()))
+    atomic_write_bytes(tmp / "trainer.pt", _torch_bytes(shared))
 
 
 def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[str, Any] | None = None) -> Path:
@@ -195,15 +170,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete-looking step folders, newest (highest step) first."""
-    root = Path(ckpt_root)
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
-
-
 def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) -> list[Path]:
     """Keep the `keep` newest step folders (keep <= 0 keeps all); returns what was removed."""
     if keep <= 0:
@@ -218,48 +184,38 @@ def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) ->
 
 
 def save_training_checkpoint(
-    root: Path,
-    step: int,
-    model: UniPerceiver,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    scaler: Any,
-    loader: Any,
-    skipped_steps: int,
-    keep: int,
-    env: Any,
-    recipe: Any,
-    trainer_extra: dict[str, Any] | None = None,
+    root: Path, state: TrainState, parts: Trainables, env: DistEnv, *, keep: int, meta: dict[str, Any]
 ) -> Path:
-    """Rank 0 stages the replicated state, every rank adds its RNG + cursors, rank 0 commits.
+    """Save `state` (as one unit) and `parts` as the step folder of `state.step` under `root`; a collective.
 
-    `loader` is the MultiTaskLoader (its `state_dict()` = consumed data), `env` the DistEnv.
-    `trainer_extra` holds plain values the loop needs to continue exactly (e.g. the open logging window).
+    The state is first brought up to date from the live objects (`TrainState.snapshot`: cursors,
+    RNG, loss scale). Rank 0 stages the replicated files, every rank adds its own part, rank 0
+    commits (checksums, rename, `latest`, pruning to the `keep` newest); `meta` goes into meta.json.
     A write that fails (full disk, I/O error) removes the staging folder and raises one CheckpointError
     naming the checkpoint; the previous checkpoint and the `latest` pointer are untouched.
     """
     from uniperceiver.engine.distributed import barrier, is_sharded
 
+    step = state.step
     final = root / step_dir_name(step)
+    state.snapshot(parts.loader, parts.scaler, env.world_size)
     # Sharded (FSDP) state is gathered by every rank together; rank 0 receives the full tensors.
-    full = gather_full_state(model, optimizer) if is_sharded(model) else None
+    full = gather_full_state(parts.model, parts.optimizer) if is_sharded(parts.model) else None
     try:
         if env.is_main:
             tmp = begin_checkpoint(root, step)
-            trainer_state = {"step": step, "skipped_steps": skipped_steps, "world_size": env.world_size}
-            trainer_state.update(trainer_extra or {})
-            write_main_state(tmp, model, optimizer, scheduler, trainer_state, scaler, full)
+            write_main_state(tmp, parts, state.shared_dict(), full)
         barrier(env)
         tmp = staging_dir(root, step)
-        write_rank_state(tmp, env.rank, {"rng": capture_rng_state(), "data": loader.state_dict()})
+        write_rank_state(tmp, env.rank, state.rank_dict() or {})
         barrier(env)
         if env.is_main:
-            final = commit_checkpoint(root, step, keep, {"recipe": recipe.name, "stage": recipe.stage})
+            final = commit_checkpoint(root, step, keep, meta)
         barrier(env)
     except (OSError, StorageError) as exc:
         shutil.rmtree(staging_dir(root, step), ignore_errors=True)
         cause = exc if isinstance(exc, OSError) else exc.__cause__
-        reason = getattr(cause, "strerror", None) or str(exc)
+        reason = (cause.strerror if isinstance(cause, OSError) else None) or str(exc)
         raise CheckpointError(
             f"could not write checkpoint {final}: {reason}; the previous checkpoint is kept"
         ) from exc
@@ -351,64 +307,9 @@ def unsharded_copy(model: torch.nn.Module) -> UniPerceiver:
 # -- reading ------------------------------------------------------------------------------------
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return meta.json after checking that every listed file exists and matches its sha256."""
-    path = Path(path)
-    meta_path = path / META_NAME
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: no {META_NAME} (an incomplete or foreign checkpoint)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{meta_path}: malformed JSON ({exc})") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"):
-        if name not in meta["files"]:
-            raise CheckpointError(f"{meta_path}: lists no {name}")
-    for name, digest in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        actual = sha256_file(f)
-        if actual != digest:
-            raise CheckpointError(f"{f}: sha256 {actual[:12]}... does not match meta.json ({str(digest)[:12]}...)")
-    return meta
-
-
-def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None) -> Path | None:
-    """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none.
-
-    Every corrupt one on the way is reported through `warn` (default: `warnings.warn`), naming the
-    corrupt folder and the one used instead.
-    """
-    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
-    root = Path(ckpt_root)
-    candidates = list_checkpoints(root)
-    pointer = root / LATEST_NAME
-    if pointer.is_file():
-        named = root / pointer.read_text(encoding="utf-8").strip()
-        if named in candidates:
-            candidates.remove(named)
-            candidates.insert(0, named)
-    bad: list[tuple[Path, str]] = []
-    for cand in candidates:
-        try:
-            verify_checkpoint(cand)
-        except CheckpointError as exc:
-            bad.append((cand, str(exc)))
-            continue
-        for path, reason in bad:
-            warn(f"checkpoint {path} is corrupt ({reason}); falling back to {cand}")
-        return cand
-    for path, reason in bad:
-        warn(f"checkpoint {path} is corrupt ({reason}) and no older valid checkpoint exists")
-    return None
-
-
 @dataclass
 class TrainingCheckpoint:
-    """What `load_checkpoint` read back (every state on CPU)."""
+    """What `load_checkpoint` read back (every state on CPU); `state` is the saved TrainState."""
 
     path: Path
     step: int
@@ -416,17 +317,27 @@ class TrainingCheckpoint:
     model_state: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    trainer: dict[str, Any]
-    rank_state: dict[str, Any] | None
-    scaler: dict[str, Any] | None
+    state: TrainState
+
+    @property
+    def trainer(self) -> dict[str, Any]:
+        """The shared part of the state, as `trainer.pt` holds it."""
+        return self.state.shared_dict()
+
+    @property
+    def rank_state(self) -> dict[str, Any] | None:
+        """The loaded rank's part of the state (data cursors, RNG); None when the folder has none."""
+        return self.state.rank_dict()
 
 
 def load_checkpoint(path: Path, rank: int = 0) -> TrainingCheckpoint:
-    """Verify and read one step folder; `rank_state` is None when this rank has no saved file."""
+    """Verify and read one step folder; the state has no rank part when this rank saved no file."""
     path = Path(path)
     meta = verify_checkpoint(path)
     read_config(path)  # a clear error if config.json is unusable
     rank_file = path / f"rng-rank{rank}.pt"
+    shared = _torch_load(path / "trainer.pt")
+    mine = _torch_load(rank_file) if rank_file.is_file() else None
     return TrainingCheckpoint(
         path=path,
         step=int(meta["step"]),
@@ -434,9 +345,7 @@ def load_checkpoint(path: Path, rank: int = 0) -> TrainingCheckpoint:
         model_state=load_state(path),
         optimizer=_torch_load(path / "optimizer.pt"),
         scheduler=_torch_load(path / "scheduler.pt"),
-        trainer=_torch_load(path / "trainer.pt"),
-        rank_state=_torch_load(rank_file) if rank_file.is_file() else None,
-        scaler=_torch_load(path / "scaler.pt") if (path / "scaler.pt").is_file() else None,
+        state=TrainState.from_dicts(shared, mine, str(path)),
     )
 
 
@@ -466,6 +375,7 @@ def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None) -> Path:
 __all__ = [
     "LATEST_NAME",
     "TrainingCheckpoint",
+    "Trainables",
     "begin_checkpoint",
     "capture_rng_state",
     "commit_checkpoint",

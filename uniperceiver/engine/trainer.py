@@ -1,4 +1,4 @@
-"""One training loop for pre-training, prompt tuning and fine-tuning.
+"""One trainer for pre-training, prompt tuning and fine-tuning: `train(recipe, ...) -> TrainResult`.
 
 Per optimizer step, for each of `grad_accum` micro-steps: the sampler picks this rank's task, the
 loader hands over that task's next batch, the task's target set is encoded WITH gradients, and
@@ -6,69 +6,57 @@ loader hands over that task's next batch, the task's target set is encoded WITH 
 AdamW and the schedule step. Stages differ only in which parameters train (`tuning.py`), the data
 (few-shot fractions) and hyper-parameters: all of that comes from the recipe.
 
+This module builds a stage (model, data, optimizer, the TrainState, resumed or fresh) and hands
+it to the loop of named steps in `steps.py`; periodic evaluation is `periodic_eval.py`; what
+survives a restart is `train_state.TrainState`, saved whole by `train_checkpoint.py`.
+
 Guarantees:
-- exact resume: model, optimizer, schedule, data cursors, python / numpy / torch RNG states and
-  the step are restored, so on CPU a resumed run reproduces the uninterrupted losses;
+- exact resume: model, optimizer, schedule and the TrainState (step, data cursors, python / numpy /
+  torch RNG states, loss scale, logging window) are restored, so on CPU a resumed run reproduces
+  the uninterrupted losses;
 - a non-finite loss (or gradient norm) stops with an error naming step, task and sample ids
   (nan_policy "stop", the last good checkpoint stays on disk), or skips that step ("skip");
 - SIGTERM saves a checkpoint and returns `TrainResult(interrupted=True)` (the CLI exits 143);
-- library code reports through callbacks only (`progress`, `log`): no terminal I/O of its own.
+- library code reports through callbacks only (`progress`, `log`), on rank 0 only: other ranks
+  log to the `uniperceiver.engine` logger, so a job of N processes prints one story.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
-from torch import Tensor, nn
 
-from uniperceiver.engine import train_checkpoint as ckpt
+from uniperceiver.config.schema import Recipe
 from uniperceiver.engine import runs
+from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import (
-    DistEnv, any_flag, barrier, clip_gradients, finish_grads, full_params, init_distributed, is_fsdp,
-    shutdown_distributed, skip_grad_sync, wrap_model,
+    DistEnv, barrier, init_distributed, is_fsdp, shutdown_distributed, wrap_model,
 )
-from uniperceiver.engine.loader import LoadedBatch, MultiTaskLoader
+from uniperceiver.engine.loader import MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
+from uniperceiver.engine.periodic_eval import EvalHook, PeriodicEval, harness_hook
 from uniperceiver.engine.run_setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
-from uniperceiver.engine.targets import StepTargets, TargetSets
+from uniperceiver.engine.steps import (  # noqa: F401 - StepReport, TrainingDiverged: re-exported
+    Hooks, Loop, SigtermFlag, StepModule, StepReport, TrainingDiverged, run_loop, save_checkpoint,
+)
+from uniperceiver.engine.targets import TargetSets
+from uniperceiver.engine.train_state import TrainState
 from uniperceiver.engine.tuning import TuningInfo, setup_tuning
-from uniperceiver.errors import CheckpointError, ConfigError, UpctlError
+from uniperceiver.errors import CheckpointError, ConfigError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
 
 logger = logging.getLogger("uniperceiver.engine")
 
 Log = Callable[[str], None]
-EvalHook = Callable[[UniPerceiver, Sequence[Task], int], dict[str, float]]
-
-
-class TrainingDiverged(UpctlError):
-    """A non-finite loss or gradient norm with nan_policy "stop"."""
-
-
-@dataclass
-class StepReport:
-    """What the progress callback receives after every optimizer step (rank 0)."""
-
-    step: int
-    total: int
-    loss: float
-    lr: float
-    samples_per_s: float
-    eta_s: float | None
-    task: str
-    grad_norm: float | None = None
 
 
 @dataclass
@@ -86,8 +74,49 @@ class TrainResult:
     tuning: TuningInfo | None = None
     seconds: float = 0.0
     last_checkpoint: Path | None = None
+    #: Periodic-evaluation scores by step (those before a resume included).
+    evals: dict[int, dict[str, float]] = field(default_factory=dict)
     #: The trained model itself (this rank's copy), for callers that go on using it.
     model: UniPerceiver | None = field(default=None, repr=False)
+
+
+@dataclass
+class RunRequest:
+    """Where a run goes and how long it trains (`train`'s keywords; see its docstring)."""
+
+    output: str | Path | None = None
+    runs_root: str | Path | None = None
+    resume: str | Path | None = None
+    data_dir: str | Path | None = None
+    max_steps: int | None = None
+    device: str | None = None
+
+
+@dataclass
+class Callbacks:
+    """How a run talks to its caller: per-step progress, log lines, an evaluation hook, signals."""
+
+    progress: Callable[[StepReport], None] | None = None
+    log: Log = logger.info
+    evaluate: EvalHook | None = None
+    handle_sigterm: bool = True
+
+    def for_rank(self, env: DistEnv) -> "Callbacks":
+        """Rank 0 keeps the caller's callbacks; other ranks report no progress and log to `logger`."""
+        if env.is_main:
+            return self
+
+        def log(message: str) -> None:
+            logger.info("rank %d: %s", env.rank, message)
+
+        return replace(self, progress=None, log=log)
+
+
+@dataclass
+class _Context:
+    env: DistEnv
+    request: RunRequest
+    calls: Callbacks
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -109,49 +138,14 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     raise ConfigError(f"train.precision={precision!r}; expected auto, fp32, bf16 or fp16")
 
 
-class _StepModule(nn.Module):
-    """The forward of one micro-step, as a module so DDP sees every parameter the step used."""
-
-    def __init__(self, model: UniPerceiver) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, task: Task, batch: dict[str, Any], targets: StepTargets) -> tuple[Tensor, dict[str, float]]:
-        feats, tie = targets.encode(self.model)
-        loss, stats = task.loss(self.model, batch, feats)
-        if tie is not None:
-            loss = loss + tie
-        return loss, stats
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
 
 
-class _SigtermFlag:
-    """SIGTERM sets a flag checked after each step (only installable in the main thread)."""
-
-    def __init__(self) -> None:
-        self.raised = False
-        self._old: Any = None
-
-    def __enter__(self) -> "_SigtermFlag":
-        if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.raised = True
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def train(
-    recipe: Any,
+    recipe: Recipe,
     *,
     output: str | Path | None = None,
     runs_root: str | Path | None = None,
@@ -169,326 +163,202 @@ def train(
     output: the run folder (default: a new `runs/<stage>-<task>-<time>/` under runs_root).
     resume: None, "auto" (newest valid checkpoint of `output`, or of the newest run of the same
     recipe) or a path (a step folder, a checkpoints folder or a run folder).
+    progress / log: called on rank 0 only (default log: the `uniperceiver.engine` logger).
+    evaluate: the periodic evaluation every `train.eval_every` steps, hook(model, tasks, step) ->
+    {"task/metric": value}; default `periodic_eval.harness_hook(recipe.eval)`.
     """
-    say = log or logger.info
-    stages = list(getattr(recipe, "stages", None) or [])
-    if not stages:
-        preflight(recipe, data_dir)
-    else:
-        from uniperceiver.config import expand_stages
-
-        expanded = expand_stages(recipe)
-        for i, (_, sub) in enumerate(expanded):
-            if i > 0:
-                sub.model.checkpoint = None  # comes from the previous stage
-            preflight(sub, data_dir)
+    request = RunRequest(output, runs_root, resume, data_dir, max_steps, device)
+    calls = Callbacks(progress, log or logger.info, evaluate, handle_sigterm)
+    stages = _expanded_stages(recipe, data_dir)
     env = init_distributed(device)
     try:
+        ctx = _Context(env, request, calls.for_rank(env))
         if not stages:
-            run_dir, start = prepare_run_dir(recipe, output, runs_root, resume, env, say)
-            return _train_one(recipe, run_dir, start, env, data_dir, max_steps, progress, say, evaluate, handle_sigterm)
-        run_dir, _ = prepare_run_dir(recipe, output, runs_root, resume, env, say, want_checkpoint=False)
-        previous: Path | None = None
-        result: TrainResult | None = None
-        for i, (name, sub) in enumerate(expanded):
-            if previous is not None:
-                sub.model.checkpoint = str(previous)
-            sub_dir = run_dir / f"stage-{i + 1}-{name}"
-            final = sub_dir / runs.FINAL_NAME
-            if resume is not None and (final / "model.safetensors").is_file():
-                say(f"stage {i + 1} ({name}) already finished: {final}")
-                previous = final
-                continue
-            sub_dir.mkdir(parents=True, exist_ok=True)
-            start = None
-            if resume is not None:
-                start = ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say)
-            say(f"stage {i + 1}/{len(expanded)} ({name}) -> {sub_dir}")
-            result = _train_one(sub, sub_dir, start, env, data_dir, max_steps, progress, say, evaluate, handle_sigterm)
-            if result.interrupted:
-                result.run_dir = run_dir
-                return result
-            previous = result.final_dir
-        if result is None:  # every stage had finished before
-            return TrainResult(run_dir=run_dir, final_dir=previous, step=0, max_steps=0)
-        result.run_dir = run_dir
-        return result
+            run_dir, start = prepare_run_dir(recipe, output, runs_root, resume, env, ctx.calls.log)
+            return _train_stage(recipe, run_dir, start, ctx)
+        return _train_stages(recipe, stages, ctx)
     finally:
         shutdown_distributed(env)
 
 
-def _train_one(
-    recipe: Any,
-    run_dir: Path,
-    start: Path | None,
-    env: DistEnv,
-    data_dir: str | Path | None,
-    max_steps: int | None,
-    progress: Callable[[StepReport], None] | None,
-    say: Log,
-    evaluate: EvalHook | None,
-    handle_sigterm: bool,
-) -> TrainResult:
+def _expanded_stages(recipe: Recipe, data_dir: str | Path | None) -> list[tuple[str, Recipe]]:
+    """The stage recipes of a multi-stage recipe ([] for a plain one), each checked by `preflight`."""
+    if not recipe.stages:
+        preflight(recipe, data_dir)
+        return []
+    from uniperceiver.config import expand_stages
+
+    expanded = expand_stages(recipe)
+    for i, (_, sub) in enumerate(expanded):
+        if i > 0:
+            sub.model.checkpoint = None  # comes from the previous stage
+        preflight(sub, data_dir)
+    return expanded
+
+
+def _train_stages(recipe: Recipe, stages: list[tuple[str, Recipe]], ctx: _Context) -> TrainResult:
+    """Each stage in its own `stage-<i>-<name>/` folder, starting from the previous one's final weights."""
+    req, say = ctx.request, ctx.calls.log
+    run_dir, _ = prepare_run_dir(recipe, req.output, req.runs_root, req.resume, ctx.env, say, want_checkpoint=False)
+    previous: Path | None = None
+    result: TrainResult | None = None
+    for i, (name, sub) in enumerate(stages):
+        if previous is not None:
+            sub.model.checkpoint = str(previous)
+        sub_dir = run_dir / f"stage-{i + 1}-{name}"
+        final = sub_dir / runs.FINAL_NAME
+        if req.resume is not None and (final / "model.safetensors").is_file():
+            say(f"stage {i + 1} ({name}) already finished: {final}")
+            previous = final
+            continue
+        sub_dir.mkdir(parents=True, exist_ok=True)
+        start = ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say) if req.resume is not None else None
+        say(f"stage {i + 1}/{len(stages)} ({name}) -> {sub_dir}")
+        result = _train_stage(sub, sub_dir, start, ctx)
+        result.run_dir = run_dir
+        if result.interrupted:
+            return result
+        previous = result.final_dir
+    return result if result is not None else TrainResult(run_dir=run_dir, final_dir=previous, step=0, max_steps=0)
+
+
+def _train_stage(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Context) -> TrainResult:
+    """Build one stage, run its loop, write its final weights."""
+    loop, state, tuning = _build_loop(recipe, run_dir, start, ctx)
+    try:
+        with SigtermFlag() if ctx.calls.handle_sigterm else nullcontext() as sig:
+            loop.hooks.sigterm = sig
+            interrupted = run_loop(loop, state)
+            final_model, final_dir = _finish(loop, state, interrupted)
+    finally:
+        loop.parts.loader.close()
+        if loop.metrics is not None:
+            loop.metrics.close()
+            runs.plot_curves(run_dir)
+    return TrainResult(
+        run_dir=run_dir, final_dir=final_dir, step=state.step, max_steps=loop.total, interrupted=interrupted,
+        resumed_from=start, history=loop.history, skipped_steps=state.skipped_steps,
+        skipped_media={k: dict(v) for k, v in loop.parts.loader.skipped.items()}, tuning=tuning,
+        seconds=time.perf_counter() - loop.began, last_checkpoint=loop.last_checkpoint, evals=dict(state.evals),
+        model=final_model,
+    )
+
+
+def _finish(loop: Loop, state: TrainState, interrupted: bool) -> tuple[UniPerceiver, Path | None]:
+    """A plain model with the full weights (FSDP: a collective) and, unless interrupted, the last
+    checkpoint and final/ (the weights later stages and evaluation load)."""
+    final_model = ckpt.unsharded_copy(loop.parts.model) if is_fsdp(loop.wrapped) else loop.parts.model
+    if interrupted:
+        return final_model, None
+    if loop.last_checkpoint is None or ckpt.step_dir_name(state.step) != Path(loop.last_checkpoint).name:
+        save_checkpoint(loop, state)
+    final_dir = loop.run_dir / runs.FINAL_NAME
+    if loop.env.is_main:
+        from uniperceiver.modeling.model_dir import save_model
+
+        rec = loop.recipe
+        save_model(final_model, final_dir, extra={"recipe": rec.name, "stage": rec.stage, "step": state.step})
+    barrier(loop.env)
+    return final_model, final_dir
+
+
+# -- building a stage ---------------------------------------------------------------------------------
+
+
+def _build_loop(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Context) -> tuple[Loop, TrainState, TuningInfo]:
+    """Everything the loop needs, in an order that keeps runs reproducible: the model is built
+    right after seeding (identical on every rank), then every rank reseeds with its own seed, and a
+    resumed state's RNG is put back last."""
     began = time.perf_counter()
-    tr = recipe.train
-    total = int(max_steps if max_steps is not None else tr.max_steps)
+    env, tr, say = ctx.env, recipe.train, ctx.calls.log
+    total = int(ctx.request.max_steps if ctx.request.max_steps is not None else tr.max_steps)
     if total <= 0:
         raise ConfigError(f"--max-steps must be positive, got {total}")
-    seed = int(tr.seed)
-    amp_dtype = resolve_precision(str(tr.precision), env.device)
-
-    seed_everything(seed)  # identical initialisation on every rank
+    amp_dtype = resolve_precision(tr.precision, env.device)
+    seed_everything(tr.seed)  # identical initialisation on every rank
     model = build_training_model(recipe)
-    tuning = setup_tuning(model, str(recipe.tune.mode))
+    tuning = setup_tuning(model, recipe.tune.mode)
     model.to(env.device)
-    tasks, examples = build_training_tasks(recipe, model.cfg, data_dir, env)
-    if getattr(tr, "compile", False):
-        model.encoder.compile()
+    tasks, loader = _build_data(recipe, model, ctx)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    seed_everything(tr.seed + env.rank)
+    saved = _read_start(start, model, env)  # the weights go in before wrapping: FSDP shards what the model holds
+    wrapped = wrap_model(StepModule(model), env, tr.sharding, amp_dtype)
+    # Built after wrapping: FSDP replaces the parameters by sharded ones (DDP keeps them).
+    optimizer = build_optimizer(model, recipe.optim)
+    parts = ckpt.Trainables(model, optimizer, build_scheduler(optimizer, recipe.optim, total), scaler, loader)
+    state = _resume(saved, parts, run_dir, ctx) if saved is not None else TrainState(world_size=env.world_size)
+    precision = "fp32" if amp_dtype is None else str(amp_dtype).replace("torch.", "")
+    ranks = f" x {env.world_size} ranks ({'fsdp' if is_fsdp(wrapped) else 'ddp'})" if env.distributed else ""
+    say(f"{recipe.stage} {', '.join(t.cfg.name for t in tasks)}: {total} steps, {tuning.describe()}, "
+        f"{precision} on {env.device}{ranks} -> {run_dir}")
+    metrics = _open_metrics(recipe, run_dir, total, fresh=start is None, env=env)
+    hooks = Hooks(ctx.calls.progress, say, _periodic_eval(recipe, ctx.calls, metrics, began))
+    model.train()
+    loop = Loop(recipe=recipe, env=env, parts=parts, wrapped=wrapped, tasks=tasks, targets=TargetSets(tasks, tr.seed),
+                amp_dtype=amp_dtype, total=total, run_dir=run_dir, hooks=hooks, metrics=metrics,
+                began=began, trainable=[p for p in model.parameters() if p.requires_grad],
+                last_checkpoint=start)
+    return loop, state, tuning
+
+
+def _build_data(recipe: Recipe, model: UniPerceiver, ctx: _Context) -> tuple[list[Task], MultiTaskLoader]:
+    """The tasks (their prepared datasets opened) and the loader of this rank's batches."""
+    env, tr = ctx.env, recipe.train
+    tasks, examples = build_training_tasks(recipe, model.cfg, ctx.request.data_dir, env)
+    if tr.compile:
+        model.encoder.compile()
     loader = MultiTaskLoader(
         tasks, examples,
         weights=[t.cfg.sample_weight for t in tasks], batch_sizes=[t.cfg.batch_size for t in tasks],
-        seed=seed, rank=env.rank, world_size=env.world_size, num_workers=int(tr.num_workers),
-        pin_memory=env.device.type == "cuda" and int(tr.num_workers) > 0,
+        seed=tr.seed, rank=env.rank, world_size=env.world_size, num_workers=tr.num_workers,
+        pin_memory=env.device.type == "cuda" and tr.num_workers > 0,
     )
-    targets = TargetSets(tasks, seed)
-    names = [t.cfg.name for t in tasks]
-    step = 0
-    skipped_steps = 0
-    restored_window: list[tuple[str, float, dict[str, float]]] = []
-    restored_samples = 0
-    seed_everything(seed + env.rank)
-    state = ckpt.load_checkpoint(start, env.rank) if start is not None else None
-    if state is not None:  # the weights go in before wrapping: FSDP shards what the model holds
-        try:
-            ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in state.model_state.items()}, str(start))
-        except CheckpointError as exc:
-            raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
-    step_module = _StepModule(model)
-    ddp = wrap_model(step_module, env, str(getattr(tr, "sharding", "ddp")), amp_dtype)
-    # Built after wrapping: FSDP replaces the parameters by sharded ones (DDP keeps them).
-    optimizer = build_optimizer(model, recipe.optim)
-    scheduler = build_scheduler(optimizer, recipe.optim, total)
-    if state is not None:
-        ckpt.load_optimizer_state(model, optimizer, state.optimizer, str(start))
-        scheduler.load_state_dict(state.scheduler)
-        if state.scaler is not None:
-            scaler.load_state_dict(state.scaler)
-        step = int(state.trainer["step"])
-        skipped_steps = int(state.trainer.get("skipped_steps", 0))
-        restored_window = [(str(n), float(v), dict(st)) for n, v, st in state.trainer.get("log_window", [])]
-        restored_samples = int(state.trainer.get("log_window_samples", 0))
-        if state.rank_state is not None:
-            fresh = loader.load_state_dict(state.rank_state["data"])
-            if fresh:
-                say(f"checkpoint has no data cursor for task(s) {', '.join(fresh)}: they start from the beginning")
-            ckpt.restore_rng_state(state.rank_state["rng"])
-        else:
-            say(f"checkpoint {start} has no state for rank {env.rank} (another world size): data cursors restart")
-        if env.is_main:
-            runs.truncate_metrics(run_dir, step)
-        say(f"resumed from {start} at step {step}")
-    say(f"{recipe.stage} {', '.join(names)}: {total} steps, {tuning.describe()}, "
-        f"{'fp32' if amp_dtype is None else str(amp_dtype).replace('torch.', '')} on {env.device}"
-        + (f" x {env.world_size} ranks ({'fsdp' if is_fsdp(ddp) else 'ddp'})" if env.distributed else "") + f" -> {run_dir}")
-    if env.is_main and start is None:
-        runs.truncate_metrics(run_dir, 0)  # a fresh start in a reused folder: no stale rows
-    if env.is_main:
-        runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": names,
-                                      "max_steps": total, "world_size": env.world_size})
-    metrics = runs.MetricsLog(run_dir) if env.is_main else None
-    model.train()
-    result = TrainResult(run_dir=run_dir, final_dir=None, step=step, max_steps=total, resumed_from=start,
-                         tuning=tuning, skipped_steps=skipped_steps, last_checkpoint=start, model=model)
-    accum = int(tr.grad_accum)
-    params = [p for p in model.parameters() if p.requires_grad]
-    clip = float(recipe.optim.clip_grad or 0.0)
-    # The logging window (steps since the last metrics row) is part of the checkpoint, so a run
-    # resumed between two log rows writes the same rows as an uninterrupted one.
-    window: list[tuple[str, float, dict[str, float]]] = list(restored_window)
-    window_samples = restored_samples
-    window_start = time.perf_counter()
-    step_times: list[float] = []
-    ckpt_root = run_dir / runs.CKPT_DIR
+    return tasks, loader
 
-    def save(at: int) -> Path:
-        extra = {"log_window": [(n, v, dict(st)) for n, v, st in window], "log_window_samples": window_samples}
-        path = ckpt.save_training_checkpoint(ckpt_root, at, model, optimizer, scheduler, scaler, loader, skipped_steps,
-                                             int(tr.keep_checkpoints), env, recipe, extra)
-        result.last_checkpoint = path
-        if env.is_main:
-            runs.plot_curves(run_dir)
-        return path
 
+def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv) -> ckpt.TrainingCheckpoint | None:
+    """The checkpoint to resume (None for a fresh start), its weights already copied into `model`."""
+    if start is None:
+        return None
+    saved = ckpt.load_checkpoint(start, env.rank)
     try:
-        with (_SigtermFlag() if handle_sigterm else nullcontext()) as sig:
-            while step < total:
-                t0 = time.perf_counter()
-                lr = scheduler.current_lr()
-                bad: tuple[str, list[str], float] | None = None
-                step_tasks: list[str] = []
-                losses: list[float] = []
-                step_samples = 0
-                for micro in range(accum):
-                    item = _next_nonempty(loader)
-                    if env.device.type == "cuda":
-                        item.batch = _to_device(item.batch, env.device)
-                    task = tasks[item.spec.task]
-                    name = names[item.spec.task]
-                    plan = targets.plan(item.spec.task, step, micro, env)
-                    sync = env.distributed and micro < accum - 1
-                    with skip_grad_sync(ddp, sync):
-                        with torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            loss, stats = ddp(task, item.batch, plan)
-                        value = float(loss.detach().float().item())
-                        finite = math.isfinite(value)
-                        if not finite and bad is None:
-                            bad = (name, item.ids, value)
-                        weighted = loss.float() * float(task.cfg.loss_weight) / accum
-                        if finite or env.distributed:  # DDP needs every backward it started
-                            scaler.scale(weighted).backward()
-                    window_samples += item.size
-                    step_samples += item.size
-                    step_tasks.append(name)
-                    losses.append(value)
-                    result.history.append((step + 1, name, value))
-                    window.append((name, value, dict(stats)))
-                finish_grads(ddp, env)
-                any_bad = any_flag(bad is not None, env)
-                grad_norm: float | None = None
-                if not any_bad:
-                    scaler.unscale_(optimizer)
-                    norm = clip_gradients(params, clip if clip > 0 else float("inf"))
-                    grad_norm = float(norm)
-                    if not math.isfinite(grad_norm) and not scaler.is_enabled():
-                        bad = (",".join(dict.fromkeys(step_tasks)), [], grad_norm)
-                        any_bad = True
-                if any_bad:
-                    if str(tr.nan_policy) == "stop":
-                        raise _diverged(step + 1, bad, env, result.last_checkpoint)
-                    skipped_steps += 1
-                    result.skipped_steps = skipped_steps
-                    optimizer.zero_grad(set_to_none=True)  # (the fp16 scaler keeps its scale)
-                    say(f"step {step + 1}: non-finite loss or gradient, step skipped (nan_policy=skip)")
-                else:
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                result.step = step
-                step_times.append(time.perf_counter() - t0)
-                mean_loss = float(np.mean([v for v in losses if math.isfinite(v)])) if any(map(math.isfinite, losses)) else float("nan")
-                if metrics is not None and (step % int(tr.log_every) == 0 or step == total):
-                    elapsed = time.perf_counter() - window_start
-                    _log_window(metrics, step, window, lr, grad_norm, window_samples / max(elapsed, 1e-9),
-                                time.perf_counter() - began)
-                    window, window_samples, window_start = [], 0, time.perf_counter()
-                if progress is not None and env.is_main:
-                    recent = step_times[-20:]
-                    per = sum(recent) / len(recent)
-                    progress(StepReport(step, total, mean_loss, lr, step_samples / max(step_times[-1], 1e-9),
-                                        per * (total - step), "+".join(dict.fromkeys(step_tasks)), grad_norm))
-                if evaluate is not None and int(tr.eval_every) > 0 and step % int(tr.eval_every) == 0:
-                    with full_params(ddp):
-                        scores = evaluate(model, tasks, step)
-                    model.train()
-                    if metrics is not None and scores:
-                        metrics.write(step, "eval", "", scores, time.perf_counter() - began)
-                stop = any_flag(sig is not None and sig.raised, env) if handle_sigterm else False
-                if stop:
-                    path = save(step)
-                    say(f"SIGTERM: saved {path} at step {step}; resume with --resume auto")
-                    result.interrupted = True
-                    break
-                if int(tr.ckpt_every) > 0 and step % int(tr.ckpt_every) == 0 and step < total:
-                    save(step)
-        final_model = ckpt.unsharded_copy(model) if is_fsdp(ddp) else model  # FSDP: a collective
-        result.model = final_model  # callers get a plain model with the full weights
-        if not result.interrupted:
-            if result.last_checkpoint is None or ckpt.step_dir_name(step) != Path(result.last_checkpoint).name:
-                save(step)
-            if env.is_main:
-                from uniperceiver.modeling.model_dir import save_model
-
-                result.final_dir = save_model(final_model, run_dir / runs.FINAL_NAME,
-                                              extra={"recipe": recipe.name, "stage": recipe.stage, "step": step})
-            barrier(env)
-            if result.final_dir is None:
-                result.final_dir = run_dir / runs.FINAL_NAME
-    finally:
-        loader.close()
-        if metrics is not None:
-            metrics.close()
-            runs.plot_curves(run_dir)
-    result.skipped_media = {k: dict(v) for k, v in loader.skipped.items()}
-    result.seconds = time.perf_counter() - began
-    return result
+        ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in saved.model_state.items()}, str(start))
+    except CheckpointError as exc:
+        raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
+    return saved
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Tensors of a batch (nested in dicts / lists / tuples) to the GPU; pinned ones asynchronously."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=value.is_pinned())
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
+def _resume(saved: ckpt.TrainingCheckpoint, parts: ckpt.Trainables, run_dir: Path, ctx: _Context) -> TrainState:
+    """Optimizer and schedule state in, then the TrainState back into the loader, scaler and RNG."""
+    ckpt.load_optimizer_state(parts.model, parts.optimizer, saved.optimizer, str(saved.path))
+    parts.scheduler.load_state_dict(saved.scheduler)
+    state = saved.state
+    state.restore(parts.loader, parts.scaler, ctx.calls.log)
+    if ctx.env.is_main:
+        runs.truncate_metrics(run_dir, state.step)  # rows logged after the checkpoint are redone
+    ctx.calls.log(f"resumed from {saved.path} at step {state.step}")
+    return state
 
 
-def _next_nonempty(loader: MultiTaskLoader) -> LoadedBatch:
-    """The next draw with at least one loadable sample (empty draws are counted by the loader)."""
-    while True:
-        item = next(loader)
-        if item.batch is not None:
-            return item
+def _open_metrics(recipe: Recipe, run_dir: Path, total: int, *, fresh: bool, env: DistEnv) -> runs.MetricsLog | None:
+    """Rank 0's metrics log (None elsewhere); a fresh start in a reused folder drops stale rows."""
+    if not env.is_main:
+        return None
+    if fresh:
+        runs.truncate_metrics(run_dir, 0)
+    runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": [t.name for t in recipe.tasks],
+                                  "max_steps": total, "world_size": env.world_size})
+    return runs.MetricsLog(run_dir)
 
 
-def _diverged(step: int, bad: tuple[str, list[str], float] | None, env: DistEnv, last: Path | None) -> TrainingDiverged:
-    keep = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
-    if bad is None:
-        return TrainingDiverged(f"step {step}: another rank got a non-finite loss (this is rank {env.rank}); {keep}")
-    task, ids, value = bad
-    shown = ", ".join(ids[:8]) + (f" ... ({len(ids)} samples)" if len(ids) > 8 else "")
-    what = "gradient norm" if not ids else "loss"
-    where = f" on samples [{shown}]" if ids else ""
-    return TrainingDiverged(
-        f"step {step}: task {task!r} gave a non-finite {what} ({value}){where}; {keep}; lower optim.lr, "
-        "check the data, or set train.nan_policy=skip"
-    )
+def _periodic_eval(recipe: Recipe, calls: Callbacks, metrics: runs.MetricsLog | None, began: float) -> PeriodicEval:
+    """The caller's evaluation hook, else the harness on every task, every `train.eval_every` steps."""
+    hook = calls.evaluate if calls.evaluate is not None else harness_hook(recipe.eval)
+    return PeriodicEval(recipe.train.eval_every, hook, metrics, calls.log, began)
 
 
-def _log_window(
-    metrics: runs.MetricsLog,
-    step: int,
-    window: list[tuple[str, float, dict[str, float]]],
-    lr: float,
-    grad_norm: float | None,
-    samples_per_s: float,
-    time_s: float,
-) -> None:
-    """Rows for the window since the last log: per task mean loss and stats; lr, grad norm, speed."""
-    by_task: dict[str, list[tuple[float, dict[str, float]]]] = {}
-    for name, value, stats in window:
-        by_task.setdefault(name, []).append((value, stats))
-    finite_all = [v for _, v, _ in window if math.isfinite(v)]
-    head = {"lr": lr, "samples_per_s": samples_per_s}
-    if finite_all:
-        head["loss"] = float(np.mean(finite_all))
-    if grad_norm is not None:
-        head["grad_norm"] = grad_norm
-    metrics.write(step, "train", "", head, time_s)
-    for name, rows in sorted(by_task.items()):
-        vals = [v for v, _ in rows if math.isfinite(v)]
-        out: dict[str, float] = {"loss": float(np.mean(vals))} if vals else {}
-        keys = sorted({k for _, s in rows for k in s})
-        for k in keys:
-            xs = [float(s[k]) for _, s in rows if k in s and isinstance(s[k], (int, float))]
-            if xs:
-                out[k] = float(np.mean(xs))
-        if out:
-            metrics.write(step, "train", name, out, time_s)
-
-
-__all__ = ["EvalHook", "StepReport", "TrainResult", "TrainingDiverged", "resolve_precision", "train"]
+__all__ = [
+    "Callbacks", "EvalHook", "RunRequest", "StepReport", "TrainResult", "TrainingDiverged", "resolve_precision",
+    "seed_everything", "train",
+]

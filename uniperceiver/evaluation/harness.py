@@ -6,6 +6,9 @@ evaluation and user-defined tasks all evaluate the same way, so they report comp
     result = evaluate_task(model, task, split="val", limit=100, target_cache=TargetCache(dir))
     result.metrics, result.predictions, result.num_samples, result.skipped, result.seconds
 
+From a checkpoint on disk (model folder, run folder) rather than a model in memory, use
+`uniperceiver.evaluation.api.evaluate_checkpoint`, which resolves, loads and calls this.
+
 Samples whose media cannot be read are skipped and counted by kind (`missing_media`,
 `unreadable_media`, ...): the metric covers `num_samples` samples, never silently fewer. Under
 `torchrun` every rank evaluates a strided shard (`rank::world`) and the predictions are gathered
@@ -15,8 +18,10 @@ run (up to float noise from different batch compositions).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,10 +30,11 @@ from torch import Tensor
 
 from uniperceiver.errors import DataError, MediaError, UpctlError
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
-from uniperceiver.tasks.base import Task, encode_targets
+from uniperceiver.tasks.base import Task
 from uniperceiver.utils.progress import Progress
 
 __all__ = [
+    "EvalOptions",
     "EvalResult",
     "evaluate_task",
     "target_features",
@@ -39,10 +45,14 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class EvalResult:
-    """What one evaluation produced; `predictions` are in split order, one per evaluated sample."""
+    """What one evaluation produced; `predictions` are in split order, one per evaluated sample.
+
+    `evaluate_task` fills the first block; `evaluate_checkpoint` (evaluation/api.py) also fills
+    `checkpoint`, `checkpoint_default`, `target_cache` and `extras` (the task's
+    `evaluation_extras()` plus facts of the request such as the custom task's candidates).
+    """
 
     metrics: dict[str, float]
     predictions: list[dict]
@@ -53,18 +63,60 @@ class EvalResult:
     split: str = ""
     #: Samples asked for (the split, or its first `limit`): num_samples + sum(skipped).
     requested: int = 0
+    dataset: str = ""
+    family: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    #: The model folder the weights came from, and whether it was picked by default (newest pre-training run).
+    checkpoint: Path | None = None
+    checkpoint_default: bool = False
+    #: Target-feature cache counters: {"dir", "hits", "disk_hits", "misses"}.
+    target_cache: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able summary without the predictions (they may hold tensors)."""
-        return {
+        """JSON-able record without the predictions (they may hold tensors): what `--json` files hold."""
+        out: dict[str, Any] = {
             "task": self.task,
             "split": self.split,
+            "dataset": self.dataset,
+            "family": self.family,
+            "options": dict(self.options),
             "metrics": dict(self.metrics),
             "num_samples": self.num_samples,
             "requested": self.requested,
             "skipped": dict(self.skipped),
             "seconds": round(self.seconds, 3),
         }
+        if self.checkpoint is not None:
+            out["checkpoint"] = str(Path(self.checkpoint).absolute())
+            out["checkpoint_default"] = self.checkpoint_default
+        if self.target_cache:
+            out["target_cache"] = dict(self.target_cache)
+        out.update(self.extras)
+        return out
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `evaluate_task` runs: everything but the model and the task.
+
+    `limit` keeps the first N samples of the split (before sharding, so every world size scores
+    the same samples). `batch_size` defaults to the task's `eval_batch_size`. `model_key` names the
+    weights for the target cache (default: `state_digest`). `samples` replaces
+    `task.examples(split)` (custom tasks, tests). `rank` / `world_size` default to
+    torch.distributed's; given explicitly without a process group, only that shard is evaluated
+    and scored (manual sharding across separate jobs).
+    """
+
+    split: str = "val"
+    limit: int | None = None
+    batch_size: int | None = None
+    progress: Progress | None = None
+    target_cache: TargetCache | None = None
+    model_key: str | None = None
+    rank: int | None = None
+    world_size: int | None = None
+    samples: Sequence[dict] | None = None
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -77,24 +129,24 @@ def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[i
     return (0 if rank is None else int(rank)), (1 if world_size is None else int(world_size))
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def target_features(
     model: torch.nn.Module,
     task: Task,
     cache: TargetCache | None = None,
     model_key: str | None = None,
 ) -> Tensor | None:
-    """The encoded shared candidates of `task` (None when it has none, e.g. retrieval).
-
-    A family whose candidates are not plain texts (example images) provides
-    `encode_target_set(model, target_set) -> [N, D]`; otherwise `encode_targets` is used.
-    """
+    """The encoded shared candidates of `task` (None when it has none, e.g. retrieval), through
+    `task.encode_target_set` and, when given, the cache (keyed by weights and `TargetSet.key`)."""
     ts = task.target_set()
     if ts is None:
         return None
-    custom = getattr(task, "encode_target_set", None)
 
     def compute() -> Tensor:
-        return custom(model, ts) if callable(custom) else encode_targets(model, ts)  # type: ignore[arg-type]
+        return task.encode_target_set(model, ts)  # type: ignore[arg-type]
 
     if cache is None:
         with torch.no_grad():
@@ -120,89 +172,98 @@ def _skip_reason(exc: MediaError) -> str:
     return f"{exc.kind}_media"
 
 
-def evaluate_task(
-    model: torch.nn.Module,
-    task: Task,
-    split: str = "val",
-    limit: int | None = None,
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-    target_cache: TargetCache | None = None,
-    *,
-    model_key: str | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    samples: Sequence[dict] | None = None,
-) -> EvalResult:
-    """Evaluate `task` on `split` and return metrics plus per-sample predictions.
+def evaluate_task(model: torch.nn.Module, task: Task, options: EvalOptions | None = None, **fields: Any) -> EvalResult:
+    """Evaluate `task` on a split and return metrics plus per-sample predictions.
 
-    `limit` keeps the first N samples of the split (before sharding, so every world size scores
-    the same samples). `batch_size` defaults to the task option `eval_batch_size`, else the task's
-    batch size. `model_key` names the weights for the target cache (default: `state_digest`).
-    `samples` replaces `task.examples(split)` (used by custom tasks and tests).
-    `rank` / `world_size` default to torch.distributed's; given explicitly without a process
-    group, only that shard is evaluated and scored (manual sharding across separate jobs).
+    Settings come as an `EvalOptions` or as its fields by keyword (`split="val", limit=100,
+    batch_size=8, progress=..., target_cache=..., model_key=..., rank=..., world_size=...,
+    samples=...`), which the trainer's periodic evaluation and the tests use.
     Raises DataError when the split is empty or no sample could be loaded.
     """
+    opts = dataclasses.replace(options, **fields) if options is not None else EvalOptions(**fields)
     start = time.perf_counter()
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module  # tasks call encode / logits on the model itself; no DDP sync at eval
-    rank, world = dist_info(rank, world_size)
-    if limit is not None and limit < 1:
-        raise UpctlError(f"--limit must be a positive number of samples, got {limit}")
-    examples = list(task.examples(split) if samples is None else samples)
-    if limit is not None:
-        examples = examples[:limit]
-    name = task.cfg.name
-    if not examples:
-        raise DataError(f"task {name!r}: split {split!r} has no samples to evaluate")
-    bs = int(batch_size or task.cfg.option("eval_batch_size", task.cfg.batch_size))
+    rank, world = dist_info(opts.rank, opts.world_size)
+    examples = _examples(task, opts)
+    bs = int(opts.batch_size or task.eval_batch_size)
     if bs < 1:
         raise UpctlError(f"batch size must be positive, got {bs}")
+    local, skipped = _predict(model, task, examples, opts, rank, world, bs)
+    gather = world > 1 and _distributed()
+    merged, skipped = _gather(local, skipped, world) if gather else (local, skipped)
+    predictions = _in_split_order(task, merged, skipped, len(examples), opts.split)
+    cfg = task.cfg
+    return EvalResult(
+        metrics=_compute_metrics(task, predictions, rank, world if gather else 1),
+        predictions=predictions,
+        num_samples=len(predictions),
+        skipped=dict(sorted(skipped.items())),
+        seconds=time.perf_counter() - start,
+        task=cfg.name,
+        split=opts.split,
+        requested=len(examples) if gather or world == 1 else len(range(rank, len(examples), world)),
+        dataset=cfg.dataset,
+        family=cfg.family,
+        options=dict(cfg.options),
+    )
 
+
+def _examples(task: Task, opts: EvalOptions) -> list[dict]:
+    """The split's samples (or `opts.samples`), cut to `opts.limit`; an empty result is an error."""
+    if opts.limit is not None and opts.limit < 1:
+        raise UpctlError(f"--limit must be a positive number of samples, got {opts.limit}")
+    examples = list(task.examples(opts.split) if opts.samples is None else opts.samples)
+    if opts.limit is not None:
+        examples = examples[: opts.limit]
+    if not examples:
+        raise DataError(f"task {task.cfg.name!r}: split {opts.split!r} has no samples to evaluate")
+    return examples
+
+
+def _predict(model: torch.nn.Module, task: Task, examples: list[dict], opts: EvalOptions, rank: int, world: int,
+             bs: int) -> tuple[list[tuple[int, dict]], dict[str, int]]:
+    """This rank's predictions in eval mode without gradients; the model's mode is restored after."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if target_cache is not None and model_key is None:
+            model_key = opts.model_key
+            if opts.target_cache is not None and model_key is None:
                 model_key = model_key_for(model)
-            targets = target_features(model, task, target_cache, model_key)
-            local, skipped = _run_shard(model, task, examples, rank, world, bs, targets, progress, split)
+            targets = target_features(model, task, opts.target_cache, model_key)
+            return _run_shard(model, task, examples, rank, world, bs, targets, opts.progress, opts.split)
     finally:
         model.train(was_training)
 
-    gather = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-    if gather:
-        gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, (local, skipped))
-        merged: list[tuple[int, dict]] = []
-        skipped = {}
-        for part_preds, part_skipped in gathered:
-            merged.extend(part_preds)
-            for reason, count in part_skipped.items():
-                skipped[reason] = skipped.get(reason, 0) + count
-    else:
-        merged = local
-    merged.sort(key=lambda pair: pair[0])
+
+def _gather(local: list[tuple[int, dict]], skipped: dict[str, int], world: int
+            ) -> tuple[list[tuple[int, dict]], dict[str, int]]:
+    """Every rank's (index, prediction) pairs and skip counts, merged on every rank."""
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, (local, skipped))
+    merged: list[tuple[int, dict]] = []
+    total: dict[str, int] = {}
+    for part_preds, part_skipped in gathered:
+        merged.extend(part_preds)
+        for reason, count in part_skipped.items():
+            total[reason] = total.get(reason, 0) + count
+    return merged, total
+
+
+def _in_split_order(task: Task, merged: list[tuple[int, dict]], skipped: dict[str, int], n_examples: int,
+                    split: str) -> list[dict]:
+    """Predictions sorted by split index; duplicates (a sharding bug) and an empty result are errors."""
+    name = task.cfg.name
+    merged = sorted(merged, key=lambda pair: pair[0])
     seen = [i for i, _ in merged]
     if len(set(seen)) != len(seen):  # a sharding bug must never double-count samples
         raise UpctlError(f"task {name!r}: evaluation gathered duplicate samples")
     predictions = [pred for _, pred in merged]
     if not predictions:
         detail = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "nothing loaded"
-        raise DataError(f"task {name!r}: none of the {len(examples)} samples of split {split!r} could be loaded ({detail})")
-
-    metrics = _compute_metrics(task, predictions, rank, world if gather else 1)
-    return EvalResult(
-        metrics=metrics,
-        predictions=predictions,
-        num_samples=len(predictions),
-        skipped=dict(sorted(skipped.items())),
-        seconds=time.perf_counter() - start,
-        task=name,
-        split=split,
-        requested=len(examples) if gather or world == 1 else len(range(rank, len(examples), world)),
-    )
+        raise DataError(f"task {name!r}: none of the {n_examples} samples of split {split!r} could be loaded ({detail})")
+    return predictions
 
 
 def _run_shard(

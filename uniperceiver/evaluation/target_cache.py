@@ -63,7 +63,7 @@ class TargetCache:
     (computed). `dir=None` keeps features in memory only.
     """
 
-    def __init__(self, dir: str | Path | None = None) -> None:  # noqa: A002 - the brief's name
+    def __init__(self, dir: str | Path | None = None) -> None:  # noqa: A002 - `TargetCache(dir)` reads best at the call site
         self.dir = None if dir is None else Path(dir).expanduser()
         self.hits = 0
         self.misses = 0

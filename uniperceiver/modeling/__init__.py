@@ -10,11 +10,25 @@ Public API:
     convert_checkpoint(source, out_dir)
 """
 
-from uniperceiver.modeling.model_dir import load_model, save_model
-from uniperceiver.modeling.model_config import SIZES, ModelConfig, model_config
-from uniperceiver.modeling.encoder import KVCache
-from uniperceiver.modeling.masks import caption_mask
-from uniperceiver.modeling.model import Segment, TextSegment, UniPerceiver, VisualSegment, build_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Names load on first use (PEP 562), so `modeling.model_config` (the sizes a recipe is checked
+# against) imports without torch and `upctl validate` / `upctl tasks` start fast.
+_LAZY = {
+    "load_model": "model_dir", "save_model": "model_dir",
+    "SIZES": "model_config", "ModelConfig": "model_config", "model_config": "model_config",
+    "KVCache": "encoder", "caption_mask": "masks",
+    "Segment": "model", "TextSegment": "model", "UniPerceiver": "model", "VisualSegment": "model", "build_model": "model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
 
 __all__ = [
     "SIZES",

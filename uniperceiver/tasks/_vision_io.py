@@ -1,8 +1,8 @@
 """Shared image / video loading for the vision task families (classification, retrieval, captioning).
 
 Why one module: the three families read media the same way, and the published numbers depend on
-the exact evaluation pixels (reference-conventions.md, "Image and video transforms"). Options come
-from `TaskConfig.options`:
+the exact evaluation pixels (reference-conventions.md, "Image and video transforms"). Options are the
+fields of `MediaOptions`, which the vision families' options extend:
 
 - `image_size` (default: the model's image_size): crop size of images and video frames.
 - `eval_resize` (images): shorter side before the center crop at evaluation. Default: classification
@@ -15,8 +15,8 @@ from `TaskConfig.options`:
 - `crop_scale` (classification training, default [0.08, 1.0], the ImageNet rule): the area range of the
   random resized crop. Small or centred images (32-px digits) need a narrower range such as [0.6, 1.0];
   [1.0, 1.0] keeps the whole image.
-- `views` (video evaluation): "TxS" = temporal x spatial views, e.g. "4x3" for Kinetics-400;
-  or `temporal_views` / `spatial_views`. Default 1 temporal x 3 spatial for classification
+- `views` (video evaluation): "TxS" = temporal x spatial views, e.g. "4x3" for Kinetics-400,
+  or [T, S]. Default 1 temporal x 3 spatial for classification
   (the reference always takes 3 crops) and 1 x 1 (center crop) for captioning / retrieval.
 
 Frame rules (reference `VideoDataSet`):
@@ -46,6 +46,7 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, probe_video, read_frames_at
 from uniperceiver.errors import ConfigError, MediaError
 from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks.options import FieldError, TrainOptions, opt
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -84,19 +85,6 @@ class VisionOptions:
         return self.temporal_views * self.spatial_views
 
 
-def _int_option(cfg: Any, key: str, default: int, minimum: int = 1) -> int:
-    value = cfg.option(key, default)
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"task {cfg.name!r}: option {key}={value!r} must be an integer") from None
-    if out != value and not isinstance(value, str):
-        raise ConfigError(f"task {cfg.name!r}: option {key}={value!r} must be an integer")
-    if out < minimum:
-        raise ConfigError(f"task {cfg.name!r}: option {key}={out} must be >= {minimum}")
-    return out
-
-
 def parse_views(value: Any, where: str) -> tuple[int, int]:
     """"4x3" / [4, 3] / 3 -> (temporal, spatial); a bare int means spatial views only."""
     try:
@@ -105,63 +93,75 @@ def parse_views(value: Any, where: str) -> tuple[int, int]:
             if len(parts) != 2:
                 raise ValueError
             t, s = int(parts[0]), int(parts[1])
-        elif isinstance(value, (list, tuple)) and len(value) == 2:
+        elif isinstance(value, (list, tuple)) and len(value) == 2 and not any(isinstance(v, bool) for v in value):
             t, s = int(value[0]), int(value[1])
         elif isinstance(value, int) and not isinstance(value, bool):
             t, s = 1, int(value)
         else:
             raise ValueError
-    except ValueError:
-        raise ConfigError(f"{where}: views={value!r}; expected 'TxS' (temporal x spatial, e.g. '4x3'), [T, S] or an int") from None
+    except (TypeError, ValueError):
+        raise FieldError(where, f"{value!r} is not a number of views; expected 'TxS' (temporal x spatial, "
+                                "e.g. '4x3'), [T, S] or an int") from None
     if t < 1 or s < 1:
-        raise ConfigError(f"{where}: views={value!r}; both counts must be >= 1")
+        raise FieldError(where, f"{value!r}: both numbers of views must be >= 1")
     return t, s
 
 
-def vision_options(cfg: Any, model_cfg: ModelConfig, *, purpose: str) -> VisionOptions:
-    """Read the media options of a task. purpose: "cls" (classification) or "pair" (caption / retrieval)."""
+@dataclass(frozen=True)
+class MediaOptions(TrainOptions):
+    """The media options of the vision families (see the module docstring); None = a default
+    that depends on the model or on the family (`vision_options` resolves it)."""
+
+    #: Crop size of images and video frames; None = the model's image_size.
+    image_size: int | None = opt(None, gt=0)
+    #: Shorter side before the evaluation center crop; None = image_size * 256/224 (classification) or image_size.
+    eval_resize: int | None = opt(None, gt=0)
+    #: Frames per clip; None = min(8, the model's max_frames).
+    frames: int | None = opt(None, gt=0)
+    #: Frame stride at `target_fps` (reference 32).
+    stride: int = opt(32, gt=0)
+    #: "stride" (reference rule) or "uniform" (centres of equal segments of the sample's window).
+    sampling: str = opt("stride", choices=SAMPLING_MODES)
+    #: The frame rate `stride` is counted in.
+    target_fps: float = opt(30.0, gt=0)
+    #: Evaluation views (temporal, spatial), given as "TxS", [T, S] or S; None = 1x3 (classification) or 1x1.
+    views: tuple[int, int] | None = opt(None, parse=parse_views)
+    #: Random horizontal flips in training (off for digits, text in images).
+    hflip: bool = True
+    #: Area range of the classification training crop (ImageNet rule [0.08, 1]).
+    crop_scale: tuple[float, float] = opt((0.08, 1.0))
+
+    def check(self) -> None:
+        super().check()
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise FieldError("crop_scale", f"{list(self.crop_scale)}; expected 0 < low <= high <= 1 (area fractions)")
+        if self.eval_resize is not None and self.image_size is not None and self.eval_resize < self.image_size:
+            raise FieldError("eval_resize", f"eval_resize={self.eval_resize} must be >= image_size={self.image_size}")
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        size = self.image_size or model_cfg.image_size
+        if size % model_cfg.patch_size:
+            raise FieldError("image_size", f"image_size={size} must be a multiple of the patch size {model_cfg.patch_size}")
+        if self.eval_resize is not None and self.eval_resize < size:
+            raise FieldError("eval_resize", f"eval_resize={self.eval_resize} must be >= image_size={size}")
+        if self.frames is not None and self.frames > model_cfg.max_frames:
+            raise FieldError("frames", f"frames={self.frames} exceeds the model's temporal table "
+                                       f"({model_cfg.max_frames} frames)")
+
+
+def vision_options(opts: MediaOptions, model_cfg: ModelConfig, *, purpose: str) -> VisionOptions:
+    """Resolve a task's media options for `model_cfg`. purpose: "cls" (classification) or "pair"
+    (caption / retrieval). The options were checked already (`MediaOptions.check_model`)."""
     if purpose not in ("cls", "pair"):
         raise ValueError(f"purpose must be 'cls' or 'pair', got {purpose!r}")
-    where = f"task {cfg.name!r}"
-    size = _int_option(cfg, "image_size", model_cfg.image_size)
-    if size % model_cfg.patch_size:
-        raise ConfigError(f"{where}: image_size={size} must be a multiple of the patch size {model_cfg.patch_size}")
-    default_resize = int(size * 256 / 224) if purpose == "cls" else size
-    eval_resize = _int_option(cfg, "eval_resize", default_resize)
-    if eval_resize < size:
-        raise ConfigError(f"{where}: eval_resize={eval_resize} must be >= image_size={size}")
-    frames = _int_option(cfg, "frames", min(8, model_cfg.max_frames))
-    if frames > model_cfg.max_frames:
-        raise ConfigError(f"{where}: frames={frames} exceeds the model's temporal table ({model_cfg.max_frames} frames)")
-    stride = _int_option(cfg, "stride", 32)
-    sampling = cfg.option("sampling", "stride")
-    if sampling not in SAMPLING_MODES:
-        raise ConfigError(f"{where}: sampling={sampling!r}; expected one of {', '.join(SAMPLING_MODES)}")
-    target_fps = float(cfg.option("target_fps", 30.0))
-    if not target_fps > 0:
-        raise ConfigError(f"{where}: target_fps={target_fps} must be positive")
-    default_views = (1, 3) if purpose == "cls" else (1, 1)
-    if "views" in cfg.options:
-        t_views, s_views = parse_views(cfg.options["views"], where)
-    else:
-        t_views = _int_option(cfg, "temporal_views", default_views[0])
-        s_views = _int_option(cfg, "spatial_views", default_views[1])
-    hflip = cfg.option("hflip", True)
-    if not isinstance(hflip, bool):
-        raise ConfigError(f"{where}: hflip={hflip!r} must be true or false")
-    crop_scale = _crop_scale(cfg.option("crop_scale", [0.08, 1.0]), where)
-    return VisionOptions(size, eval_resize, frames, stride, sampling, target_fps, t_views, s_views, purpose,
-                         hflip, crop_scale)
-
-
-def _crop_scale(value: Any, where: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: crop_scale={value!r}; expected [low, high] area fractions, e.g. [0.08, 1.0]") from None
-    if not 0.0 < lo <= hi <= 1.0:
-        raise ConfigError(f"{where}: crop_scale={value!r}; expected 0 < low <= high <= 1")
-    return lo, hi
+    size = opts.image_size or model_cfg.image_size
+    eval_resize = opts.eval_resize or (int(size * 256 / 224) if purpose == "cls" else size)
+    frames = opts.frames or min(8, model_cfg.max_frames)
+    t_views, s_views = opts.views or ((1, 3) if purpose == "cls" else (1, 1))
+    return VisionOptions(size, eval_resize, frames, opts.stride, opts.sampling, opts.target_fps, t_views, s_views,
+                         purpose, opts.hflip, opts.crop_scale)
 
 
 def torch_generator(rng: np.random.Generator) -> torch.Generator:

@@ -1,17 +1,48 @@
 """The one small interface between task families and the trainer / evaluator.
 
 A task family turns prepared samples into model inputs, target sets, a loss and predictions.
-The trainer knows tasks only through `Task`; tasks know nothing of the trainer.
+The trainer and the evaluation harness know tasks only through `Task`; tasks know nothing of the
+trainer. Every hook they call is declared here with a default, so nobody probes a task with
+`getattr` or compares family names.
 
-Life of a training step (see uniperceiver/engine):
+Life of a training step (uniperceiver/engine):
     items  = [task.load(sample, train=True, rng=...) for sample in chosen samples]   # may raise MediaError
     batch  = task.collate(items, train=True, rng=...)
-    ts     = task.target_set()                      # token ids of the shared candidates, or None
-    feats  = encode_targets(model, ts)             # WITH gradients every training step (reference)
+    ts     = task.training_target_set(rng) if task.target_set_varies else task.target_set()  (cached)
+    feats  = task.encode_target_set(model, ts)     # WITH gradients every training step (reference);
+                                                   # texts may go through the engine's sharded path
     loss, stats = task.loss(model, batch, feats)
-Evaluation:
+Evaluation (uniperceiver/evaluation):
+    feats  = task.encode_target_set(model, task.target_set())   # cached by `TargetSet.key`
     preds  = task.evaluate_batch(model, batch, feats)   # list of per-sample JSON-able dicts (+ tensors allowed)
     metrics = task.compute_metrics(preds)
+    record.update(task.evaluation_extras())
+
+Hooks beyond the abstract methods (name, default, caller):
+- `target_set()` -> None: the shared candidates (class names, answers, vocabulary); None for
+  in-batch targets (retrieval). Called by the engine (engine/targets.py) and the harness.
+- `target_set_varies` -> False: True when training draws a new set per batch (ImageNet-21k: one
+  synonym per class). Callers cache `target_set()` unless it is True. Read by engine/targets.py.
+- `training_target_set(rng)` -> `target_set()`: the candidates of one training batch, drawn from
+  `rng` (the same generator on every rank). Called by engine/targets.py when `target_set_varies`.
+- `targets_are_texts` -> True: the candidates are plain text token ids that the engine may encode
+  on its shared, sharded text path (`encode_targets`); False for example-image targets, which
+  must go through `encode_target_set`. Read by engine/targets.py and the harness.
+- `encode_target_set(model, targets)` -> `encode_targets(model, targets)`: [N, D] features of a
+  target set (example-image targets: the renormalised mean of their image features). Called by
+  engine/targets.py and the harness.
+- `evaluation_extras()` -> {}: extra facts for the evaluation record (the custom task's
+  `candidate_skipped` counts). Called by the evaluation commands.
+- `eval_batch_size` -> option `eval_batch_size`, else `cfg.batch_size`: the batch size of
+  evaluation. Read by the harness.
+- `set_feature_gathering(enabled)` -> ignored: the run's decision (train.gather_features, or the
+  reference rule: gather only when one task is trained alone on several ranks) for tasks whose
+  loss can use features of every rank (retrieval, unless its own option says otherwise). Called
+  once per task by engine/run_setup.py.
+
+Options: each family declares `Options`, a frozen dataclass of its typed options
+(uniperceiver/tasks/options.py); `TaskConfig.options` (the YAML mapping) is converted once, in the
+constructor, into `self.opts`.
 """
 
 from __future__ import annotations
@@ -19,7 +50,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -27,9 +58,12 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks.options import FieldError, TaskOptions
 from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
+
+O = TypeVar("O", bound=TaskOptions)
 
 
 @dataclass
@@ -44,12 +78,24 @@ class TaskConfig:
     batch_size: int = 8
     sample_weight: float = 1.0
     loss_weight: float = 1.0
-    #: Family-specific options (image_size, frames, stride, max_len, label_smoothing, mixup, cutmix,
-    #: vocab ("full" | "corpus"), template, beam_size, length_penalty, max_gen_len, ...).
+    #: The family's options as plain YAML data (its `Options` dataclass says which keys, types and
+    #: defaults); recipes and the catalog store every option, resolved.
     options: dict[str, Any] = field(default_factory=dict)
 
-    def option(self, key: str, default: Any) -> Any:
-        return self.options.get(key, default)
+    def typed_options(self, cls: type[O], model_cfg: ModelConfig | None = None) -> O:
+        """`options` checked and converted to the family's `Options` dataclass (once, by the task).
+
+        With `model_cfg`, the checks that need the model run too. Raises FieldError (a ConfigError)
+        naming `task '<name>': options.<key>`, the value and what was expected.
+        """
+        where = f"task {self.name!r}: options"
+        opts = cls.from_mapping(self.options, where)
+        if model_cfg is not None:
+            try:
+                opts.check_model(model_cfg)
+            except FieldError as exc:
+                raise exc.under(where) from None
+        return opts
 
 
 @dataclass
@@ -116,6 +162,8 @@ class Task(ABC):
     """A task family bound to one dataset and its options."""
 
     family: ClassVar[str]
+    #: The family's typed options (`self.opts` holds this task's values).
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
     #: Name of the logit scale (temperature) the family uses.
     scale: ClassVar[str]
     #: Modality of the inputs: "image", "video" or "text".
@@ -128,6 +176,7 @@ class Task(ABC):
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
+        self.opts = cfg.typed_options(type(self).Options, model_cfg)
 
     # -- data ------------------------------------------------------------------------------------
     def examples(self, split: str) -> list[dict]:
@@ -142,9 +191,48 @@ class Task(ABC):
     def collate(self, items: list[dict], *, train: bool, rng: np.random.Generator) -> dict[str, Any]:
         """Stack loaded samples into a batch (mixup / cutmix happen here in training)."""
 
+    # -- targets (see the module docstring for who calls each hook) ------------------------------
     def target_set(self) -> TargetSet | None:
         """The shared candidates (class names, answers, vocabulary), or None (retrieval: in-batch)."""
         return None
+
+    @property
+    def target_set_varies(self) -> bool:
+        """True when training draws a new target set per batch (`training_target_set`); callers
+        cache `target_set()` otherwise."""
+        return False
+
+    def training_target_set(self, rng: np.random.Generator) -> TargetSet | None:
+        """The candidates of one training batch, drawn from `rng` (equal on every rank).
+
+        Must return `target_set()` whenever `target_set_varies` is False.
+        """
+        return self.target_set()
+
+    @property
+    def targets_are_texts(self) -> bool:
+        """True when the candidates are plain text token ids, which the engine may encode itself
+        (sharded across ranks); False when only `encode_target_set` knows how (example images)."""
+        return True
+
+    def encode_target_set(self, model: UniPerceiver, targets: TargetSet) -> Tensor:
+        """[N, D] features of `targets` (with gradients under grad mode). Text candidates: the
+        shared `encode_targets`; a family with other candidates overrides this and says so with
+        `targets_are_texts = False`."""
+        return encode_targets(model, targets)
+
+    # -- run set-up and evaluation facts -------------------------------------------------------
+    def set_feature_gathering(self, enabled: bool) -> None:
+        """The run's cross-rank feature-gathering decision; families whose loss cannot use it ignore it."""
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Batch size of evaluation: option `eval_batch_size` when set, else the training batch size."""
+        return int(self.opts.eval_batch_size or self.cfg.batch_size)
+
+    def evaluation_extras(self) -> dict[str, Any]:
+        """Extra JSON-able facts for the evaluation record (e.g. skipped candidate files)."""
+        return {}
 
     # -- training ----------------------------------------------------------------------------------
     @abstractmethod

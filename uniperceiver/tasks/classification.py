@@ -8,21 +8,20 @@ drawn from the caller's generator; the reference ImageNet-21k recipe is mixup 0.
 prob 1.0, switch 0.5, smoothing 0.1). The reference's LabelSmoothingCrossEntropy equals this
 soft-target loss with smoothed one-hot targets.
 
-Options (TaskConfig.options, besides the media options of `_vision_io`):
+Options (`ClassificationOptions`, besides the media options of `_vision_io.MediaOptions`):
 - `label_smoothing` (0.0), `mixup` (alpha, 0 = off), `cutmix` (alpha, 0 = off), `mixup_prob` (1.0),
   `mixup_switch_prob` (0.5);
 - `template` ("{}"): class text = template.format(name); `target_max_len` (30 tokens);
 - `synonyms` (True): when the dataset lists synonyms per class (ImageNet-21k), training may draw one
-  per class per batch through `sample_target_set(rng)`; `target_set()` always gives the first name;
+  per class per batch through `training_target_set(rng)`; `target_set()` always gives the first name;
 - `targets` ("names" | "images") and `target_examples`: class targets given as EXAMPLE IMAGES, a
   zero-shot task type of this project: `{class (index or name): [media paths]}` (relative to the
   dataset's raw root, or absolute) or `{"per_class": N, "split": S, "seed": 0}` (N seeded picks per
   class from split S). A class embedding is the mean of the normalised features of its examples,
   renormalised; see `encode_target_set`.
 
-Trainer contract beyond `Task`: call `sample_target_set(rng)` instead of `target_set()` when the task
-has it, and encode the set with `encode_target_set(model, ts)` when the task has it (as
-`uniperceiver.evaluation.harness.target_features` does).
+Hooks of `Task` this family overrides: `target_set_varies` (synonyms), `training_target_set(rng)`,
+`targets_are_texts` (False for example images) and `encode_target_set(model, ts)`.
 
 Predictions (one per sample): {"id", "label", "pred", "top5": [class ids], "scores": [their
 probabilities]}; video evaluation averages the softmax of every view (temporal x spatial).
@@ -31,6 +30,7 @@ probabilities]}; video evaluation averages the softmax of every view (temporal x
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -40,13 +40,14 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
-from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set
+from uniperceiver.tasks.options import FieldError, check_max_len, check_value, opt
 from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
 
-__all__ = ["ImageClassification", "VideoClassification", "mix_batch", "smooth_one_hot", "soft_cross_entropy", "topk_from_predictions"]
+__all__ = ["ClassificationOptions", "ImageClassification", "VideoClassification", "mix_batch", "smooth_one_hot", "soft_cross_entropy", "topk_from_predictions"]
 
 TARGET_KINDS = ("names", "images")
 
@@ -132,10 +133,69 @@ def topk_from_predictions(predictions: list[dict]) -> dict[str, float]:
 # ------------------------------------------------------------------------------ the task family
 
 
+def _check_examples(spec: dict | None, key: str = "target_examples") -> None:
+    """`{class: [media paths]}` or `{per_class: N, split: S, seed: K}` (classes are resolved by the task)."""
+    if spec is None:
+        return
+    if not spec:
+        raise FieldError(key, "is empty; expected {class: [media paths]} or {per_class: N, split: S}")
+    if "per_class" in spec:
+        extra = sorted(str(k) for k in spec if k not in ("per_class", "split", "seed"))
+        if extra:
+            raise FieldError(f"{key}.{extra[0]}", "unknown key with per_class (allowed: per_class, split, seed)")
+        check_value(spec["per_class"], int, f"{key}.per_class", {"ge": 1})
+        check_value(spec.get("split", "train"), str, f"{key}.split")
+        check_value(spec.get("seed", 0), int, f"{key}.seed", {"ge": 0})
+        return
+    for cls, paths in spec.items():
+        check_value([paths] if isinstance(paths, str) else paths, list[str], f"{key}.{cls}")
+        if not paths:
+            raise FieldError(f"{key}.{cls}", "needs at least one media path")
+
+
+@dataclass(frozen=True)
+class ClassificationOptions(MediaOptions):
+    """Options of image and video classification (media options: `MediaOptions`)."""
+
+    #: Mixup alpha (0 = off); reference ImageNet-21k 0.8.
+    mixup: float = opt(0.0, ge=0)
+    #: Cutmix alpha (0 = off); reference ImageNet-21k 1.0.
+    cutmix: float = opt(0.0, ge=0)
+    #: Probability that a batch is mixed at all (timm `prob`).
+    mixup_prob: float = opt(1.0, ge=0, le=1)
+    #: Probability of cutmix rather than mixup when both are on (timm `switch_prob`).
+    mixup_switch_prob: float = opt(0.5, ge=0, le=1)
+    #: Class text = template.format(name).
+    template: str = "{}"
+    #: Token length of a class text, with the EOT.
+    target_max_len: int = opt(30, ge=2)
+    #: "names" (class texts) or "images" (example images per class, see `target_examples`).
+    targets: str = opt("names", choices=TARGET_KINDS)
+    #: Example images with targets=images: {class (index or name): [media paths]} or {per_class: N, split: S, seed: K}.
+    target_examples: dict[str | int, Any] | None = None
+    #: Draw one listed synonym per class per training batch when the dataset has them (ImageNet-21k).
+    synonyms: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if "{}" not in self.template:
+            raise FieldError("template", f"{self.template!r} must contain '{{}}' where the class name goes")
+        if self.targets == "images" and not self.target_examples:
+            raise FieldError("target_examples", "is required with targets=images: "
+                                                "{class: [media paths]} or {per_class: N, split: S}")
+        _check_examples(self.target_examples)
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.target_max_len, model_cfg, "target_max_len")
+
+
 class ImageClassification(Task):
     """`[SPE] + image` read at 0 vs `[SPE] + "class <|endoftext|>"` (or example-image targets)."""
 
     family = "image_cls"
+    Options = ClassificationOptions
+    opts: ClassificationOptions
     scale = "img_cls"
     modality = "image"
 
@@ -147,21 +207,15 @@ class ImageClassification(Task):
                             f"task {cfg.name!r} ({self.family}) needs them")
         self.classes: list[str] = [str(c) for c in classes]
         self.num_classes = len(self.classes)
-        self.vision = vision_options(cfg, model_cfg, purpose="cls")
-        where = f"task {cfg.name!r}"
-        self.label_smoothing = _float(cfg, "label_smoothing", 0.0, 0.0, 1.0)
-        self.mixup_alpha = _float(cfg, "mixup", 0.0, 0.0, None)
-        self.cutmix_alpha = _float(cfg, "cutmix", 0.0, 0.0, None)
-        self.mixup_prob = _float(cfg, "mixup_prob", 1.0, 0.0, 1.0)
-        self.mixup_switch_prob = _float(cfg, "mixup_switch_prob", 0.5, 0.0, 1.0)
-        self.template = str(cfg.option("template", "{}"))
-        if "{}" not in self.template:
-            raise ConfigError(f"{where}: template={self.template!r} must contain '{{}}' where the class name goes")
-        self.target_max_len = int(cfg.option("target_max_len", 30))
-        self.targets_kind = cfg.option("targets", "names")
-        if self.targets_kind not in TARGET_KINDS:
-            raise ConfigError(f"{where}: targets={self.targets_kind!r}; expected one of {', '.join(TARGET_KINDS)}")
-        synonyms = dataset.synonyms if bool(cfg.option("synonyms", True)) else None
+        o = self.opts
+        self.vision = vision_options(o, model_cfg, purpose="cls")
+        self.label_smoothing = o.label_smoothing
+        self.mixup_alpha, self.cutmix_alpha = o.mixup, o.cutmix
+        self.mixup_prob, self.mixup_switch_prob = o.mixup_prob, o.mixup_switch_prob
+        self.template = o.template
+        self.target_max_len = o.target_max_len
+        self.targets_kind = o.targets
+        synonyms = dataset.synonyms if o.synonyms else None
         if synonyms is not None and len(synonyms) != self.num_classes:
             raise DataError(f"dataset {dataset.name!r}: targets.synonyms has {len(synonyms)} entries for {self.num_classes} classes")
         self.synonyms: list[list[str]] | None = [list(s) or [c] for s, c in zip(synonyms, self.classes)] if synonyms else None
@@ -183,12 +237,22 @@ class ImageClassification(Task):
             self._names_set = self._text_set(self.classes, "classes")
         return self._names_set
 
-    def sample_target_set(self, rng: np.random.Generator) -> TargetSet:
+    @property
+    def target_set_varies(self) -> bool:
+        """True when the dataset lists synonyms per class (ImageNet-21k) and targets are names."""
+        return self.synonyms is not None and self.targets_kind == "names"
+
+    @property
+    def targets_are_texts(self) -> bool:
+        """Class names are texts; example-image targets need `encode_target_set`."""
+        return self.targets_kind == "names"
+
+    def training_target_set(self, rng: np.random.Generator) -> TargetSet:
         """Training candidates for one batch: one synonym drawn per class (ImageNet-21k), else `target_set()`.
 
         The synonyms are tokenized once; each call only draws and pads (21k classes per step).
         """
-        if self.synonyms is None or self.targets_kind == "images":
+        if not self.target_set_varies or self.synonyms is None:
             return self.target_set()
         if self._synonym_tokens is None:
             room = self.target_max_len - 1
@@ -213,17 +277,12 @@ class ImageClassification(Task):
         return self._examples
 
     def _resolve_examples(self) -> list[list[str]]:
-        where = f"task {self.cfg.name!r}: option target_examples"
-        spec = self.cfg.option("target_examples", None)
-        if not isinstance(spec, dict) or not spec:
-            raise ConfigError(f"{where} is required with targets=images: "
-                              "{class: [media paths]} or {per_class: N, split: S}")
+        where = f"task {self.cfg.name!r}: options.target_examples"
+        spec = self.opts.target_examples or {}  # checked by ClassificationOptions
         per_class: list[list[str]] = [[] for _ in range(self.num_classes)]
         if "per_class" in spec:
             n = int(spec["per_class"])
             split = str(spec.get("split", self.cfg.split))
-            if n < 1:
-                raise ConfigError(f"{where}: per_class={n} must be >= 1")
             by_class: list[list[dict]] = [[] for _ in range(self.num_classes)]
             for s in self.dataset.samples(split):
                 lab = s.get("label")
@@ -237,11 +296,7 @@ class ImageClassification(Task):
             index = {name: i for i, name in enumerate(self.classes)}
             for key, paths in spec.items():
                 c = _class_index(key, index, self.num_classes, where)
-                if isinstance(paths, str):
-                    paths = [paths]
-                if not isinstance(paths, (list, tuple)) or not all(isinstance(p, str) and p for p in paths):
-                    raise ConfigError(f"{where}: class {key!r} needs a list of media paths, got {paths!r}")
-                for p in paths:
+                for p in [paths] if isinstance(paths, str) else paths:
                     if p.startswith("/"):
                         per_class[c].append(p)
                     else:
@@ -386,18 +441,6 @@ class VideoClassification(ImageClassification):
     family = "video_cls"
     scale = "video_cls"
     modality = "video"
-
-
-def _float(cfg: TaskConfig, key: str, default: float, lo: float | None, hi: float | None) -> float:
-    value = cfg.option(key, default)
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"task {cfg.name!r}: option {key}={value!r} must be a number") from None
-    if (lo is not None and out < lo) or (hi is not None and out > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ConfigError(f"task {cfg.name!r}: option {key}={out} must be {rng}")
-    return out
 
 
 def _class_index(key: Any, index: dict[str, int], n: int, where: str) -> int:

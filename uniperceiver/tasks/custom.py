@@ -32,22 +32,24 @@ from torch import Tensor
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, sample_video_frames
 from uniperceiver.errors import ConfigError, DataError, MediaError
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
-from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, text_target_set
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set
+from uniperceiver.tasks.options import TaskOptions, opt
 from uniperceiver.tokenizers.text import ClipTokenizer
 from uniperceiver.tokenizers.vision import image_eval_transform, video_eval_views
 
 __all__ = [
+    "IMAGE_EXTS",
+    "VIDEO_EXTS",
+    "CustomOptions",
     "CustomSpec",
     "CustomTask",
+    "build_custom_task",
+    "is_custom_task_file",
     "load_custom_spec",
     "parse_custom_spec",
     "single_input_spec",
-    "build_custom_task",
-    "is_custom_task_file",
-    "IMAGE_EXTS",
-    "VIDEO_EXTS",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -293,10 +295,22 @@ def _apply_labels(inputs: list[dict], labels: Any, classes: list[str], source: s
 # ---------------------------------------------------------------------------------------- the task
 
 
+@dataclass(frozen=True)
+class CustomOptions(TaskOptions):
+    """Options of a custom task (filled from its `CustomSpec`, which checks the YAML file)."""
+
+    #: How many ranked candidates each prediction lists.
+    top_k: int = opt(5, ge=1)
+    #: Frames per video input (at most the model's max_frames are used).
+    frames: int = opt(8, ge=1)
+
+
 class CustomTask(Task):
     """A zero-shot ranking task from a `CustomSpec` (evaluation only: no training loss)."""
 
     family = "custom"
+    Options = CustomOptions
+    opts: CustomOptions
     scale = "img_cls"
     modality = "image"
 
@@ -314,8 +328,8 @@ class CustomTask(Task):
         self.spec = spec
         self.modality = spec.modality  # type: ignore[misc] - per instance: the inputs decide
         self.scale = _SCALES[spec.modality]  # type: ignore[misc]
-        self.frames = min(spec.frames, model_cfg.max_frames)
-        #: Candidate example images that could not be read, by reason (reported by the CLI).
+        self.frames = min(self.opts.frames, model_cfg.max_frames)
+        #: Candidate example images that could not be read, by reason (`evaluation_extras`).
         self.candidate_skipped: dict[str, int] = {}
         self._targets: TargetSet | None = None
 
@@ -376,11 +390,17 @@ class CustomTask(Task):
         valid = torch.ones_like(ids, dtype=torch.bool)
         return TargetSet(f"custom-images:{spec.name}", ids, valid, list(spec.classes), key=h.hexdigest()[:16])
 
+    @property
+    def targets_are_texts(self) -> bool:
+        return self.spec.class_images is None
+
+    def evaluation_extras(self) -> dict[str, Any]:
+        """`candidate_skipped`: unreadable candidate example images by reason (only when some were)."""
+        return {"candidate_skipped": dict(self.candidate_skipped)} if self.candidate_skipped else {}
+
     def encode_target_set(self, model: UniPerceiver, targets: TargetSet) -> Tensor:
         """Text candidates: the usual target encoding. Image candidates: per-class mean of the
         normalised image features, normalised again so scores stay cosines."""
-        from uniperceiver.tasks.base import encode_targets
-
         if self.spec.class_images is None:
             return encode_targets(model, targets)
         self.candidate_skipped = {}

@@ -31,6 +31,7 @@ smoothing 0.1 and the `text_mlm` temperature: the catalog sets both as options.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,9 @@ from torch import Tensor
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics import glue_metrics
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
+from uniperceiver.tasks.options import FieldError, TrainOptions, check_max_len, check_scale, opt, suggest
 from uniperceiver.tokenizers.text import PAD_ID, SPE_ID, ClipTokenizer
 
 PERIOD_ID = 269  # ".</w>": the reference drops it from the end of the first sentence of pairs
@@ -116,17 +119,50 @@ def build_prompt(tok: ClipTokenizer, key: str, text: str, text_b: str | None = N
     return _pair(tok, first, text_b, max_len)
 
 
+@dataclass(frozen=True)
+class GlueOptions(TrainOptions):
+    """Options of GLUE as a cloze."""
+
+    #: Which GLUE prompt (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli); None = from the dataset name.
+    glue_task: str | None = None
+    #: The class words, one per class in label order; None = the reference words of the task.
+    words: tuple[str, ...] | None = None
+    #: Sequence length in tokens (reference 256); at most the model's text positions.
+    max_len: int = opt(256, ge=8)
+    #: Logit scale (temperature) name; None = the family's "downstream" (the reference GLUE configs: "text_mlm").
+    scale: str | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.glue_task is not None:
+            try:
+                glue_key(self.glue_task)
+            except ConfigError:
+                raise FieldError("glue_task", f"{self.glue_task!r} is not a GLUE task{suggest(self.glue_task, GLUE_KEYS)} "
+                                              f"(allowed: {', '.join(GLUE_KEYS)})") from None
+        if self.words is not None and len(set(self.words)) != len(self.words):
+            raise FieldError("words", f"{list(self.words)} repeats a word; the class words must differ")
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.max_len, model_cfg)
+        check_scale(self.scale, model_cfg)
+
+
 class GlueCloze(Task):
     """GLUE (and GLUE-like text classification) as a cloze read at `<|spe|>`."""
 
     family = "glue"
+    Options = GlueOptions
+    opts: GlueOptions
     scale = "downstream"
     modality = "text"
 
     def __init__(self, cfg, dataset, tokenizer, model_cfg) -> None:
         super().__init__(cfg, dataset, tokenizer, model_cfg)
-        self.key = glue_key(cfg.option("glue_task", dataset.name))
-        self.words: list[str] = list(cfg.option("words", CLOZE_WORDS[self.key]))
+        o = self.opts
+        self.key = glue_key(o.glue_task or dataset.name)
+        self.words: list[str] = list(o.words or CLOZE_WORDS[self.key])
         self.regression = self.key == "stsb"
         classes = dataset.classes
         if not self.regression and classes is not None and len(classes) != len(self.words):
@@ -134,13 +170,8 @@ class GlueCloze(Task):
                 f"task {cfg.name!r}: dataset {dataset.name!r} has {len(classes)} classes {classes} but the cloze "
                 f"has {len(self.words)} words {self.words}; set options.words to one word per class"
             )
-        self.max_len = int(cfg.option("max_len", 256))
-        if not 8 <= self.max_len <= model_cfg.max_text_len:
-            raise ConfigError(f"task {cfg.name!r}: option max_len={self.max_len} must be in [8, {model_cfg.max_text_len}]")
-        self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
-        self.scale = str(cfg.option("scale", type(self).scale))
-        if self.scale not in model_cfg.logit_scale_names:
-            raise ConfigError(f"task {cfg.name!r}: option scale={self.scale!r}; known: {', '.join(model_cfg.logit_scale_names)}")
+        self.max_len, self.label_smoothing = o.max_len, o.label_smoothing
+        self.scale = o.scale or type(self).scale
         self._targets: TargetSet | None = None
 
     def target_set(self) -> TargetSet:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -48,7 +49,9 @@ from uniperceiver.data.corpus_index import CorpusIndex
 from uniperceiver.data.format import iter_corpus_lines
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, vocab_target_set
+from uniperceiver.tasks.options import TrainOptions, check_max_len, opt
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE
 
 IGNORE = -100
@@ -130,30 +133,41 @@ def _seed_for(key: str, seed: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), digest])
 
 
+@dataclass(frozen=True)
+class MLMOptions(TrainOptions):
+    """Options of masked language modelling."""
+
+    #: Sequence length in tokens (reference 128); at most the model's text positions.
+    max_len: int = opt(128, ge=2)
+    #: Lines are packed until a sample holds this many words; None = max_len (reference).
+    min_words: int | None = opt(None, ge=1)
+    #: Probability that a word is chosen for masking (reference 0.15).
+    mask_prob: float = opt(0.15, gt=0, le=1)
+    #: "full": all 49,411 vocabulary entries are targets (reference); "corpus": only the corpus's ids.
+    vocab: str = opt("full", choices=("full", "corpus"))
+    #: Seed of the evaluation masking (every evaluation of a split masks the same tokens).
+    eval_seed: int = opt(0, ge=0)
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.max_len, model_cfg)
+
+
 class MaskedLM(Task):
     """Whole-word masked language modelling on a text corpus (see the module docstring)."""
 
     family = "mlm"
+    Options = MLMOptions
+    opts: MLMOptions
     scale = "text_mlm"
     modality = "text"
 
     def __init__(self, cfg, dataset, tokenizer, model_cfg) -> None:
         super().__init__(cfg, dataset, tokenizer, model_cfg)
-        self.max_len = int(cfg.option("max_len", 128))
-        if not 2 <= self.max_len <= model_cfg.max_text_len:
-            raise ConfigError(
-                f"task {cfg.name!r}: option max_len={self.max_len} must be in [2, {model_cfg.max_text_len}] "
-                "(the model's text positions)"
-            )
-        self.min_words = int(cfg.option("min_words", self.max_len))
-        self.mask_prob = float(cfg.option("mask_prob", 0.15))
-        if not 0.0 < self.mask_prob <= 1.0:
-            raise ConfigError(f"task {cfg.name!r}: option mask_prob={self.mask_prob} must be in (0, 1]")
-        self.vocab = str(cfg.option("vocab", "full"))
-        if self.vocab not in ("full", "corpus"):
-            raise ConfigError(f"task {cfg.name!r}: option vocab={self.vocab!r}; expected 'full' or 'corpus'")
-        self.eval_seed = int(cfg.option("eval_seed", 0))
-        self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
+        o = self.opts
+        self.max_len, self.mask_prob, self.vocab = o.max_len, o.mask_prob, o.vocab
+        self.min_words = o.min_words or o.max_len
+        self.eval_seed, self.label_smoothing = o.eval_seed, o.label_smoothing
         self._examples: dict[str, Sequence[dict]] = {}
         self._targets: TargetSet | None = None
         self._lookup: Tensor | None = None  # token id -> index in the target set (-100 outside)

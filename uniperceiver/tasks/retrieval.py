@@ -12,15 +12,16 @@ gradient by 1/world; ours is the exact gradient of the global loss).
 Evaluation: every image once and every caption (`caption <|endoftext|>`) once, normalised, no
 temperature; `metrics.image_text_retrieval` gives R@1/5/10 both ways, median / mean rank and rsum.
 
-Options: media options of `_vision_io` (video: `frames`, `stride`, `sampling`; several eval views are
-averaged and renormalised), `max_len` (30 tokens with the EOT; the reference uses 50 in
-pre-training), `label_smoothing` (0.1), `gather_features` (False).
+Options (`RetrievalOptions`): media options of `_vision_io` (video: `frames`, `stride`, `sampling`;
+several eval views are averaged and renormalised), `max_len` (30 tokens with the EOT; the reference
+uses 50 in pre-training), `label_smoothing` (0.1), `gather_features` (None: the run decides through
+`set_feature_gathering`; true / false: this task's own choice).
 Predictions: {"id", "image_feat": [D] tensor, "text_feats": [n_captions, D] tensor}.
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,13 +32,15 @@ from torch import Tensor
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics import image_text_retrieval
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
-from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
+from uniperceiver.modeling.model_config import ModelConfig
+from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import Task, TaskConfig
+from uniperceiver.tasks.options import check_max_len, opt
 from uniperceiver.tokenizers.text import ClipTokenizer
+from uniperceiver.utils.collectives import all_gather_with_grad
 
-__all__ = ["Retrieval", "sample_texts", "gather_features"]
+__all__ = ["Retrieval", "RetrievalOptions", "gather_features", "sample_texts"]
 
 
 def sample_texts(sample: dict, where: str) -> list[str]:
@@ -59,18 +62,31 @@ def gather_features(*feats: Tensor) -> tuple[Tensor, ...]:
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return feats
-    with warnings.catch_warnings():
-        # torch >= 2.6 marks this API deprecated in favour of a private module; it still works.
-        warnings.simplefilter("ignore", FutureWarning)
-        from torch.distributed.nn.functional import all_gather
+    return tuple(all_gather_with_grad(f) for f in feats)
 
-        return tuple(torch.cat(all_gather(f.contiguous()), dim=0) for f in feats)
+
+@dataclass(frozen=True)
+class RetrievalOptions(MediaOptions):
+    """Options of image-text and video-text retrieval (media options: `MediaOptions`)."""
+
+    #: Label smoothing of both directions' cross entropy (reference 0.1).
+    label_smoothing: float = opt(0.1, ge=0, lt=1)
+    #: Caption length in tokens with the EOT (reference: 30 downstream, 50 in pre-training).
+    max_len: int = opt(30, ge=2)
+    #: Score all ranks' features (differentiable all-gather); None = the run decides (train.gather_features).
+    gather_features: bool | None = None
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.max_len, model_cfg)
 
 
 class Retrieval(Task):
     """Image-text or video-text retrieval by the dataset's media type."""
 
     family = "retrieval"
+    Options = RetrievalOptions
+    opts: RetrievalOptions
     scale = "retrieve"
     modality = "image"
 
@@ -80,14 +96,15 @@ class Retrieval(Task):
         if kind not in ("image", "video"):
             raise DataError(f"dataset {dataset.name!r} has media_type {kind!r}; retrieval needs image or video media")
         self.modality = kind  # instance attribute: image-text or video-text
-        self.vision = vision_options(cfg, model_cfg, purpose="pair")
-        self.max_len = int(cfg.option("max_len", 30))
-        if self.max_len < 2:
-            raise ConfigError(f"task {cfg.name!r}: max_len={self.max_len} must be >= 2 (a word and the EOT)")
-        self.label_smoothing = float(cfg.option("label_smoothing", 0.1))
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(f"task {cfg.name!r}: label_smoothing={self.label_smoothing} must be in [0, 1)")
-        self.gather = bool(cfg.option("gather_features", False))
+        self.vision = vision_options(self.opts, model_cfg, purpose="pair")
+        self.max_len = self.opts.max_len
+        self.label_smoothing = self.opts.label_smoothing
+        self.gather = bool(self.opts.gather_features)
+
+    def set_feature_gathering(self, enabled: bool) -> None:
+        """The run's decision, unless option `gather_features` is set (true or false) for this task."""
+        if self.opts.gather_features is None:
+            self.gather = bool(enabled)
 
     # -- data --------------------------------------------------------------------------------
     def load(self, sample: dict, *, train: bool, rng: np.random.Generator) -> dict:

@@ -25,6 +25,7 @@ official VQA accuracy (`evaluation.vqa_eval.vqa_score`) against the 10 raw human
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,9 @@ from uniperceiver.data.media import load_image
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics.vqa import vqa_score
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
+from uniperceiver.tasks.options import FieldError, TrainOptions, check_max_len, check_scale, opt
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
@@ -85,10 +88,41 @@ def sample_answer(scores: dict[str, float], answer_index: dict[str, int], rng: n
     return cands[k][0]
 
 
+@dataclass(frozen=True)
+class VQAOptions(TrainOptions):
+    """Options of answer-list VQA."""
+
+    #: Question length in tokens with `<|spe|> <|endoftext|>` (reference 23).
+    max_len: int = opt(23, ge=3)
+    #: Token length of an answer target, with the EOT.
+    answer_max_len: int = opt(16, ge=2)
+    #: Image crop size; None = the model's image_size.
+    image_size: int | None = opt(None, gt=0)
+    #: "reference" (resize, random crop, flip) or "random_resized" (the ImageNet crop).
+    train_transform: str = opt("reference", choices=("reference", "random_resized"))
+    #: Random horizontal flips in training (swapping "left" and "right" in question and answers).
+    hflip: bool = True
+    #: Logit scale (temperature) name; None = the family's "downstream".
+    scale: str | None = None
+    #: Fixed temperature tau (logits = cosine / tau) instead of the learnable scale; reference fine-tuning 0.03.
+    fixed_temperature: float | None = opt(None, gt=0)
+
+    def check_model(self, model_cfg: ModelConfig) -> None:
+        super().check_model(model_cfg)
+        check_max_len(self.max_len, model_cfg)
+        check_max_len(self.answer_max_len, model_cfg, "answer_max_len")
+        check_scale(self.scale, model_cfg)
+        size = self.image_size or model_cfg.image_size
+        if size % model_cfg.patch_size:
+            raise FieldError("image_size", f"image_size={size} must be a multiple of the patch size {model_cfg.patch_size}")
+
+
 class VQA(Task):
     """Answer-list VQA (VQAv2 and datasets in its prepared layout)."""
 
     family = "vqa"
+    Options = VQAOptions
+    opts: VQAOptions
     scale = "downstream"
     modality = "image"
 
@@ -100,29 +134,14 @@ class VQA(Task):
                             f"run `upctl prepare {dataset.name}` again")
         self.answers: list[str] = list(answers)
         self.answer_index = {a: i for i, a in enumerate(self.answers)}
-        self.max_len = int(cfg.option("max_len", 23))
-        if not 3 <= self.max_len <= model_cfg.max_text_len:
-            raise ConfigError(f"task {cfg.name!r}: option max_len={self.max_len} must be in [3, {model_cfg.max_text_len}]")
-        self.answer_max_len = int(cfg.option("answer_max_len", 16))
-        self.image_size = int(cfg.option("image_size", model_cfg.image_size))
-        if self.image_size % model_cfg.patch_size:
-            raise ConfigError(f"task {cfg.name!r}: option image_size={self.image_size} must be a multiple of "
-                              f"the patch size {model_cfg.patch_size}")
-        self.train_transform = str(cfg.option("train_transform", "reference"))
-        if self.train_transform not in ("reference", "random_resized"):
-            raise ConfigError(f"task {cfg.name!r}: option train_transform={self.train_transform!r}; "
-                              "expected 'reference' or 'random_resized'")
-        self.hflip = bool(cfg.option("hflip", True))
-        self.label_smoothing = float(cfg.option("label_smoothing", 0.0))
-        self.scale = str(cfg.option("scale", type(self).scale))
-        if self.scale not in model_cfg.logit_scale_names:
-            raise ConfigError(f"task {cfg.name!r}: option scale={self.scale!r}; known: {', '.join(model_cfg.logit_scale_names)}")
-        tau = cfg.option("fixed_temperature", None)
-        if tau is not None and not (isinstance(tau, (int, float)) and not isinstance(tau, bool) and tau > 0):
-            raise ConfigError(f"task {cfg.name!r}: option fixed_temperature={tau!r} must be a positive number")
+        o = self.opts
+        self.max_len, self.answer_max_len = o.max_len, o.answer_max_len
+        self.image_size = o.image_size or model_cfg.image_size
+        self.train_transform, self.hflip, self.label_smoothing = o.train_transform, o.hflip, o.label_smoothing
+        self.scale = o.scale or type(self).scale
         # The reference fine-tunes VQA with a fixed temperature (tau 0.03): logits = cosine / tau,
         # instead of the learnable, clamped `downstream` scale.
-        self.fixed_temperature: float | None = None if tau is None else float(tau)
+        self.fixed_temperature: float | None = o.fixed_temperature
         self.left_id = tokenizer.token_to_id("left</w>")
         self.right_id = tokenizer.token_to_id("right</w>")
         self._targets: TargetSet | None = None

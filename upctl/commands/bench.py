@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from upctl.common import console, fail_on_error, progress_callback, write_json
+from upctl.common import fail_on_error, progress_callback, report_console, write_json
 
 SECTIONS = ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
 
@@ -23,7 +24,7 @@ def bench(
     rounds: int = typer.Option(None, "--rounds", help="ABBA rounds per training-step pair (default: 3 full, 1 quick)."),
     kinds: str = typer.Option("", "--kinds", help="Comma-separated training-step kinds to run (default all): text, image, video, caption, retrieval."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile every training-step case, baselines too (our encoder, as train.compile does)."),
-    json_path: Path = typer.Option(None, "--json", help="Write the report (machine + rows) as JSON."),
+    json_path: Path = typer.Option(None, "--json", help="Write the report (machine + rows) as JSON ('-': standard output)."),
     csv_path: Path = typer.Option(None, "--csv", help="Write the rows as CSV."),
 ) -> None:
     """Measure training steps (ours vs Hugging Face BertModel and timm ViT at the same shapes), activation
@@ -42,6 +43,7 @@ def bench(
     from uniperceiver.bench.suite import run_suite
     from uniperceiver.errors import UpctlError
 
+    console = report_console(json_path)
     with fail_on_error():
         chosen = [s.strip() for s in sections.split(",") if s.strip()]
         unknown = sorted(set(chosen) - set(SECTIONS))
@@ -61,7 +63,7 @@ def bench(
             report = run_suite(dev, quick=quick, sizes=size_list, sections=chosen, progress=progress,
                                rounds=rounds, compile=compile,
                                kinds=[k.strip() for k in kinds.split(",") if k.strip()] or None)
-    _print(report.rows)
+    _print(report.rows, console)
     if json_path:
         write_json(json_path, report.to_dict())
     if csv_path:
@@ -70,13 +72,13 @@ def bench(
         writer = csv.DictWriter(buf, fieldnames=keys)
         writer.writeheader()
         writer.writerows(report.rows)
-        from uniperceiver.utils.io import atomic_write_text
+        from uniperceiver.utils.files import atomic_write_text
 
         atomic_write_text(csv_path, buf.getvalue())
     console.print(json.dumps(report.machine))
 
 
-def _print(rows: list[dict]) -> None:
+def _print(rows: list[dict], console: Console) -> None:
     by_section: dict[str, list[dict]] = {}
     for row in rows:
         by_section.setdefault(row["section"], []).append(row)

@@ -9,19 +9,7 @@ import typer
 from rich.table import Table
 
 from uniperceiver.data.preparers import PREPARERS
-from uniperceiver.errors import ConfigError
-from upctl.common import console, fail_on_error, progress_callback, write_json
-
-
-def parse_options(pairs: list[str] | None) -> dict[str, str]:
-    """`["k=v", ...]` -> {k: v}; a pair without '=' is a one-line error."""
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--option {pair!r}: expected key=value (e.g. --option check=verify)")
-        out[key.strip()] = value.strip()
-    return out
+from upctl.common import fail_on_error, progress_callback, report_console, write_json
 
 
 def _table(summary) -> Table:
@@ -52,7 +40,7 @@ def prepare(
         "--download",
         help="Fetch the public files first (COCO images, VQAv2, GLUE, MSVD, MSR-VTT, VG, K400 annotations).",
     ),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON to this file."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON to this file ('-': standard output)."),
     option: Optional[list[str]] = typer.Option(
         None,
         "--option",
@@ -81,16 +69,18 @@ def prepare(
 
       upctl prepare msvd --download --data-dir ~/upctl-data
     """
+    from uniperceiver.config.loading import parse_key_values
     from uniperceiver.data.format import prepare_dataset
     from uniperceiver.data.preparers import get_preparer
 
     with fail_on_error():
-        options = parse_options(option)
+        options = parse_key_values(option, "--option")
         get_preparer(dataset)  # unknown name: the list of known ones, before any work
         with progress_callback(f"prepare {dataset}") as progress:
             summary = prepare_dataset(dataset, root, data_dir, download=download, progress=progress, options=options)
         if json_file is not None:
             write_json(json_file, summary.to_dict())
+    console = report_console(json_file)
     console.print(_table(summary))
     for split, reasons in summary.examples.items():
         for reason, examples in reasons.items():

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-import yaml
+from rich.console import Console
 from rich.table import Table
 
-from uniperceiver.config import STAGES, Recipe, list_recipes, load_recipe, recipe_to_dict, recipes_dir
 from uniperceiver.errors import ConfigError, UpctlError
-from upctl.common import console, err_console, fail_on_error, write_json
+from upctl.common import console, err_console, fail_on_error, report_console, write_json
+
+if TYPE_CHECKING:  # the recipe schema is imported when a command runs, not for `--help`
+    from uniperceiver.config import Recipe
 
 
 def _g(x: float) -> str:
@@ -22,12 +24,12 @@ def _overrides(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items()) or "-"
 
 
-def _summary(recipe: Recipe, source: str) -> None:
+def _summary(recipe: Recipe, source: str, out: Console) -> None:
     """What the recipe resolves to: model, optimiser, loop, tuning, the task mixture and the stages."""
     m, o, t, tu = recipe.model, recipe.optim, recipe.train, recipe.tune
-    console.print(f"[bold]{recipe.name}[/] ({recipe.stage})  {source}", highlight=False)
+    out.print(f"[bold]{recipe.name}[/] ({recipe.stage})  {source}", highlight=False)
     if recipe.description:
-        console.print(f"  {recipe.description}", highlight=False)
+        out.print(f"  {recipe.description}", highlight=False)
     clip = "off" if not o.clip_grad else _g(o.clip_grad)
     lines = [
         ("model", f"{m.size}  overrides: {_overrides(m.overrides)}  checkpoint: {m.checkpoint or '-'}"),
@@ -44,7 +46,7 @@ def _summary(recipe: Recipe, source: str) -> None:
     if recipe.data_dir:
         lines.append(("data", recipe.data_dir))
     for key, text in lines:
-        console.print(f"  [cyan]{key:<6}[/] {text}", highlight=False)
+        out.print(f"  [cyan]{key:<6}[/] {text}", highlight=False)
     total = sum(task.sample_weight for task in recipe.tasks)
     table = Table(title=f"tasks ({len(recipe.tasks)})", title_justify="left")
     for col, justify in (("task", "left"), ("family", "left"), ("dataset", "left"), ("batch", "right"),
@@ -53,10 +55,10 @@ def _summary(recipe: Recipe, source: str) -> None:
     for task in recipe.tasks:
         table.add_row(task.name, task.family, task.dataset, str(task.batch_size),
                       f"{100 * task.sample_weight / total:.1f}%", _g(task.loss_weight), _overrides(task.options))
-    console.print(table)
+    out.print(table)
     for st in recipe.stages:
-        console.print(f"  [cyan]stage[/]  {st.name}: {len(st.set)} override(s)"
-                      + (f" ({_overrides(st.set)})" if st.set else ""), highlight=False, soft_wrap=True)
+        out.print(f"  [cyan]stage[/]  {st.name}: {len(st.set)} override(s)"
+                  + (f" ({_overrides(st.set)})" if st.set else ""), highlight=False, soft_wrap=True)
 
 
 def validate(
@@ -65,7 +67,7 @@ def validate(
         None, "--set", help="Override KEY=VALUE (YAML value), repeatable; tasks by index or name: tasks.0.batch_size=4."
     ),
     show_yaml: bool = typer.Option(False, "--yaml", help="Also print the fully resolved recipe as YAML."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the resolved recipe as JSON to this file."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the resolved recipe as JSON to this file ('-': standard output)."),
 ) -> None:
     """Check a recipe (types, allowed values, task names, every stage) and print what it resolves to.
 
@@ -82,14 +84,19 @@ def validate(
       upctl validate recipes/prompt/imagenet.yaml --json resolved.json
     """
     with fail_on_error():
+        import yaml
+
+        from uniperceiver.config import load_recipe, recipe_to_dict
+
+        out = report_console(json_file)
         resolved = load_recipe(recipe, set_ or [])
-        _summary(resolved, recipe)
+        _summary(resolved, recipe, out)
         if show_yaml:
-            console.print(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False, default_flow_style=None,
-                                         width=100), highlight=False, markup=False)
+            out.print(yaml.safe_dump(recipe_to_dict(resolved), sort_keys=False, default_flow_style=None,
+                                     width=100), highlight=False, markup=False)
         if json_file is not None:
             write_json(json_file, recipe_to_dict(resolved))
-        console.print("[green]valid[/]")
+        out.print("[green]valid[/]")
 
 
 def recipes(
@@ -109,6 +116,8 @@ def recipes(
       upctl validate recipes/tiny.yaml
     """
     with fail_on_error():
+        from uniperceiver.config import STAGES, list_recipes, load_recipe, recipes_dir
+
         if stage is not None and stage not in STAGES:
             raise ConfigError(f"--stage {stage!r}: allowed: {', '.join(STAGES)}")
         root = directory if directory is not None else recipes_dir()

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from upctl.common import console, fail_on_error, write_json
+from upctl.common import fail_on_error, report_console, write_json
 
 _KINDS = ("downstream", "pretrain", "mini")
 
@@ -22,7 +22,7 @@ def tasks(
                                          "retrieval, caption, mlm, vqa, glue)."),
     kind: Optional[str] = typer.Option(None, "--kind", help="Only 'downstream', 'pretrain' or 'mini' tasks."),
     options: bool = typer.Option(False, "--options", help="Also show each task's default options."),
-    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the (filtered) catalog as JSON to this file."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the (filtered) catalog as JSON to this file ('-': standard output)."),
 ) -> None:
     """List the task catalog: name, dataset, family, metric, held-out flag and default recipes.
 
@@ -36,11 +36,14 @@ def tasks(
       upctl tasks --kind mini --options
 
       upctl tasks --family caption --json captioning-tasks.json
+
+      upctl tasks --kind mini --json - | python -m json.tool
     """
     from uniperceiver.errors import ConfigError
     from uniperceiver.tasks.catalog import ALIASES, CATALOG, FAMILIES
 
     with fail_on_error():
+        console = report_console(json_file)
         if family is not None and family not in FAMILIES:
             raise ConfigError(f"--family {family!r} is unknown; expected one of {', '.join(FAMILIES)}")
         if kind is not None and kind not in _KINDS:

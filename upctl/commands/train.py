@@ -1,20 +1,27 @@
 """`upctl pretrain`, `upctl prompt-tune`, `upctl finetune`: one trainer, three ways to start it.
 
 This module resolves names and defaults (recipe files, per-task recipes, the checkpoint to start
-from), renders progress with rich and turns the library's result into exit codes: 0 when the run
-finished, 143 when SIGTERM stopped it after saving a checkpoint, 1 on bad input (one line).
+from), renders progress and the engine's log lines (periodic evaluation included) with rich and
+turns the library's result into exit codes: 0 when the run finished, 143 when SIGTERM stopped it
+after saving a checkpoint, 1 on bad input (one line). Under torchrun only rank 0 prints; the other
+ranks speak only to fail. The library is imported inside the command bodies, so `upctl --help`
+never loads torch.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from upctl.common import console, err_console, fail_on_error
+
+if TYPE_CHECKING:
+    from uniperceiver.config.schema import Recipe
 
 _SET_HELP = "Override a recipe key, e.g. --set optim.lr=5e-4 --set tasks.mini-digits.batch_size=8 (repeatable)."
 _RESUME_HELP = "'auto' (newest valid checkpoint of --output, or of the newest run of this recipe) or a checkpoint path."
@@ -63,44 +70,36 @@ class _Progress:
         (self.bar.console if self.bar is not None else err_console).print(message, highlight=False, soft_wrap=True)
 
 
-def _eval_hook(recipe: Any) -> Callable | None:
-    """Periodic evaluation (train.eval_every) of every task on eval.split, through the harness."""
-    if int(recipe.train.eval_every) <= 0:
-        return None
-    from uniperceiver.evaluation.harness import evaluate_task
+def _is_main() -> bool:
+    """Rank 0 of a torchrun job (or a single process): the one process that prints."""
+    from uniperceiver.engine.distributed import launch_rank
 
-    def hook(model: Any, tasks: Any, step: int) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for task in tasks:
-            split = recipe.eval.split if recipe.eval.split in task.dataset.splits else task.cfg.eval_split
-            if split not in task.dataset.splits:
-                continue
-            res = evaluate_task(model, task, split=split, limit=recipe.eval.limit)
-            for k, v in res.metrics.items():
-                out[f"{task.cfg.name}/{k}"] = float(v)
-        shown = ", ".join(f"{k} {v:.2f}" for k, v in out.items())
-        err_console.print(f"eval at step {step}: {shown}", highlight=False, soft_wrap=True)
-        return out
-
-    return hook
+    return launch_rank() == 0
 
 
-def _run(recipe: Any, *, what: str, output: Path | None, resume: str | None, max_steps: int | None,
+def _run(recipe: Recipe, *, what: str, output: Path | None, resume: str | None, max_steps: int | None,
          data_dir: Path | None, device: str | None) -> None:
-    from uniperceiver.engine.checkpoint import resolve_checkpoint_path
-    from uniperceiver.engine.setup import preflight
+    from uniperceiver.engine.run_setup import preflight
+    from uniperceiver.engine.train_checkpoint import resolve_checkpoint_path
     from uniperceiver.engine.trainer import train
 
     preflight(recipe, data_dir)  # bad input fails here, before anything is printed or created
     if resume is not None and resume != "auto":
         resolve_checkpoint_path(resume)
+    main = _is_main()
     steps = max_steps if max_steps is not None else recipe.train.max_steps
     where = str(output) if output is not None else "a new folder under ./runs"
-    console.print(f"{what}: recipe {recipe.name!r}, {len(recipe.tasks)} task(s), {steps} steps -> {where}",
-                  highlight=False, soft_wrap=True)
-    with _Progress(int(recipe.train.log_every)) as bar:
+    if main:
+        console.print(f"{what}: recipe {recipe.name!r}, {len(recipe.tasks)} task(s), {steps} steps -> {where}",
+                      highlight=False, soft_wrap=True)
+    # The engine calls progress and log on rank 0 only; other ranks draw no bar either.
+    with _Progress(recipe.train.log_every) if main else nullcontext() as bar:
         result = train(recipe, output=output, resume=resume, data_dir=data_dir, max_steps=max_steps,
-                       progress=bar, log=bar.log, evaluate=_eval_hook(recipe), device=device)
+                       progress=bar, log=bar.log if bar is not None else None, device=device)
+    if not main:
+        if result.interrupted:
+            raise typer.Exit(143)
+        return
     if result.tuning is not None and recipe.tune.mode == "prompt":
         console.print(f"trainable: {result.tuning.describe()}", highlight=False, soft_wrap=True)
     skipped = sum(n for per in result.skipped_media.values() for n in per.values())
@@ -118,14 +117,16 @@ def _run(recipe: Any, *, what: str, output: Path | None, resume: str | None, max
                   f"run {result.run_dir}{extra}", highlight=False, soft_wrap=True)
 
 
-def _with_checkpoint(recipe: Any, checkpoint: Path | None) -> None:
+def _with_checkpoint(recipe: Recipe, checkpoint: Path | None) -> None:
     from uniperceiver.engine import runs
 
     if checkpoint is not None:
         recipe.model.checkpoint = str(runs.resolve_model_dir(checkpoint))
     elif not recipe.model.checkpoint:
         found = runs.newest_pretrained()
-        console.print(f"--checkpoint not given: using the newest pre-training run's weights {found}", highlight=False, soft_wrap=True)
+        if _is_main():
+            console.print(f"--checkpoint not given: using the newest pre-training run's weights {found}",
+                          highlight=False, soft_wrap=True)
         recipe.model.checkpoint = str(found)
 
 

@@ -1,0 +1,90 @@
+"""Evaluation during training (`train.eval_every`): every task through the evaluation harness.
+
+Why in the engine: what is evaluated (which split, how many samples), when, and where the scores
+go (the run's metrics.csv / TensorBoard, the TrainState, one log line) belong to the run, so every
+caller of `train` gets the same behaviour; a front end only renders the log line it is given.
+
+A caller may still pass its own hook (`train(..., evaluate=hook)`, hook(model, tasks, step) ->
+{"task/metric": value}); the default hook is `harness_hook(recipe.eval)`.
+Under data parallelism every rank calls the hook (the harness shards the samples and gathers the
+scores); under FSDP the parameters are gathered for it (`full_params`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+from torch import nn
+
+from uniperceiver.config.schema import EvalSection
+from uniperceiver.engine.distributed import full_params
+from uniperceiver.engine.runs import MetricsLog
+from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.tasks.base import Task
+
+EvalHook = Callable[[UniPerceiver, Sequence[Task], int], dict[str, float]]
+Log = Callable[[str], None]
+
+
+def eval_split(task: Task, wanted: str) -> str | None:
+    """`wanted` (eval.split) when the task's dataset has it, else the task's own eval split, else None."""
+    splits = task.dataset.splits
+    if wanted in splits:
+        return wanted
+    return task.cfg.eval_split if task.cfg.eval_split in splits else None
+
+
+def harness_hook(section: EvalSection) -> EvalHook:
+    """The default hook: `evaluate_task` on every task, the first `eval.limit` samples of its split."""
+    from uniperceiver.evaluation.harness import evaluate_task
+
+    def hook(model: UniPerceiver, tasks: Sequence[Task], step: int) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for task in tasks:
+            split = eval_split(task, section.split)
+            if split is None:
+                continue
+            result = evaluate_task(model, task, split=split, limit=section.limit)
+            out.update({f"{task.cfg.name}/{k}": float(v) for k, v in result.metrics.items()})
+        return out
+
+    return hook
+
+
+def describe(step: int, scores: dict[str, float]) -> str:
+    """The log line of one evaluation, e.g. "eval at step 200: mini-faces/top1 81.25"."""
+    return f"eval at step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+
+
+@dataclass
+class PeriodicEval:
+    """Runs `hook` every `every` steps and reports the scores (metrics log and `say`, rank 0 only).
+
+    `metrics` and `say` are None on ranks other than 0; `began` is the run's start
+    (`time.perf_counter()`), for the metrics' time column.
+    """
+
+    every: int
+    hook: EvalHook
+    metrics: MetricsLog | None
+    say: Log | None
+    began: float
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def __call__(self, model: UniPerceiver, wrapped: nn.Module, tasks: Sequence[Task], step: int) -> dict[str, float]:
+        """Evaluate `model` (the bare model inside `wrapped`) at `step`, then put it back in training mode."""
+        with full_params(wrapped):
+            scores = dict(self.hook(model, tasks, step))
+        model.train()
+        if scores and self.metrics is not None:
+            self.metrics.write(step, "eval", "", scores, time.perf_counter() - self.began)
+        if scores and self.say is not None:
+            self.say(describe(step, scores))
+        return scores
+
+
+__all__ = ["EvalHook", "PeriodicEval", "describe", "eval_split", "harness_hook"]

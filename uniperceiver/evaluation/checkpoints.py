@@ -1,0 +1,223 @@
+"""Finding the weights to evaluate: a model folder, a training step folder, a run folder, or the
+newest pre-training run under ./runs.
+
+Why here and not in the engine: evaluation sits below the engine (the trainer calls the harness),
+yet `--checkpoint` takes what training writes. Reading that layout needs no training code, only
+the folder names, `run.json` and the checksums of a step folder, so the readers live here and
+`uniperceiver.engine.runs` / `uniperceiver.engine.train_checkpoint` import them from this module.
+
+    runs/<stage>-<task>-<time>/
+        run.json             {"stage": ..., "recipe": ...}
+        final/               model folder (config.json + model.safetensors) when the run finished
+        stage-N/             sub-runs of a multi-stage recipe (each with final/ or checkpoints/)
+        checkpoints/step-NNNNNN/ + latest   verified step folders (meta.json lists sha256 sums)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from uniperceiver.errors import CheckpointError
+from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME
+from uniperceiver.utils.files import sha256_file
+
+FINAL_NAME = "final"
+CKPT_DIR = "checkpoints"
+RUN_INFO = "run.json"
+META_NAME = "meta.json"
+LATEST_NAME = "latest"
+STEP_RE = re.compile(r"^step-(\d+)$")
+#: The `format` field of a training step folder's meta.json.
+FORMAT = "uniperceiver-train-checkpoint-v1"
+
+Warn = Callable[[str], None]
+
+
+def default_runs_root() -> Path:
+    """`./runs` (absolute): the DESIGN's default place for runs."""
+    return Path("runs").absolute()
+
+
+def is_model_dir(path: Path) -> bool:
+    """A folder `load_model` can read: config.json and model.safetensors side by side."""
+    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    """A run's `run.json` ({} when absent or unreadable: then it is not a run folder)."""
+    path = Path(run_dir) / RUN_INFO
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    stage: str
+    recipe: str
+    mtime: float
+
+
+def list_runs(root: Path | None = None, stage: str | None = None, recipe: str | None = None) -> list[RunRecord]:
+    """Runs under `root` (default ./runs), newest first, optionally of one stage / recipe name."""
+    root = Path(root) if root is not None else default_runs_root()
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        if not p.is_dir():
+            continue
+        info = read_run_info(p)
+        if not info:
+            continue
+        if stage is not None and info.get("stage") != stage:
+            continue
+        if recipe is not None and info.get("recipe") != recipe:
+            continue
+        out.append(RunRecord(p, str(info.get("stage", "")), str(info.get("recipe", "")), p.stat().st_mtime))
+    return sorted(out, key=lambda r: (r.mtime, r.path.name), reverse=True)
+
+
+# -- training step folders ------------------------------------------------------------------------
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete-looking step folders, newest (highest step) first."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_RE.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Return meta.json after checking that every listed file exists and matches its sha256."""
+    path = Path(path)
+    meta_path = path / META_NAME
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: no {META_NAME} (an incomplete or foreign checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: malformed JSON ({exc})") from None
+    if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    for name in (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"):
+        if name not in meta["files"]:
+            raise CheckpointError(f"{meta_path}: lists no {name}")
+    for name, digest in meta["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        actual = sha256_file(f)
+        if actual != digest:
+            raise CheckpointError(f"{f}: sha256 {actual[:12]}... does not match meta.json ({str(digest)[:12]}...)")
+    return meta
+
+
+def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None) -> Path | None:
+    """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none.
+
+    Every corrupt one on the way is reported through `warn` (default: `warnings.warn`), naming the
+    corrupt folder and the one used instead.
+    """
+    warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
+    root = Path(ckpt_root)
+    candidates = list_checkpoints(root)
+    pointer = root / LATEST_NAME
+    if pointer.is_file():
+        named = root / pointer.read_text(encoding="utf-8").strip()
+        if named in candidates:
+            candidates.remove(named)
+            candidates.insert(0, named)
+    bad: list[tuple[Path, str]] = []
+    for cand in candidates:
+        try:
+            verify_checkpoint(cand)
+        except CheckpointError as exc:
+            bad.append((cand, str(exc)))
+            continue
+        for path, reason in bad:
+            warn(f"checkpoint {path} is corrupt ({reason}); falling back to {cand}")
+        return cand
+    for path, reason in bad:
+        warn(f"checkpoint {path} is corrupt ({reason}) and no older valid checkpoint exists")
+    return None
+
+
+# -- runs -> weights ----------------------------------------------------------------------------------
+
+
+def model_dir_of_run(run: Path) -> Path | None:
+    """A run's usable weights: final/ when it finished, else the newest stage's, else its newest valid checkpoint."""
+    final = Path(run) / FINAL_NAME
+    if is_model_dir(final):
+        return final
+
+    def stage_index(p: Path) -> int:
+        head = p.name.split("-")[1] if p.name.count("-") >= 1 else ""
+        return int(head) if head.isdigit() else -1
+
+    stages = sorted((p for p in Path(run).glob("stage-*") if p.is_dir()), key=stage_index, reverse=True)
+    for st in stages:
+        found = model_dir_of_run(st)
+        if found is not None:
+            return found
+    return find_valid_checkpoint(Path(run) / CKPT_DIR, warn=lambda m: None)
+
+
+def newest_pretrained(root: Path | None = None) -> Path:
+    """`--checkpoint` default: the weights of the newest pre-training run under ./runs."""
+    root_path = Path(root) if root is not None else default_runs_root()
+    for rec in list_runs(root_path, stage="pretrain"):
+        found = model_dir_of_run(rec.path)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no pre-training run with weights under {root_path}; pass --checkpoint DIR (a model folder from "
+        "`upctl convert` or a run) or run `upctl pretrain RECIPE.yaml` first"
+    )
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """`--checkpoint PATH`: a model folder, a training step folder, or a run folder -> model folder."""
+    p = Path(path).expanduser()
+    if is_model_dir(p):
+        return p
+    if p.is_dir():
+        found = model_dir_of_run(p)
+        if found is not None:
+            return found
+    if not p.exists():
+        raise CheckpointError(f"--checkpoint {path}: no such folder")
+    raise CheckpointError(f"--checkpoint {path}: not a model folder (config.json + model.safetensors) or a run with weights")
+
+
+__all__ = [
+    "CKPT_DIR",
+    "FINAL_NAME",
+    "FORMAT",
+    "LATEST_NAME",
+    "META_NAME",
+    "RUN_INFO",
+    "RunRecord",
+    "STEP_RE",
+    "Warn",
+    "default_runs_root",
+    "find_valid_checkpoint",
+    "is_model_dir",
+    "list_checkpoints",
+    "list_runs",
+    "model_dir_of_run",
+    "newest_pretrained",
+    "read_run_info",
+    "resolve_model_dir",
+    "verify_checkpoint",
+]
