@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state  # noqa: F401 - re-exported
+# The RNG helpers are part of the TrainState now; re-exported for callers of this module.
+from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state
 from uniperceiver.errors import CheckpointError, StorageError
 # The read-only side of the step-folder format (find, verify) is shared with evaluation, below the engine.
 from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported

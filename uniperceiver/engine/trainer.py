@@ -44,7 +44,7 @@ from uniperceiver.engine.loader import MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
 from uniperceiver.engine.periodic_eval import EvalHook, PeriodicEval, harness_hook
 from uniperceiver.engine.run_setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
-from uniperceiver.engine.steps import (  # noqa: F401 - StepReport, TrainingDiverged: re-exported
+from uniperceiver.engine.steps import (  # StepReport, TrainingDiverged: re-exported
     Hooks, Loop, SigtermFlag, StepModule, StepReport, TrainingDiverged, run_loop, save_checkpoint,
 )
 from uniperceiver.engine.targets import TargetSets
