@@ -81,3 +81,11 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     src = tmp_path / "x.py"
     src.write_text("def f():\n    from uniperceiver.engine import trainer\n    import rich\n")
     assert [m for _, m in _imports(src)] == ["uniperceiver.engine", "rich"]
+
+
+def test_architecture_doc_draws_the_enforced_order() -> None:
+    """docs/ARCHITECTURE.md's layer picture lists the packages of LAYERS, top to bottom."""
+    doc = (ROOT.parent / "docs" / "ARCHITECTURE.md").read_text()
+    block = doc.split("<!-- layers:", 1)[1].split("<!-- /layers -->", 1)[0]
+    drawn = [line.split()[0] for line in block.splitlines() if line.startswith("  ") and line[2] != " "]
+    assert drawn == list(reversed(LAYERS))
