@@ -354,6 +354,22 @@ def test_cli_validate_prints_summary(tmp_path: Path) -> None:
     assert shown.exit_code == 0 and "optim:" in shown.output
 
 
+def test_cli_validate_shows_only_the_options_that_differ_from_the_family_defaults() -> None:
+    """A resolved task holds every option; the summary lists only the changed ones, whether the
+    catalog, the recipe or `--set` changed them (a value equal to the default is not a change)."""
+    result = runner.invoke(app, ["validate", str(ROOT / "tiny.yaml"),
+                                 "--set", "tasks.mini-photos-retrieval.options.max_len=40",
+                                 "--set", "tasks.mini-video.options.sampling=stride"], env=ENV)
+    assert result.exit_code == 0, result.output
+    rows = {line.split("│")[1].strip(): line.split("│")[-2].strip() for line in result.output.splitlines()
+            if line.count("│") == 8}
+    assert rows["mini-video"] == "frames=4, stride=8, views=[1, 1]", rows
+    assert rows["mini-digits"] == "hflip=False, crop_scale=[0.6, 1.0]", rows
+    assert rows["mini-photos-retrieval"] == "max_len=40", rows
+    recipe = load_recipe(ROOT / "tiny.yaml")
+    assert next(t for t in recipe.tasks if t.name == "mini-video").options["sampling"] == "stride"  # stored complete
+
+
 def test_cli_validate_error_is_one_line(tmp_path: Path) -> None:
     path = _write(tmp_path, _edit(tasks__1__batch_size=-4))
     result = runner.invoke(app, ["validate", str(path)], env=ENV)

@@ -9,6 +9,8 @@ real mini data; the `KEY=VALUE` parser has one syntax.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks import CATALOG, FAMILIES, build_task, task_config
 from uniperceiver.tasks.catalog import family_class, family_options
-from uniperceiver.tasks.custom import CustomOptions
+from uniperceiver.tasks.custom import CustomOptions, CustomTask
 from uniperceiver.tasks.options import FieldError, TaskOptions
 
 ALL_OPTIONS: dict[str, type[TaskOptions]] = {**{f: family_options(f) for f in FAMILIES}, "custom": CustomOptions}
@@ -51,6 +53,48 @@ def test_every_family_has_typed_frozen_options():
         assert cls.from_mapping(opts.to_dict()) == opts  # defaults round-trip
     for family in FAMILIES:
         assert family_class(family).Options is ALL_OPTIONS[family]
+    assert CustomTask.Options is CustomOptions
+    with pytest.raises(ConfigError, match="unknown task family 'ocr'; known families: image_cls"):
+        family_options("ocr")
+
+
+#: Resolve every catalog task and load every shipped recipe, then list the modules that came with it.
+_TORCH_FREE_PROBE = """
+import sys
+from uniperceiver.config import list_recipes, load_recipe
+from uniperceiver.tasks import CATALOG, TaskConfig, task_config
+from uniperceiver.tasks.catalog import changed_options, family_options
+for name, spec in CATALOG.items():
+    cfg = task_config(name)
+    family_options(spec.family).from_mapping(cfg.options)
+    assert changed_options(spec.family, cfg.options) == spec.defaults["options"], name
+for path in list_recipes():
+    load_recipe(path)
+heavy = {"torch", "uniperceiver.tasks.base"} | {m for m in sys.modules if m.startswith("uniperceiver.tasks.")
+                                                 and m.split(".")[-1] in ("classification", "captioning", "retrieval",
+                                                                          "mlm", "vqa", "glue", "custom", "_vision_io")}
+print(sorted(m for m in heavy if m in sys.modules))
+"""
+
+
+def test_options_and_recipes_resolve_without_torch_or_the_family_modules():
+    """The schema, the catalog and every option check run on the torch-free modules alone (`upctl
+    validate` / `upctl tasks` start fast); a fresh interpreter, so no earlier import hides one."""
+    proc = subprocess.run([sys.executable, "-c", _TORCH_FREE_PROBE], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
+def test_task_config_is_one_class_wherever_it_is_imported():
+    from uniperceiver import config
+    from uniperceiver import tasks
+    from uniperceiver.tasks import base, options
+
+    assert base.TaskConfig is options.TaskConfig is tasks.TaskConfig is config.TaskConfig
+    assert callable(tasks.task_config) and tasks.task_config("mini-digits").name == "mini-digits"
+    with pytest.raises(AttributeError, match="has no attribute 'Taskk'"):
+        tasks.Taskk  # noqa: B018
 
 
 @pytest.mark.parametrize("family,key,value,fragment",

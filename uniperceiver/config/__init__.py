@@ -34,7 +34,7 @@ from uniperceiver.config.schema import (
     TuneSection,
 )
 from uniperceiver.errors import ConfigError
-from uniperceiver.tasks.base import TaskConfig
+from uniperceiver.tasks.options import TaskConfig
 
 __all__ = [
     "FAMILIES",

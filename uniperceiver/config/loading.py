@@ -32,8 +32,8 @@ from uniperceiver.config.schema import (
 )
 from uniperceiver.errors import ConfigError
 from uniperceiver.tasks import catalog
-from uniperceiver.tasks.base import TaskConfig
 from uniperceiver.tasks.catalog import TaskSpec
+from uniperceiver.tasks.options import TaskConfig
 from uniperceiver.utils.files import atomic_write_text
 
 _STAGE_ALIASES = {"prompt": "prompt_tune", "prompt-tune": "prompt_tune", "prompt_tune": "prompt_tune",
@@ -45,12 +45,16 @@ _STAGE_DIRS = {"prompt_tune": "prompt", "finetune": "finetune"}
 
 
 def recipes_dir() -> Path:
-    """The shipped recipes folder: $UPCTL_RECIPES, else the repository's `recipes/`, else ./recipes."""
+    """The shipped recipes folder: $UPCTL_RECIPES, else the package's `recipes/`, else ./recipes.
+
+    `uniperceiver/recipes` is package data in an installed wheel and, in a checkout, a link to the
+    top-level `recipes/`, so one path serves both.
+    """
     env = os.environ.get("UPCTL_RECIPES")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2] / "recipes"
-    return repo if repo.is_dir() else Path.cwd() / "recipes"
+    shipped = Path(__file__).resolve().parents[1] / "recipes"
+    return shipped if shipped.is_dir() else Path.cwd() / "recipes"
 
 
 def list_recipes(root: str | Path | None = None) -> list[Path]:

@@ -6,7 +6,7 @@ a run with one line that names the file, the dotted key and what is allowed, ins
 later inside the trainer. Constraints live next to the fields (dataclass `metadata`), so the
 schema and its checks cannot drift apart.
 
-Task entries are `TaskConfig`s (uniperceiver/tasks/base.py). A task `name` found in the catalog
+Task entries are `TaskConfig`s (uniperceiver/tasks/options.py). A task `name` found in the catalog
 (uniperceiver/tasks/catalog.py) starts from the catalog's defaults; any other name must give
 `family` and `dataset` itself. A task's `options` are checked by its family's typed `Options`
 dataclass (uniperceiver/tasks/options.py), which holds each option's type, default and rules, and
@@ -23,8 +23,14 @@ from typing import Any
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model_config import SIZES
 from uniperceiver.tasks import catalog
-from uniperceiver.tasks.base import TaskConfig
-from uniperceiver.tasks.options import FieldError, check_value, show, suggest, unknown_key
+from uniperceiver.tasks.options import (
+    FieldError,
+    TaskConfig,
+    check_value,
+    show,
+    suggest,
+    unknown_key,
+)
 from uniperceiver.tasks.options import opt as _f
 
 #: The task families every recipe may use (tasks/catalog.py maps each to its class).

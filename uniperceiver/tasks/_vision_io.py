@@ -2,7 +2,7 @@
 
 Why one module: the three families read media the same way, and the published numbers depend on
 the exact evaluation pixels (reference-conventions.md, "Image and video transforms"). Options are the
-fields of `MediaOptions`, which the vision families' options extend:
+fields of `MediaOptions` (tasks/family_options.py), which the vision families' options extend:
 
 - `image_size` (default: the model's image_size): crop size of images and video frames.
 - `eval_resize` (images): shorter side before the center crop at evaluation. Default: classification
@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, probe_video, read_frames_at
 from uniperceiver.errors import ConfigError, MediaError
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks.options import FieldError, TrainOptions, opt
+from uniperceiver.tasks.family_options import MediaOptions, parse_views  # noqa: F401 (parse_views: re-exported)
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -58,8 +57,6 @@ from uniperceiver.tokenizers.vision import (
     video_eval_views,
     video_train_transform,
 )
-
-SAMPLING_MODES = ("stride", "uniform")
 
 
 @dataclass(frozen=True)
@@ -83,72 +80,6 @@ class VisionOptions:
     @property
     def views(self) -> int:
         return self.temporal_views * self.spatial_views
-
-
-def parse_views(value: Any, where: str) -> tuple[int, int]:
-    """"4x3" / [4, 3] / 3 -> (temporal, spatial); a bare int means spatial views only."""
-    try:
-        if isinstance(value, str):
-            parts = value.lower().replace(" ", "").split("x")
-            if len(parts) != 2:
-                raise ValueError
-            t, s = int(parts[0]), int(parts[1])
-        elif isinstance(value, (list, tuple)) and len(value) == 2 and not any(isinstance(v, bool) for v in value):
-            t, s = int(value[0]), int(value[1])
-        elif isinstance(value, int) and not isinstance(value, bool):
-            t, s = 1, int(value)
-        else:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise FieldError(where, f"{value!r} is not a number of views; expected 'TxS' (temporal x spatial, "
-                                "e.g. '4x3'), [T, S] or an int") from None
-    if t < 1 or s < 1:
-        raise FieldError(where, f"{value!r}: both numbers of views must be >= 1")
-    return t, s
-
-
-@dataclass(frozen=True)
-class MediaOptions(TrainOptions):
-    """The media options of the vision families (see the module docstring); None = a default
-    that depends on the model or on the family (`vision_options` resolves it)."""
-
-    #: Crop size of images and video frames; None = the model's image_size.
-    image_size: int | None = opt(None, gt=0)
-    #: Shorter side before the evaluation center crop; None = image_size * 256/224 (classification) or image_size.
-    eval_resize: int | None = opt(None, gt=0)
-    #: Frames per clip; None = min(8, the model's max_frames).
-    frames: int | None = opt(None, gt=0)
-    #: Frame stride at `target_fps` (reference 32).
-    stride: int = opt(32, gt=0)
-    #: "stride" (reference rule) or "uniform" (centres of equal segments of the sample's window).
-    sampling: str = opt("stride", choices=SAMPLING_MODES)
-    #: The frame rate `stride` is counted in.
-    target_fps: float = opt(30.0, gt=0)
-    #: Evaluation views (temporal, spatial), given as "TxS", [T, S] or S; None = 1x3 (classification) or 1x1.
-    views: tuple[int, int] | None = opt(None, parse=parse_views)
-    #: Random horizontal flips in training (off for digits, text in images).
-    hflip: bool = True
-    #: Area range of the classification training crop (ImageNet rule [0.08, 1]).
-    crop_scale: tuple[float, float] = opt((0.08, 1.0))
-
-    def check(self) -> None:
-        super().check()
-        lo, hi = self.crop_scale
-        if not 0.0 < lo <= hi <= 1.0:
-            raise FieldError("crop_scale", f"{list(self.crop_scale)}; expected 0 < low <= high <= 1 (area fractions)")
-        if self.eval_resize is not None and self.image_size is not None and self.eval_resize < self.image_size:
-            raise FieldError("eval_resize", f"eval_resize={self.eval_resize} must be >= image_size={self.image_size}")
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        size = self.image_size or model_cfg.image_size
-        if size % model_cfg.patch_size:
-            raise FieldError("image_size", f"image_size={size} must be a multiple of the patch size {model_cfg.patch_size}")
-        if self.eval_resize is not None and self.eval_resize < size:
-            raise FieldError("eval_resize", f"eval_resize={self.eval_resize} must be >= image_size={size}")
-        if self.frames is not None and self.frames > model_cfg.max_frames:
-            raise FieldError("frames", f"frames={self.frames} exceeds the model's temporal table "
-                                       f"({model_cfg.max_frames} frames)")
 
 
 def vision_options(opts: MediaOptions, model_cfg: ModelConfig, *, purpose: str) -> VisionOptions:

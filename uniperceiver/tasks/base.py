@@ -41,16 +41,17 @@ Hooks beyond the abstract methods (name, default, caller):
   once per task by engine/run_setup.py.
 
 Options: each family declares `Options`, a frozen dataclass of its typed options
-(uniperceiver/tasks/options.py); `TaskConfig.options` (the YAML mapping) is converted once, in the
-constructor, into `self.opts`.
+(uniperceiver/tasks/family_options.py: torch-free, so recipes are checked without the model).
+`TaskConfig` (uniperceiver/tasks/options.py, re-exported here) holds them as YAML data;
+`TaskConfig.options` is converted once, in the constructor, into `self.opts`.
 """
 
 from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -60,42 +61,8 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks.options import FieldError, TaskOptions
+from uniperceiver.tasks.options import TaskConfig, TaskOptions
 from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
-
-O = TypeVar("O", bound=TaskOptions)
-
-
-@dataclass
-class TaskConfig:
-    """One entry of a recipe's `tasks:` list (also what the catalog's defaults fill in)."""
-
-    name: str
-    family: str
-    dataset: str
-    split: str = "train"
-    eval_split: str = "val"
-    batch_size: int = 8
-    sample_weight: float = 1.0
-    loss_weight: float = 1.0
-    #: The family's options as plain YAML data (its `Options` dataclass says which keys, types and
-    #: defaults); recipes and the catalog store every option, resolved.
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def typed_options(self, cls: type[O], model_cfg: ModelConfig | None = None) -> O:
-        """`options` checked and converted to the family's `Options` dataclass (once, by the task).
-
-        With `model_cfg`, the checks that need the model run too. Raises FieldError (a ConfigError)
-        naming `task '<name>': options.<key>`, the value and what was expected.
-        """
-        where = f"task {self.name!r}: options"
-        opts = cls.from_mapping(self.options, where)
-        if model_cfg is not None:
-            try:
-                opts.check_model(model_cfg)
-            except FieldError as exc:
-                raise exc.under(where) from None
-        return opts
 
 
 @dataclass

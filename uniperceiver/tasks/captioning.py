@@ -22,7 +22,6 @@ Predictions: {"id", "caption", "references"}.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -37,15 +36,14 @@ from uniperceiver.modeling.decoding import beam_search
 from uniperceiver.modeling.masks import caption_mask
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
+from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, vocab_target_set
-from uniperceiver.tasks.options import FieldError, check_max_len, opt
+from uniperceiver.tasks.family_options import CaptionOptions
 from uniperceiver.tasks.retrieval import sample_texts
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE, ClipTokenizer
 
 __all__ = ["CaptionOptions", "Captioning", "caption_batch"]
 
-VOCAB_CHOICES = ("full", "corpus")
 IGNORE = -100
 
 
@@ -58,42 +56,6 @@ def caption_batch(words: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]
     t = words.shape[1]
     pos = torch.arange(t)
     return torch.cat([words, queries], 1), torch.cat([valid, valid], 1), torch.cat([pos, pos])
-
-
-def _parse_spice(value: Any, key: str) -> bool | str:
-    if isinstance(value, bool) or value == "auto":
-        return value
-    raise FieldError(key, f"{value!r}; expected true, false or 'auto' (only when SPICE's jars are installed)")
-
-
-@dataclass(frozen=True)
-class CaptionOptions(MediaOptions):
-    """Options of image and video captioning (media options: `MediaOptions`; one view per sample)."""
-
-    #: Caption length in tokens with the EOT (reference: 30 downstream, 50 in pre-training).
-    max_len: int = opt(30, ge=2)
-    #: "full": all 49,411 vocabulary entries are targets (reference); "corpus": only the training captions' ids.
-    vocab: str = opt("full", choices=VOCAB_CHOICES)
-    #: Beam search width at evaluation (reference 2).
-    beam_size: int = opt(2, ge=1)
-    #: Longest generated caption in tokens (reference 21).
-    max_gen_len: int = opt(21, ge=1)
-    #: Length penalty of the beam search (reference 0 for COCO, 2.0 for MSVD).
-    length_penalty: float = 0.0
-    #: Compute METEOR (needs Java).
-    meteor: bool = True
-    #: true, false or "auto" (only when SPICE's jars are installed).
-    spice: bool | str = opt("auto", parse=_parse_spice)
-
-    def check(self) -> None:
-        super().check()
-        if self.views not in (None, (1, 1)):
-            raise FieldError("views", f"{list(self.views)}; captioning decodes one view per sample, so views must be 1x1")
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.max_len, model_cfg)
-        check_max_len(self.max_gen_len, model_cfg, "max_gen_len")
 
 
 class Captioning(Task):

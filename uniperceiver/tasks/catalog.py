@@ -3,8 +3,9 @@
 A task name (`coco-caption`, `mini-digits`, ...) is what users type (`upctl zeroshot --task ...`)
 and what recipes list. Each `TaskSpec` carries the batch / sampling / loss weights of the task and
 the options in which it differs from its family's `Options` defaults, so a recipe only states what
-it changes. Families are referred to by "module:Class" strings and imported when a task's options
-are resolved or the task is built, so listing the catalog stays cheap.
+it changes. Families are referred to by "module:Class" strings and imported only when a task is
+built; their options classes live in the torch-free tasks/family_options.py, so listing the catalog,
+resolving a task's options and checking a recipe never import torch.
 
 The family defaults are the reference values (uniperceiver-facts.md): max lengths MLM 128,
 downstream captions and retrieval 30, generation 21, GLUE 256, VQA 23; beam 2; length penalty 0;
@@ -23,13 +24,23 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks.base import Task, TaskConfig
-from uniperceiver.tasks.options import TaskOptions
-from uniperceiver.tokenizers.text import ClipTokenizer
+from uniperceiver.tasks.family_options import (
+    CaptionOptions,
+    ClassificationOptions,
+    GlueOptions,
+    MLMOptions,
+    RetrievalOptions,
+    VQAOptions,
+)
+from uniperceiver.tasks.options import TaskConfig, TaskOptions
+
+if TYPE_CHECKING:  # both import torch: only `family_class` / `build_task` need them, at call time
+    from uniperceiver.tasks.base import Task
+    from uniperceiver.tokenizers.text import ClipTokenizer
 
 _T = "uniperceiver.tasks"
 #: family -> "module:Class" (imported lazily by build_task).
@@ -41,6 +52,17 @@ FAMILIES: Mapping[str, str] = MappingProxyType({
     "mlm": f"{_T}.mlm:MaskedLM",
     "vqa": f"{_T}.vqa:VQA",
     "glue": f"{_T}.glue:GlueCloze",
+})
+#: family -> its typed options (the class its Task declares as `Options`; tests/test_task_options.py checks
+#: the two agree), so options are resolved without importing the family module.
+FAMILY_OPTIONS: Mapping[str, type[TaskOptions]] = MappingProxyType({
+    "image_cls": ClassificationOptions,
+    "video_cls": ClassificationOptions,
+    "retrieval": RetrievalOptions,
+    "caption": CaptionOptions,
+    "mlm": MLMOptions,
+    "vqa": VQAOptions,
+    "glue": GlueOptions,
 })
 
 
@@ -250,8 +272,11 @@ def task_config(name: str, **overrides: Any) -> TaskConfig:
 
 
 def family_options(family: str) -> type[TaskOptions]:
-    """The typed options class of a family (its Task class's `Options`)."""
-    return family_class(family).Options
+    """The typed options class of a family (its Task class's `Options`), without importing the family."""
+    cls = FAMILY_OPTIONS.get(family)
+    if cls is None:
+        raise ConfigError(f"unknown task family {family!r}; known families: {', '.join(FAMILIES)}")
+    return cls
 
 
 def resolved_options(family: str, raw: Mapping[str, Any] | None, where: str) -> dict[str, Any]:
@@ -262,8 +287,16 @@ def resolved_options(family: str, raw: Mapping[str, Any] | None, where: str) -> 
     return family_options(family).from_mapping(raw, where).to_dict()
 
 
+def changed_options(family: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Only the options of `family` that differ from its defaults (what a listing shows: a
+    `TaskConfig` stores every option, resolved)."""
+    return family_options(family).from_mapping(options).changed()
+
+
 def family_class(family: str) -> type[Task]:
-    """Import the Task class of a family ("module:Class" from FAMILIES)."""
+    """Import the Task class of a family ("module:Class" from FAMILIES); this imports torch."""
+    from uniperceiver.tasks.base import Task
+
     target = FAMILIES.get(family)
     if target is None:
         raise ConfigError(f"unknown task family {family!r}; known families: {', '.join(FAMILIES)}")
@@ -305,8 +338,10 @@ __all__ = [
     "ALIASES",
     "CATALOG",
     "FAMILIES",
+    "FAMILY_OPTIONS",
     "TaskSpec",
     "build_task",
+    "changed_options",
     "family_class",
     "family_options",
     "prepare_name",

@@ -8,7 +8,7 @@ drawn from the caller's generator; the reference ImageNet-21k recipe is mixup 0.
 prob 1.0, switch 0.5, smoothing 0.1). The reference's LabelSmoothingCrossEntropy equals this
 soft-target loss with smoothed one-hot targets.
 
-Options (`ClassificationOptions`, besides the media options of `_vision_io.MediaOptions`):
+Options (`family_options.ClassificationOptions`, besides the media options of `MediaOptions`):
 - `label_smoothing` (0.0), `mixup` (alpha, 0 = off), `cutmix` (alpha, 0 = off), `mixup_prob` (1.0),
   `mixup_switch_prob` (0.5);
 - `template` ("{}"): class text = template.format(name); `target_max_len` (30 tokens);
@@ -30,7 +30,6 @@ probabilities]}; video evaluation averages the softmax of every view (temporal x
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,15 +41,12 @@ from uniperceiver.data.format import PreparedDataset
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
+from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set
-from uniperceiver.tasks.options import FieldError, check_max_len, check_value, opt
+from uniperceiver.tasks.family_options import ClassificationOptions
 from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer
 
 __all__ = ["ClassificationOptions", "ImageClassification", "VideoClassification", "mix_batch", "smooth_one_hot", "soft_cross_entropy", "topk_from_predictions"]
-
-TARGET_KINDS = ("names", "images")
-
 
 # ------------------------------------------------------------------------------ losses and mixing
 
@@ -131,63 +127,6 @@ def topk_from_predictions(predictions: list[dict]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------ the task family
-
-
-def _check_examples(spec: dict | None, key: str = "target_examples") -> None:
-    """`{class: [media paths]}` or `{per_class: N, split: S, seed: K}` (classes are resolved by the task)."""
-    if spec is None:
-        return
-    if not spec:
-        raise FieldError(key, "is empty; expected {class: [media paths]} or {per_class: N, split: S}")
-    if "per_class" in spec:
-        extra = sorted(str(k) for k in spec if k not in ("per_class", "split", "seed"))
-        if extra:
-            raise FieldError(f"{key}.{extra[0]}", "unknown key with per_class (allowed: per_class, split, seed)")
-        check_value(spec["per_class"], int, f"{key}.per_class", {"ge": 1})
-        check_value(spec.get("split", "train"), str, f"{key}.split")
-        check_value(spec.get("seed", 0), int, f"{key}.seed", {"ge": 0})
-        return
-    for cls, paths in spec.items():
-        check_value([paths] if isinstance(paths, str) else paths, list[str], f"{key}.{cls}")
-        if not paths:
-            raise FieldError(f"{key}.{cls}", "needs at least one media path")
-
-
-@dataclass(frozen=True)
-class ClassificationOptions(MediaOptions):
-    """Options of image and video classification (media options: `MediaOptions`)."""
-
-    #: Mixup alpha (0 = off); reference ImageNet-21k 0.8.
-    mixup: float = opt(0.0, ge=0)
-    #: Cutmix alpha (0 = off); reference ImageNet-21k 1.0.
-    cutmix: float = opt(0.0, ge=0)
-    #: Probability that a batch is mixed at all (timm `prob`).
-    mixup_prob: float = opt(1.0, ge=0, le=1)
-    #: Probability of cutmix rather than mixup when both are on (timm `switch_prob`).
-    mixup_switch_prob: float = opt(0.5, ge=0, le=1)
-    #: Class text = template.format(name).
-    template: str = "{}"
-    #: Token length of a class text, with the EOT.
-    target_max_len: int = opt(30, ge=2)
-    #: "names" (class texts) or "images" (example images per class, see `target_examples`).
-    targets: str = opt("names", choices=TARGET_KINDS)
-    #: Example images with targets=images: {class (index or name): [media paths]} or {per_class: N, split: S, seed: K}.
-    target_examples: dict[str | int, Any] | None = None
-    #: Draw one listed synonym per class per training batch when the dataset has them (ImageNet-21k).
-    synonyms: bool = True
-
-    def check(self) -> None:
-        super().check()
-        if "{}" not in self.template:
-            raise FieldError("template", f"{self.template!r} must contain '{{}}' where the class name goes")
-        if self.targets == "images" and not self.target_examples:
-            raise FieldError("target_examples", "is required with targets=images: "
-                                                "{class: [media paths]} or {per_class: N, split: S}")
-        _check_examples(self.target_examples)
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.target_max_len, model_cfg, "target_max_len")
 
 
 class ImageClassification(Task):

@@ -35,7 +35,7 @@ from uniperceiver.errors import ConfigError, DataError, MediaError
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
 from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, TaskConfig, encode_targets, text_target_set
-from uniperceiver.tasks.options import TaskOptions, opt
+from uniperceiver.tasks.family_options import CustomOptions
 from uniperceiver.tokenizers.text import ClipTokenizer
 from uniperceiver.tokenizers.vision import image_eval_transform, video_eval_views
 
@@ -293,16 +293,6 @@ def _apply_labels(inputs: list[dict], labels: Any, classes: list[str], source: s
 
 
 # ---------------------------------------------------------------------------------------- the task
-
-
-@dataclass(frozen=True)
-class CustomOptions(TaskOptions):
-    """Options of a custom task (filled from its `CustomSpec`, which checks the YAML file)."""
-
-    #: How many ranked candidates each prediction lists.
-    top_k: int = opt(5, ge=1)
-    #: Frames per video input (at most the model's max_frames are used).
-    frames: int = opt(8, ge=1)
 
 
 class CustomTask(Task):

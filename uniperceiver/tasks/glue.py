@@ -31,7 +31,6 @@ smoothing 0.1 and the `text_mlm` temperature: the catalog sets both as options.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,37 +41,11 @@ from torch import Tensor
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics import glue_metrics
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
-from uniperceiver.tasks.options import FieldError, TrainOptions, check_max_len, check_scale, opt, suggest
+from uniperceiver.tasks.family_options import CLOZE_WORDS, GlueOptions, glue_key
 from uniperceiver.tokenizers.text import PAD_ID, SPE_ID, ClipTokenizer
 
 PERIOD_ID = 269  # ".</w>": the reference drops it from the end of the first sentence of pairs
-
-CLOZE_WORDS: dict[str, list[str]] = {
-    "sst2": ["bad", "wonderful"],
-    "cola": ["incorrect", "correct"],
-    "mrpc": ["no", "yes"],
-    "qqp": ["no", "yes"],
-    "qnli": ["no", "yes"],
-    "rte": ["no", "yes"],
-    "wnli": ["no", "yes"],
-    "stsb": ["no", "yes"],
-    "mnli": ["no", "maybe", "yes"],
-}
-GLUE_KEYS = tuple(CLOZE_WORDS)
-_ALIASES = {"sst-2": "sst2", "sts-b": "stsb", "mnli-m": "mnli", "mnli-mm": "mnli", "mnli_match": "mnli",
-            "mnli_mismatch": "mnli"}
-
-
-def glue_key(name: str) -> str:
-    """'glue-sst2' / 'SST-2' / 'sst2' -> 'sst2' (ConfigError for anything else)."""
-    key = str(name).strip().lower().removeprefix("glue-")
-    key = _ALIASES.get(key, key)
-    if key not in CLOZE_WORDS:
-        raise ConfigError(f"GLUE task {name!r} is unknown; expected one of {', '.join(GLUE_KEYS)}")
-    return key
-
 
 def _single(tok: ClipTokenizer, text: str, suffix: str, max_len: int) -> tuple[list[int], int]:
     ids = tok.encode(text + suffix)
@@ -117,36 +90,6 @@ def build_prompt(tok: ClipTokenizer, key: str, text: str, text_b: str | None = N
     else:  # mnli
         first = enc(text)
     return _pair(tok, first, text_b, max_len)
-
-
-@dataclass(frozen=True)
-class GlueOptions(TrainOptions):
-    """Options of GLUE as a cloze."""
-
-    #: Which GLUE prompt (sst2, cola, mrpc, qqp, stsb, mnli, qnli, rte, wnli); None = from the dataset name.
-    glue_task: str | None = None
-    #: The class words, one per class in label order; None = the reference words of the task.
-    words: tuple[str, ...] | None = None
-    #: Sequence length in tokens (reference 256); at most the model's text positions.
-    max_len: int = opt(256, ge=8)
-    #: Logit scale (temperature) name; None = the family's "downstream" (the reference GLUE configs: "text_mlm").
-    scale: str | None = None
-
-    def check(self) -> None:
-        super().check()
-        if self.glue_task is not None:
-            try:
-                glue_key(self.glue_task)
-            except ConfigError:
-                raise FieldError("glue_task", f"{self.glue_task!r} is not a GLUE task{suggest(self.glue_task, GLUE_KEYS)} "
-                                              f"(allowed: {', '.join(GLUE_KEYS)})") from None
-        if self.words is not None and len(set(self.words)) != len(self.words):
-            raise FieldError("words", f"{list(self.words)} repeats a word; the class words must differ")
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.max_len, model_cfg)
-        check_scale(self.scale, model_cfg)
 
 
 class GlueCloze(Task):

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -49,9 +48,8 @@ from uniperceiver.data.corpus_index import CorpusIndex
 from uniperceiver.data.format import iter_corpus_lines
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, vocab_target_set
-from uniperceiver.tasks.options import TrainOptions, check_max_len, opt
+from uniperceiver.tasks.family_options import MLMOptions
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE
 
 IGNORE = -100
@@ -131,26 +129,6 @@ class CorpusWindows(Sequence):
 def _seed_for(key: str, seed: int) -> np.random.Generator:
     digest = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little")
     return np.random.default_rng([int(seed), digest])
-
-
-@dataclass(frozen=True)
-class MLMOptions(TrainOptions):
-    """Options of masked language modelling."""
-
-    #: Sequence length in tokens (reference 128); at most the model's text positions.
-    max_len: int = opt(128, ge=2)
-    #: Lines are packed until a sample holds this many words; None = max_len (reference).
-    min_words: int | None = opt(None, ge=1)
-    #: Probability that a word is chosen for masking (reference 0.15).
-    mask_prob: float = opt(0.15, gt=0, le=1)
-    #: "full": all 49,411 vocabulary entries are targets (reference); "corpus": only the corpus's ids.
-    vocab: str = opt("full", choices=("full", "corpus"))
-    #: Seed of the evaluation masking (every evaluation of a split masks the same tokens).
-    eval_seed: int = opt(0, ge=0)
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.max_len, model_cfg)
 
 
 class MaskedLM(Task):

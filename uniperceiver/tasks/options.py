@@ -1,4 +1,4 @@
-"""Typed task options: one frozen dataclass per family, and the value checks behind them.
+"""Typed task options: the base classes, the value checks behind them, and `TaskConfig`.
 
 Why: a recipe's `tasks[i].options` is free YAML, but every key has one type, one default and one
 check. Each family declares `Options`, a subclass of `TaskOptions` whose fields carry their default
@@ -11,7 +11,11 @@ Checks that need the model (a size that must be a multiple of the patch size, a 
 fit the model's text positions) live in `check_model(model_cfg)`, run when the task is built.
 
 The value checks (`check_value`, `FieldError`, `suggest`) are shared with the recipe schema
-(uniperceiver/config/schema.py sits above this package and imports them).
+(uniperceiver/config/schema.py sits above this package and imports them). The families' classes
+are in tasks/family_options.py. `TaskConfig`, one entry of a recipe's `tasks:` list, holds the
+options as YAML data and converts them (`typed_options`); it lives here, not beside `Task`
+(tasks/base.py, which re-exports it), because this module and family_options.py import no torch:
+the recipe schema, the catalog and `upctl validate` / `upctl tasks` use them without the model.
 """
 
 from __future__ import annotations
@@ -29,9 +33,10 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model_config import ModelConfig
 
-__all__ = ["FieldError", "TaskOptions", "TrainOptions", "check_value", "opt", "suggest", "unknown_key"]
+__all__ = ["FieldError", "TaskConfig", "TaskOptions", "TrainOptions", "check_value", "opt", "suggest", "unknown_key"]
 
 T = TypeVar("T", bound="TaskOptions")
+O = TypeVar("O", bound="TaskOptions")
 
 
 class FieldError(ConfigError):
@@ -257,3 +262,38 @@ def check_scale(value: str | None, model_cfg: ModelConfig, key: str = "scale") -
     if value is not None and value not in model_cfg.logit_scale_names:
         raise FieldError(key, f"{key}={value!r} is not a logit scale of the model{suggest(value, model_cfg.logit_scale_names)} "
                               f"(allowed: {', '.join(model_cfg.logit_scale_names)})")
+
+
+# -- one entry of a recipe's tasks: list ----------------------------------------------------------
+
+
+@dataclass
+class TaskConfig:
+    """One entry of a recipe's `tasks:` list (also what the catalog's defaults fill in)."""
+
+    name: str
+    family: str
+    dataset: str
+    split: str = "train"
+    eval_split: str = "val"
+    batch_size: int = 8
+    sample_weight: float = 1.0
+    loss_weight: float = 1.0
+    #: The family's options as plain YAML data (its `Options` dataclass says which keys, types and
+    #: defaults); recipes and the catalog store every option, resolved.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def typed_options(self, cls: type[O], model_cfg: ModelConfig | None = None) -> O:
+        """`options` checked and converted to the family's `Options` dataclass (once, by the task).
+
+        With `model_cfg`, the checks that need the model run too. Raises FieldError (a ConfigError)
+        naming `task '<name>': options.<key>`, the value and what was expected.
+        """
+        where = f"task {self.name!r}: options"
+        opts = cls.from_mapping(self.options, where)
+        if model_cfg is not None:
+            try:
+                opts.check_model(model_cfg)
+            except FieldError as exc:
+                raise exc.under(where) from None
+        return opts

@@ -21,7 +21,6 @@ Predictions: {"id", "image_feat": [D] tensor, "text_feats": [n_captions, D] tens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -34,9 +33,9 @@ from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics import image_text_retrieval
 from uniperceiver.modeling.model import UniPerceiver, VisualSegment
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.tasks._vision_io import MediaOptions, load_visual, stack_pixels, vision_options
+from uniperceiver.tasks._vision_io import load_visual, stack_pixels, vision_options
 from uniperceiver.tasks.base import Task, TaskConfig
-from uniperceiver.tasks.options import check_max_len, opt
+from uniperceiver.tasks.family_options import RetrievalOptions
 from uniperceiver.tokenizers.text import ClipTokenizer
 from uniperceiver.utils.collectives import all_gather_with_grad
 
@@ -63,22 +62,6 @@ def gather_features(*feats: Tensor) -> tuple[Tensor, ...]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return feats
     return tuple(all_gather_with_grad(f) for f in feats)
-
-
-@dataclass(frozen=True)
-class RetrievalOptions(MediaOptions):
-    """Options of image-text and video-text retrieval (media options: `MediaOptions`)."""
-
-    #: Label smoothing of both directions' cross entropy (reference 0.1).
-    label_smoothing: float = opt(0.1, ge=0, lt=1)
-    #: Caption length in tokens with the EOT (reference: 30 downstream, 50 in pre-training).
-    max_len: int = opt(30, ge=2)
-    #: Score all ranks' features (differentiable all-gather); None = the run decides (train.gather_features).
-    gather_features: bool | None = None
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.max_len, model_cfg)
 
 
 class Retrieval(Task):

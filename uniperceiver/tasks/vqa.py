@@ -25,7 +25,6 @@ official VQA accuracy (`evaluation.vqa_eval.vqa_score`) against the 10 raw human
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,9 +37,8 @@ from uniperceiver.data.media import load_image
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.metrics.vqa import vqa_score
 from uniperceiver.modeling.model import TextSegment, UniPerceiver, VisualSegment
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.base import TargetSet, Task, text_target_set
-from uniperceiver.tasks.options import FieldError, TrainOptions, check_max_len, check_scale, opt
+from uniperceiver.tasks.family_options import VQAOptions
 from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
@@ -86,35 +84,6 @@ def sample_answer(scores: dict[str, float], answer_index: dict[str, int], rng: n
     p = np.array([s for _, s in cands], dtype=np.float64)
     k = int(rng.choice(len(cands), p=p / p.sum()))
     return cands[k][0]
-
-
-@dataclass(frozen=True)
-class VQAOptions(TrainOptions):
-    """Options of answer-list VQA."""
-
-    #: Question length in tokens with `<|spe|> <|endoftext|>` (reference 23).
-    max_len: int = opt(23, ge=3)
-    #: Token length of an answer target, with the EOT.
-    answer_max_len: int = opt(16, ge=2)
-    #: Image crop size; None = the model's image_size.
-    image_size: int | None = opt(None, gt=0)
-    #: "reference" (resize, random crop, flip) or "random_resized" (the ImageNet crop).
-    train_transform: str = opt("reference", choices=("reference", "random_resized"))
-    #: Random horizontal flips in training (swapping "left" and "right" in question and answers).
-    hflip: bool = True
-    #: Logit scale (temperature) name; None = the family's "downstream".
-    scale: str | None = None
-    #: Fixed temperature tau (logits = cosine / tau) instead of the learnable scale; reference fine-tuning 0.03.
-    fixed_temperature: float | None = opt(None, gt=0)
-
-    def check_model(self, model_cfg: ModelConfig) -> None:
-        super().check_model(model_cfg)
-        check_max_len(self.max_len, model_cfg)
-        check_max_len(self.answer_max_len, model_cfg, "answer_max_len")
-        check_scale(self.scale, model_cfg)
-        size = self.image_size or model_cfg.image_size
-        if size % model_cfg.patch_size:
-            raise FieldError("image_size", f"image_size={size} must be a multiple of the patch size {model_cfg.patch_size}")
 
 
 class VQA(Task):

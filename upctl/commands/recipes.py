@@ -25,7 +25,13 @@ def _overrides(values: dict) -> str:
 
 
 def _summary(recipe: Recipe, source: str, out: Console) -> None:
-    """What the recipe resolves to: model, optimiser, loop, tuning, the task mixture and the stages."""
+    """What the recipe resolves to: model, optimiser, loop, tuning, the task mixture and the stages.
+
+    A task's options column lists only those that differ from its family's defaults (a resolved
+    TaskConfig holds every option).
+    """
+    from uniperceiver.tasks.catalog import changed_options
+
     m, o, t, tu = recipe.model, recipe.optim, recipe.train, recipe.tune
     out.print(f"[bold]{recipe.name}[/] ({recipe.stage})  {source}", highlight=False)
     if recipe.description:
@@ -54,7 +60,8 @@ def _summary(recipe: Recipe, source: str, out: Console) -> None:
         table.add_column(col, justify=justify, overflow="fold")
     for task in recipe.tasks:
         table.add_row(task.name, task.family, task.dataset, str(task.batch_size),
-                      f"{100 * task.sample_weight / total:.1f}%", _g(task.loss_weight), _overrides(task.options))
+                      f"{100 * task.sample_weight / total:.1f}%", _g(task.loss_weight),
+                      _overrides(changed_options(task.family, task.options)))
     out.print(table)
     for st in recipe.stages:
         out.print(f"  [cyan]stage[/]  {st.name}: {len(st.set)} override(s)"
