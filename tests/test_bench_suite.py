@@ -83,3 +83,150 @@ def test_gpu_shapes_rounds_kinds_and_compile_flags() -> None:
         step_pairs(quick=False, sizes=["base"], kinds=["audio"])
     with pytest.raises(UpctlError, match="--rounds 0"):
         step_pairs(quick=False, sizes=["base"], rounds=0)
+
+
+def test_levers_expand_to_named_cases_with_baselines_only_where_the_targets_need_them() -> None:
+    from uniperceiver.bench.suite import case_name, parse_levers
+    from uniperceiver.errors import UpctlError
+
+    levers = parse_levers("eager,compiled,step,chunked-loss,stacked:image+retrieval")
+    pairs = step_pairs(quick=False, sizes=["base"], device_type="cuda", rounds=1, kinds=["text", "image", "retrieval"],
+                       levers=levers)
+    got = [(p.lever, case_name(p.ours), p.theirs and case_name(p.theirs)) for p in pairs]
+    assert got == [
+        ("eager", "ours base text", "bert base text"),
+        ("eager", "ours base image", "timm-vit base image"),
+        ("eager", "ours base retrieval", None),
+        ("compiled", "ours base text compiled", "bert base text compiled"),
+        ("compiled", "ours base image compiled", "timm-vit base image compiled"),
+        ("compiled", "ours base retrieval compiled", None),
+        ("step", "ours base text compiled-step", None),
+        ("step", "ours base image compiled-step", None),
+        ("step", "ours base retrieval compiled-step", None),
+        ("chunked-loss", "ours base retrieval compiled-step chunked-loss", None),  # no loss to chunk elsewhere
+        ("stacked", "ours base image compiled-step cuda-graphs bf16-optim", None),
+        ("stacked", "ours base retrieval compiled-step cuda-graphs bf16-optim chunked-loss", None),
+    ]
+    # Every spec is a valid StepCase (the workers build them from these dicts).
+    for p in pairs:
+        StepCase(**p.ours)
+    with pytest.raises(UpctlError, match="unknown lever"):
+        parse_levers("step,warp-speed")
+    with pytest.raises(UpctlError, match="unknown step kind"):
+        parse_levers("graphs:image+audio")
+    with pytest.raises(UpctlError, match="not both"):
+        step_pairs(quick=True, sizes=["base"], compile=True, levers=levers)
+
+
+def test_lever_flags_apply_to_our_side_and_baselines_keep_their_setup() -> None:
+    pairs = step_pairs(quick=True, sizes=["base"], device_type="cuda", compile=True,
+                       overrides={"compile_scope": "step", "cuda_graphs": True})
+    ours, theirs = pairs[1].ours, pairs[1].theirs
+    assert ours["compile_scope"] == "step" and ours["cuda_graphs"] and ours["compile"]
+    assert theirs == {"impl": "timm-vit", "size": "base", "kind": "image", "batch": ours["batch"], "frames": 1,
+                      "compile": True}
+    assert all(p.theirs is None for p in step_pairs(quick=True, sizes=["base"], baselines=False))
+
+
+def test_step_case_refuses_levers_that_would_measure_something_else() -> None:
+    with pytest.raises(ValueError, match="need compile=True"):
+        StepCase(impl="ours", size="tiny", kind="image", batch=2, frames=1, compile_scope="step")
+    with pytest.raises(ValueError, match="pairs"):
+        StepCase(impl="ours", size="tiny", kind="image", batch=2, frames=1, loss="chunked")
+    with pytest.raises(ValueError, match="compile_mode"):
+        StepCase(impl="ours", size="tiny", kind="image", batch=2, frames=1, compile=True, compile_mode="fastest")
+    with pytest.raises(ValueError, match="measure_memory"):
+        StepCase(impl="ours", size="tiny", kind="text", batch=2, text_len=8, cuda_graphs=True, measure_memory=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        run_step_case(StepCase(impl="ours", size="tiny", kind="text", batch=2, text_len=8, cuda_graphs=True),
+                      torch.device("cpu"), warmup=0, repeats=1)
+
+
+def test_chunked_loss_pair_case_has_the_plain_loss_and_trains() -> None:
+    from uniperceiver.bench.train_step import BUILDERS
+
+    losses = []
+    for loss in ("plain", "chunked"):
+        torch.manual_seed(0)  # the same initial weights for both
+        case = StepCase(impl="ours", size="tiny", kind="retrieval", batch=4, frames=1, text_len=8, loss=loss)
+        model, loss_fn, _ = BUILDERS["ours"](case, torch.device("cpu"))
+        value = loss_fn()
+        value.backward()
+        assert model.embed.patch.weight.grad.abs().sum() > 0 and model.head.logit_scales["retrieve"].grad != 0
+        losses.append(value.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5) and losses[0] > 0
+
+
+def test_stochastic_rounding_keeps_an_ema_moving_where_nearest_rounding_freezes_it() -> None:
+    """AdamW's second moment with beta2 = 0.999 under a constant gradient: the exact EMA reaches
+    1 - 0.999^3000 = 0.950; rounded to nearest bf16 each step it stops near 0.25 (each step's
+    increment is under half a bf16 spacing there), stochastically rounded it stays unbiased."""
+    from uniperceiver.bench.train_step import to_bf16_stochastic
+
+    torch.manual_seed(0)
+    sr = torch.zeros(4096, dtype=torch.bfloat16)
+    rne = torch.zeros(4096, dtype=torch.bfloat16)
+    for _ in range(3000):
+        sr = to_bf16_stochastic(sr.float() * 0.999 + 0.001)
+        rne = (rne.float() * 0.999 + 0.001).to(torch.bfloat16)
+    exact = 1 - 0.999**3000
+    assert abs(sr.float().mean().item() - exact) < 0.01
+    assert rne.float().max().item() < 0.5
+    x = torch.full((100_000,), -(1 + 2**-10))  # a quarter of a bf16 spacing above -1 in magnitude
+    assert to_bf16_stochastic(x).float().mean().item() == pytest.approx(x[0].item(), abs=2e-4)
+
+
+def _train_regression(make_opt, fp32_moments: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    """200 AdamW steps of a noisy least-squares fit; (start, final weights, optimizer)."""
+    torch.manual_seed(0)
+    target = torch.randn(16, 8)
+    inputs = torch.randn(200, 64, 16)
+    start = torch.randn(8, 16) * 0.1
+    w = torch.nn.Parameter(start.clone())
+    opt = make_opt([w])
+    if fp32_moments:
+        opt.init_state()
+        opt.state[w]["exp_avg"] = torch.zeros_like(w)
+        opt.state[w]["exp_avg_sq"] = torch.zeros_like(w)
+    for x in inputs:
+        (x @ w.t() - x @ target).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return start, w.detach(), opt
+
+
+def test_bf16_state_adamw_is_torch_adamw_math_and_stays_close_in_bf16(monkeypatch) -> None:
+    from uniperceiver.bench import train_step
+    from uniperceiver.bench.train_step import AdamWBf16State
+
+    start, ref, _ = _train_regression(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01))
+    assert (ref - start).abs().max() > 0.5  # the weights moved a long way
+    _, ours, opt = _train_regression(lambda ps: AdamWBf16State(ps, lr=1e-2, weight_decay=0.01))
+    # bf16 moments: each step's update is off by the moments' rounding (~0.4%), a random walk.
+    assert (ours - ref).abs().max() < 2e-2
+    state = next(iter(opt.state.values()))
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16 and state["step"].item() == 200
+    # The same update with fp32 moments and no rounding is torch's AdamW to float precision.
+    monkeypatch.setattr(train_step, "to_bf16_stochastic", lambda x: x)
+    _, exact, _ = _train_regression(lambda ps: AdamWBf16State(ps, lr=1e-2, weight_decay=0.01), fp32_moments=True)
+    torch.testing.assert_close(exact, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_served_cases_warm_up_side_by_side_and_failures_become_rows() -> None:
+    """--jobs: workers warm up in parallel, are timed one at a time; with keep_going a case that
+    cannot run (CUDA graphs on a CPU) is an error row and the others still report; the lever table
+    compares each of our cases with the compiled encoder where that ran."""
+    from uniperceiver.bench.suite import BenchReport, parse_levers, run_training_steps
+
+    report = BenchReport({})
+    log: list[str] = []
+    run_training_steps(report, torch.device("cpu"), quick=True, sizes=["tiny"], peak=lambda: 1e12,
+                       kinds=["text"], levers=parse_levers("eager,eager-graphs"), baselines=False, jobs=2,
+                       case_timeout=300, keep_going=True, log=log.append)
+    sections = [(r["section"], r["name"]) for r in report.rows]
+    assert sections == [("train_step", "ours tiny text"), ("error", "ours tiny text cuda-graphs"),
+                        ("lever", "ours tiny text")]
+    assert "cuda_graphs needs a CUDA device" in report.rows[1]["error"]
+    step = report.rows[0]
+    assert step["median_s"] > 0 and step["lever"] == "eager" and "host_syncs" not in step  # CPU: not measured
+    assert any("warmed up" in line for line in log) and any("its last lines" in line for line in log)

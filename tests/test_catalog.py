@@ -88,7 +88,8 @@ def test_unknown_task_lists_known_names():
         resolve_task("coco-captoin")
     msg = str(err.value)
     assert "unknown task 'coco-captoin'" in msg and "did you mean coco-caption" in msg
-    assert all(name in msg for name in ("imagenet", "mini-sentiment", "vqav2"))
+    # the rest of the catalog is `upctl tasks`' job: the whole list (~2,000 characters) buried the suggestion
+    assert f"`upctl tasks` lists all {len(CATALOG)} tasks" in msg and len(msg) < 200
 
 
 def test_task_config_overrides():

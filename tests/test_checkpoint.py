@@ -156,3 +156,78 @@ def test_convert_cli_writes_model_dir(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert torch.equal(_features(m), _features(load_model(tmp_path / "out")))
     assert build_model  # the builder stays importable from the model module
+
+
+# ------------------------------------------------ training step folders: streamed, hashed while written
+
+
+def _trained_parts():
+    """A small model and its AdamW with a full state (one real step on real features)."""
+    from uniperceiver.config import recipe_from_dict
+    from uniperceiver.engine.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(0)
+    m = build_model("tiny", depth=1, width=64, heads=2, mlp_dim=128)
+    optim = recipe_from_dict({"name": "s", "tasks": ["mini-faces"], "optim": {"warmup_steps": 2}}).optim
+    optimizer = build_optimizer(m, optim)
+    scheduler = build_scheduler(optimizer, optim, 10)
+    m.encode_text(torch.tensor([[320, 1125, 49410, 49407]])).pow(2).mean().backward()
+    optimizer.step()
+    scheduler.step()
+    return m, optimizer, scheduler
+
+
+def _write_step(root: Path, m, optimizer, scheduler, buffered: bool = False) -> Path:
+    from uniperceiver.engine import train_checkpoint as ckpt
+    from uniperceiver.engine.train_state import TrainState, capture_rng_state
+
+    parts = ckpt.Trainables(m, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False), None)
+    state = TrainState(step=3, data={"draw": 3, "samplers": {}, "skipped": {}}, rng=capture_rng_state())
+    tmp = ckpt.begin_checkpoint(root, state.step)
+    digests = ckpt.write_main_state(tmp, parts, state.shared_dict(), buffered=buffered)
+    digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered))
+    return ckpt.commit_checkpoint(root, state.step, keep=2, digests=digests)
+
+
+def test_a_streamed_checkpoint_is_hashed_while_written_never_re_read(tmp_path: Path, monkeypatch) -> None:
+    from uniperceiver.engine import train_checkpoint as ckpt
+
+    m, optimizer, scheduler = _trained_parts()
+
+    def no_reread(path, *args, **kwargs):
+        raise AssertionError(f"{path} was read back to be hashed")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(ckpt, "sha256_file", no_reread)
+        path = _write_step(tmp_path / "checkpoints", m, optimizer, scheduler)
+    meta = ckpt.verify_checkpoint(path)  # the digests written while streaming are the files' sha256
+    assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer.pt", "rng-rank0.pt"} <= set(meta["files"])
+    # the step folder is a model folder load_model reads (its own config.json checksum included)
+    back = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), m.state_dict().values()))
+    assert torch.allclose(_features(back), _features(m))
+    saved = ckpt.load_checkpoint(path, verified=True)
+    want = optimizer.state_dict()
+    assert saved.optimizer["param_groups"] == want["param_groups"]
+    for i, st in want["state"].items():
+        assert all(torch.equal(saved.optimizer["state"][i][k], v) for k, v in st.items()), i
+    assert saved.scheduler == scheduler.state_dict()
+    # the first (buffered) writer stays callable and writes the same content
+    old = _write_step(tmp_path / "old", m, optimizer, scheduler, buffered=True)
+    ckpt.verify_checkpoint(old)
+    assert torch.equal(ckpt.load_checkpoint(old).optimizer["state"][0]["exp_avg"], saved.optimizer["state"][0]["exp_avg"])
+
+
+def test_resume_reads_the_weights_straight_into_the_model(tmp_path: Path) -> None:
+    from uniperceiver.engine import train_checkpoint as ckpt
+
+    m, optimizer, scheduler = _trained_parts()
+    path = _write_step(tmp_path / "checkpoints", m, optimizer, scheduler)
+    fresh = build_model("tiny", depth=1, width=64, heads=2, mlp_dim=128)
+    params = {n: p.data_ptr() for n, p in fresh.named_parameters()}
+    ckpt.read_weights_into(fresh, path)
+    assert {n: p.data_ptr() for n, p in fresh.named_parameters()} == params  # filled in place
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), m.state_dict().values()))
+    wider = build_model("tiny", depth=1, width=128, heads=2, mlp_dim=128)
+    with pytest.raises(CheckpointError, match="model.safetensors.*key"):
+        ckpt.read_weights_into(wider, path)

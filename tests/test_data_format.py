@@ -18,7 +18,7 @@ from uniperceiver.data.format import (
     sort_splits,
     write_meta,
 )
-from uniperceiver.data.preparers import PREPARERS, get_preparer
+from uniperceiver.data.preparers import PREPARERS, get_preparer, preparer_module
 from uniperceiver.errors import DataError, UpctlError
 
 
@@ -155,8 +155,12 @@ def test_iter_corpus_lines_resumes_across_files(tmp_path):
 
 
 def test_registry_and_summary():
-    assert get_preparer("coco") == "uniperceiver.data.preparers.coco"
-    assert PREPARERS["mini"] == "uniperceiver.data.preparers.mini"
+    # one table row per dataset: a module of its own, or a family module and the variant it serves
+    assert PREPARERS["mini"] == ("mini", None) and PREPARERS["glue-sst2"] == ("_glue", "sst2")
+    assert preparer_module("coco") == "uniperceiver.data.preparers._karpathy"
+    for name in PREPARERS:  # every row resolves to a prepare(raw_root, out_dir, ...) callable
+        assert callable(get_preparer(name)), name
+    assert get_preparer("kinetics700").args == ("kinetics700",)
     with pytest.raises(UpctlError, match="unknown dataset 'cocoa'; known datasets: .*coco.*glue-sst2"):
         get_preparer("cocoa")
     s = PrepareSummary(dataset="x", splits={"train": 2}, skipped={"train": {"missing_media": 1}}, missing_media=1)
@@ -170,3 +174,36 @@ def test_prepare_dataset_missing_root_is_one_clear_line(tmp_path):
         prepare_dataset("coco", tmp_path / "nope", tmp_path / "data")
     msg = str(exc.value)
     assert "\n" not in msg and str(tmp_path / "nope") in msg and "dataset_coco.json" in msg
+
+
+def test_views_read_their_parts_without_copying_them(tmp_path):
+    img = {"media": "a.jpg", "media_type": "image"}
+    splits = {
+        "train": [{"id": "t1", "texts": ["a", "b"], **img}, {"id": "t2", "texts": ["c"], **img}],
+        "val": [{"id": "v1", "texts": ["d", "e"], **img}, {"id": "v2", "texts": ["f"], **img}],
+        "minval": [{"id": "v2", "texts": ["f"], **img}],
+    }
+    views = {
+        "pairs": {"parts": ["train", "val"], "unit": "pair", "num_samples": 6},
+        "held": {"parts": ["train", "val"], "exclude": "minval", "unit": "sample", "num_samples": 3},
+        "odd": {"parts": ["train"], "unit": "word", "num_samples": 0},
+    }
+    ds = _write(tmp_path / "ds", tmp_path, splits, views=views)
+    assert ds.splits == ["train", "val", "minval"] and set(ds.views) == {"pairs", "held", "odd"}
+    pairs = ds.load_split("pairs")
+    assert [(x["id"], x["texts"], x["parent_id"]) for x in pairs] == [
+        ("t1#0", ["a"], "t1"), ("t1#1", ["b"], "t1"), ("t2#0", ["c"], "t2"),
+        ("v1#0", ["d"], "v1"), ("v1#1", ["e"], "v1"), ("v2#0", ["f"], "v2"),
+    ]
+    assert [x["id"] for x in ds.load_split("held")] == ["t1", "t2", "v1"] and ds.num_samples("held") == 3
+    assert ds.has_split("held") and ds.split_parts("held") == ["train", "val"] and ds.split_parts("val") == ["val"]
+    with pytest.raises(DataError, match="'pairs' is a view of"):
+        ds.manifest_path("pairs")
+    with pytest.raises(DataError, match="view 'odd' has unit 'word'"):
+        ds.load_split("odd")
+    # the digest of a view follows its parts: an edited part gives another digest
+    before = ds.split_digest("held")
+    assert before != ds.split_digest("pairs")
+    splits["val"][0]["texts"] = ["changed"]
+    ds = _write(tmp_path / "ds", tmp_path, splits, views=views)
+    assert ds.split_digest("held") != before

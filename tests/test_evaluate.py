@@ -429,3 +429,35 @@ def test_bad_input_gives_one_clear_line(cli, tmp_path: Path, ckpt: Path, mini_da
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert lines[-1].startswith("error:") and message in " ".join(lines), res.output
     assert "Traceback" not in res.output
+
+
+def test_library_call_for_a_tuned_model_defaults_to_the_newest_tuned_run_and_reports_another_task(
+        tmp_path: Path, ckpt: Path, mini_data: Path, photos_yaml: Path, monkeypatch) -> None:
+    """`evaluate_checkpoint(None, task, tuned=True)` (what `upctl evaluate` calls): the newest prompt-tuning or
+    fine-tuning run of that task under ./runs, named through notify; weights tuned on another task are reported."""
+    import shutil
+
+    from uniperceiver.errors import CheckpointError, ConfigError
+    from uniperceiver.evaluation.api import evaluate_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    heard: list[str] = []
+    with pytest.raises(CheckpointError, match="no prompt-tuning or fine-tuning run of task 'mini-digits'"):
+        evaluate_checkpoint(None, "mini-digits", tuned=True, data_dir=mini_data, device="cpu")
+    run = tmp_path / "runs" / "prompt-tune-mini-video-20250101-000000"
+    shutil.copytree(ckpt, run / "final")
+    (run / "run.json").write_text(json.dumps({"stage": "prompt_tune", "recipe": "prompt-mini-video",
+                                              "tasks": ["mini-video"]}))
+    result = evaluate_checkpoint(None, "mini-video", tuned=True, limit=2, data_dir=mini_data, device="cpu",
+                                 notify=heard.append)
+    assert result.checkpoint == (run / "final").absolute() and result.checkpoint_default
+    assert heard == [f"using the newest tuned run of mini-video: {(run / 'final').absolute()}"]
+    assert "tuned_on" not in result.extras
+    heard.clear()
+    other = evaluate_checkpoint(run, "mini-digits", tuned=True, limit=2, data_dir=mini_data, device="cpu",
+                                notify=heard.append)
+    assert other.extras["tuned_on"] == ["mini-video"] and len(heard) == 1 and "not on mini-digits" in heard[0]
+    untuned = evaluate_checkpoint(run, "mini-digits", limit=2, data_dir=mini_data, device="cpu")  # zero-shot use
+    assert "tuned_on" not in untuned.extras
+    with pytest.raises(ConfigError, match="a custom task has no tuned runs"):
+        evaluate_checkpoint(None, photos_yaml, tuned=True, device="cpu")

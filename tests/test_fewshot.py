@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from fixtures import layouts
 
-from uniperceiver.data.fewshot import fraction_subset, most_common_answer, select_ids
+from uniperceiver.data.fewshot import first_listed_answer, fraction_subset, most_common_answer, select_ids
 from uniperceiver.data.format import ManifestWriter, open_dataset, prepare_dataset, write_meta
 from uniperceiver.errors import DataError
 
@@ -90,9 +90,12 @@ def test_rule_comes_from_the_preparer(tmp_path):
     ds = open_dataset("vqav2", data)
     sub = fraction_subset(ds, "train", 0.01, seed=0)
     assert json.loads((ds.root / "splits" / "train-f0.01-s0.json").read_text())["rule"] == "per_answer"
-    # prepared train questions (images 9, 25) by most common answer: yes x3, 2 x2, and a tie
-    # red/orange (1.0 each) that goes to "orange"; int(0.01 * n) + 1 = one question per group
-    assert sorted(most_common_answer(s) for s in sub) == ["2", "orange", "yes"]
+    # prepared train questions (images 9, 25) by the reference's labels[0], the first listed human
+    # answer: yes x3, 2 x2, and red x1 (red and orange tie on score; red comes first in the
+    # annotation); int(0.01 * n) + 1 = one question per group
+    listed = set(ds.answers)
+    assert sorted(first_listed_answer(s, listed) for s in sub) == ["2", "red", "yes"]
+    assert sorted(most_common_answer(s) for s in sub) == ["2", "orange", "yes"]  # not the rule any more
     with pytest.raises(DataError, match=r"fraction must be in \(0, 1\]"):
         fraction_subset(ds, "train", 1.5, seed=0)
     with pytest.raises(DataError, match="seed must be a non-negative integer"):

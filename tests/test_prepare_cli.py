@@ -52,7 +52,8 @@ def test_prepare_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.delenv("UPCTL_DEBUG", raising=False)
     r = runner.invoke(app, ["prepare", "cocoo", "--data-dir", str(tmp_path)])
     assert r.exit_code == 1
-    assert "unknown dataset 'cocoo'; known datasets:" in r.stderr and "glue-sst2" in r.stderr and "vqav2" in r.stderr
+    assert "unknown dataset 'cocoo' (did you mean coco?); known datasets:" in r.stderr
+    assert "glue-sst2" in r.stderr and "vqav2" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.output
 
     r = runner.invoke(app, ["prepare", "coco", "--root", str(tmp_path / "absent"), "--data-dir", str(tmp_path)])

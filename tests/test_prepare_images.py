@@ -110,13 +110,56 @@ def test_imagenet_class_folders_and_val_txt(tmp_path):
     prepare_dataset("imagenet", raw2, data)
     ds = open_dataset("imagenet", data)
     assert [x["label"] for x in ds.load_split("val")] == [2, 0, 1]
-    assert ds.classes == layouts.WNIDS  # no names file: the wnids themselves
+    # no names file: the reference's ImageNet-1k names (imagenet-simple-labels), by wnid
+    assert ds.classes == ["tench", "goldfish", "great white shark"]
     (raw2 / "val.txt").write_text("ILSVRC2012_val_00000001.JPEG two\n")
     with pytest.raises(DataError, match=r"val\.txt:1: expected"):
         prepare_dataset("imagenet", raw2, data)
     os.remove(raw2 / "val.txt")
     with pytest.raises(DataError, match="LOC_val_solution.csv"):
         prepare_dataset("imagenet", raw2, data)
+
+
+def test_imagenet_partial_layout_gets_each_class_its_own_name(tmp_path):
+    """A subset of the class folders: names by wnid (timm's 1k list), not by position; classnames.txt overrides."""
+    raw, data = tmp_path / "imagenet", tmp_path / "data"
+    expected = layouts.make_imagenet_partial(raw)
+    _check(prepare_dataset("imagenet", raw, data, options={"check": "exists"}), expected)
+    ds = open_dataset("imagenet", data)
+    assert ds.classes == expected["classes"] == ["tench", "goldfish", "tabby cat"]
+    assert ds.meta["targets"]["wnids"] == expected["wnids"]
+    assert "classnames.txt" not in ds.meta["source"]
+    (raw / "classnames.txt").write_text("fish\ngold fish\ncat\n")  # one name per class, in class order
+    prepare_dataset("imagenet", raw, data, options={"check": "exists"})
+    assert open_dataset("imagenet", data).classes == ["fish", "gold fish", "cat"]
+    (raw / "classnames.txt").write_text("n02123045 house cat\n")  # "wnid name" lines: only the classes named
+    prepare_dataset("imagenet", raw, data, options={"check": "exists"})
+    assert open_dataset("imagenet", data).classes == ["tench", "goldfish", "house cat"]
+
+
+def test_imagenet_names_are_the_vendored_reference_list():
+    from uniperceiver.data.imagenet_classes import imagenet1k_names, imagenet1k_wnids, simple_labels
+
+    wnids, names = imagenet1k_wnids(), simple_labels()
+    assert len(wnids) == len(names) == 1000 and list(wnids) == sorted(wnids)
+    # spot checks against the reference notebook's list (CLIP's revision of imagenet-simple-labels)
+    assert (names[0], names[7], names[21], names[281], names[999]) == (
+        "tench", "rooster", "kite (bird of prey)", "tabby cat", "toilet paper")
+    assert imagenet1k_names()["n02123045"] == "tabby cat"
+
+
+def test_imagenet21k_puts_imagenet1k_first_with_its_names(tmp_path):
+    raw, data = tmp_path / "in21k", tmp_path / "data"
+    expected = layouts.make_imagenet21k_mixed(raw)
+    _check(prepare_dataset("imagenet21k", raw, data, options={"check": "exists"}), expected)
+    ds = open_dataset("imagenet21k", data)
+    assert ds.meta["targets"]["wnids"] == expected["wnids"]
+    # 1k classes: the simple label only (not words.txt's "tench, Tinca tinca"); the rest: words.txt,
+    # and WordNet's lemmas (timm) for n00006024, which words.txt lacks
+    assert ds.synonyms == expected["synonyms"]
+    assert ds.classes == ["tench", "tabby cat", "organism", "benthos", "heterotroph"]
+    labels = {x["id"].split("_")[0]: x["label"] for x in ds.load_split("train")}
+    assert [labels[w] for w in expected["wnids"]] == [0, 1, 2, 3, 4]
 
 
 def test_imagenet21k_synonyms(tmp_path):
@@ -155,6 +198,21 @@ def test_img2dataset_pairs_and_tsv(tmp_path):
         prepare_dataset("cc12m", raw2, data)
     with pytest.raises(DataError, match="no image-text pairs"):
         prepare_dataset("sbu", tmp_path / "data", tmp_path / "data2")
+
+
+def test_visual_genome_question_answers(tmp_path):
+    raw, data = tmp_path / "vg", tmp_path / "data"
+    expected = layouts.make_vg(raw, qa=True)
+    _check(prepare_dataset("vg", raw, data, options={"check": "exists"}), expected)
+    qa = open_dataset("vg", data).load_split("qa")
+    assert qa[0] == {
+        "id": "986768", "question_id": 986768, "image_id": 1, "coco_id": 9, "question": "Is the clock green?",
+        "answers": ["Yes."], "media": "VG_100K_2/1.jpg", "media_type": "image",
+    }
+    assert [x["coco_id"] for x in qa] == [9, 9, 9, 42, 30, 77]
+    (raw / "image_data.json").unlink()  # no COCO ids: the questions stay, unmapped
+    prepare_dataset("vg", raw, data, options={"check": "exists"})
+    assert {x["coco_id"] for x in open_dataset("vg", data).load_split("qa")} == {None}
 
 
 def test_visual_genome(tmp_path):

@@ -34,6 +34,13 @@ def test_vqav2_prepare(tmp_path):
     val = ds.load_split("val")
     assert [x["id"] for x in val] == ["42000", "42001"] and val[1]["answer_type"] == "number"
     assert ds.meta["fewshot_rule"] == "per_answer"
+    # minval (default: the last 3,000 val questions by id) holds all of this small val out of the pool
+    assert [x["id"] for x in ds.load_split("minval")] == ["42000", "42001"]
+    assert ds.views["trainval"] == {"parts": ["train", "val"], "exclude": "minval", "unit": "sample",
+                                    "num_samples": 6, "fewshot_rule": "per_answer",
+                                    "reference": ds.views["trainval"]["reference"]}
+    assert [x["id"] for x in ds.load_split("trainval")] == [x["id"] for x in train]
+    assert "trainval_vg" not in ds.views  # Visual Genome is not prepared in this data dir
 
     s1 = prepare_dataset("vqav2", raw, data, options={"min_count": "1"})
     assert open_dataset("vqav2", data).answers == ["yes", "2", "1", "red"]
@@ -48,6 +55,10 @@ def test_vqav2_errors(tmp_path):
     layouts.make_vqav2(raw)
     with pytest.raises(ConfigError, match="answer_splits"):
         prepare_dataset("vqav2", raw, data, options={"answer_splits": "test"})
+    with pytest.raises(ConfigError, match="option vg='yes' for vqav2: expected one of auto, none"):
+        prepare_dataset("vqav2", raw, data, options={"vg": "yes"})
+    with pytest.raises(ConfigError, match="option minval_size='-1' for vqav2: expected an integer >= 0"):
+        prepare_dataset("vqav2", raw, data, options={"minval_size": "-1"})
     (raw / "v2_mscoco_val2014_annotations.json").unlink()
     with pytest.raises(DataError, match=r"v2_mscoco_val2014_annotations\.json: VQAv2 annotations for val not found"):
         prepare_dataset("vqav2", raw, data)

@@ -140,3 +140,121 @@ def test_bad_input_is_one_clear_line(args, expected, mini_data, source, tmp_path
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expected in " ".join(text.split()), text
     assert not (tmp_path / "runs").exists()  # nothing was started
+
+
+# -- separate deep prompts for targets (reference SHARE_DEEP_PROMPT False) ----------------------------
+
+
+def _digit_images(n: int) -> torch.Tensor:
+    """Real images: sklearn's handwritten digits at the tiny model's 64 px."""
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    imgs = torch.tensor(load_digits().images[:n], dtype=torch.float32) / 16.0
+    return (F.interpolate(imgs[:, None], size=(64, 64), mode="nearest").repeat(1, 3, 1, 1) - 0.5) / 0.25
+
+
+def _captions(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from uniperceiver.tokenizers.text import get_tokenizer
+
+    names = ["zero", "one", "two", "three", "four", "five", "six", "seven"]
+    return get_tokenizer().encode_batch([f"a handwritten digit {names[i]}" for i in range(n)], 16)
+
+
+def _lively(model):
+    with torch.no_grad():  # layer scale 1e-3 makes every block near-identity: make prompts count
+        for b in model.encoder.blocks:
+            b.gamma_1.fill_(1.0)
+            b.gamma_2.fill_(1.0)
+    return model.eval()
+
+
+def test_unshared_targets_use_their_own_deep_prompts():
+    from uniperceiver.modeling.model import VisualSegment
+
+    torch.manual_seed(0)
+    apart = _lively(build_model("tiny", depth=2, prompt_tokens=3, target_prompts=True))
+    shared = _lively(build_model("tiny", depth=2, prompt_tokens=3))
+    state = {k: v for k, v in apart.state_dict().items() if ".target." not in k}
+    shared.load_state_dict(state)  # same weights, input prompts included; no target set
+    assert {f"encoder.blocks.{i}.target.prompt" for i in range(2)} == set(apart.state_dict()) - set(state)
+    images, (ids, valid) = _digit_images(3), _captions(3)
+    with torch.no_grad():
+        assert torch.equal(apart.encode([VisualSegment(images)]), shared.encode([VisualSegment(images)]))
+        assert not torch.allclose(apart.encode_text(ids, valid), shared.encode_text(ids, valid), atol=1e-4)
+        for b in apart.encoder.blocks:
+            b.target.prompt.copy_(b.prompt)
+        assert torch.allclose(apart.encode_text(ids, valid), shared.encode_text(ids, valid), atol=1e-6)
+
+
+def test_unshared_prompts_both_get_gradients_in_prompt_tuning():
+    import torch.nn.functional as F
+
+    from uniperceiver.modeling.model import VisualSegment
+
+    torch.manual_seed(0)
+    model = _lively(build_model("tiny", depth=2, prompt_tokens=3, spe_bias=True, target_prompts=True)).train()
+    info = setup_tuning(model, "prompt")
+    assert {f"encoder.blocks.{i}.{p}" for i in range(2) for p in ("prompt", "target.prompt")} <= set(info.names)
+    images, (ids, valid) = _digit_images(4), _captions(4)
+    logits = model.logits(model.encode([VisualSegment(images)]), model.encode_text(ids, valid), "retrieve")
+    labels = torch.arange(4)
+    (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)).backward()
+    for b in model.encoder.blocks:
+        assert b.prompt.grad is not None and b.prompt.grad.abs().sum() > 0
+        assert b.target.prompt.grad is not None and b.target.prompt.grad.abs().sum() > 0
+    assert model.encoder.blocks[0].fc1.weight.grad is None  # frozen
+
+
+def test_share_deep_prompt_option_builds_and_reloads_target_prompts(tmp_path):
+    from uniperceiver.config.schema import TuneSection
+    from uniperceiver.engine.tuning import load_for_tuning, tuning_overrides
+    from uniperceiver.modeling import load_model
+    from uniperceiver.modeling.convert import convert_checkpoint, ours_to_official
+
+    assert tuning_overrides(TuneSection(mode="prompt"))["target_prompts"] is False
+    apart = TuneSection(mode="prompt", share_deep_prompt=False, prompt_tokens=4)
+    assert tuning_overrides(apart) == {"prompt_tokens": 4, "spe_bias": True, "target_prompts": True}
+    assert "target_prompts" not in tuning_overrides(TuneSection(mode="full", share_deep_prompt=False))
+    with pytest.raises(ConfigError, match="contradicts tune.share_deep_prompt"):
+        tuning_overrides(apart, {"target_prompts": False})
+    with pytest.raises(ConfigError, match="target_prompts"):
+        build_model("tiny", target_prompts=True)  # no prompts to separate from
+
+    torch.manual_seed(0)
+    pretrained = save_model(build_model("tiny", depth=2), tmp_path / "pretrained")
+    tuned = load_for_tuning(pretrained, apart)  # the checkpoint has no prompts: fresh ones
+    assert tuned.cfg.target_prompts and tuned.encoder.blocks[1].target.prompt.shape == (4, 192)
+    with torch.no_grad():
+        for b in tuned.encoder.blocks:
+            b.target.prompt.normal_()
+    back = load_model(save_model(tuned, tmp_path / "tuned"))
+    assert back.cfg.target_prompts
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+    official = ours_to_official(tuned)["model"]
+    assert "fused_encoder.layers.1.deep_prompt_embedding.target_embedding.weight" in official
+    torch.save({"model": official}, tmp_path / "official.pth")
+    out, cfg, _ = convert_checkpoint(tmp_path / "official.pth", tmp_path / "converted", image_size=64)
+    assert cfg.target_prompts and cfg.prompt_tokens == 4
+    converted = load_model(out)
+    for key, value in tuned.state_dict().items():
+        assert torch.equal(value, converted.state_dict()[key]), key
+
+
+def test_prompt_tune_command_with_unshared_target_prompts(mini_data, source, tmp_path):
+    from uniperceiver.modeling import load_model
+
+    out = tmp_path / "tuned-retrieval"
+    result, text = invoke(["prompt-tune", "--task", "mini-digits-retrieval", "--fraction", "0.1", "--checkpoint",
+                           str(source), "--max-steps", "2", "--data-dir", str(mini_data), "--output", str(out),
+                           "--set", "tune.share_deep_prompt=false", "--set", "optim.warmup_steps=1"])
+    assert result.exit_code == 0, text
+    tuned = load_model(out / "final")
+    assert tuned.cfg.target_prompts
+    after = load_file(str(out / "final" / "model.safetensors"))
+    assert {f"encoder.blocks.{i}.{p}" for i in range(2) for p in ("prompt", "target.prompt")} <= set(after)
+    assert not torch.equal(after["encoder.blocks.0.prompt"], after["encoder.blocks.0.target.prompt"])
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["tune"]["share_deep_prompt"] is False

@@ -191,3 +191,25 @@ def test_resume_auto_without_output_continues_the_newest_run_of_the_same_recipe(
                   log=lambda m: None)
     assert again.run_dir == first.run_dir and again.resumed_from == first.run_dir / "checkpoints" / "step-000002"
     assert again.step == 3 and len(again.history) == 1
+
+
+def _tb_steps(run: Path, tag: str) -> list[int]:
+    """Steps of a TensorBoard scalar as TensorBoard shows them. Event files of version 2 (what the
+    writer produces) are purged only at the writer's restart marker (`purge_step`), never by
+    guessing from out-of-order steps: without the marker the redone steps show twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_curves_of_a_resumed_run_have_no_duplicate_steps(mini_data, tmp_path):
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", max_steps=4, ckpt_every=2, keep_checkpoints=5))
+    run = tmp_path / "run"
+    train(recipe, output=run, data_dir=mini_data, log=lambda m: None)
+    assert _tb_steps(run, "train/loss") == [1, 2, 3, 4]
+    # resume from step 2: steps 3 and 4 are trained again and logged again
+    train(recipe, output=run, resume=run / "checkpoints" / "step-000002", data_dir=mini_data, log=lambda m: None)
+    assert _tb_steps(run, "train/loss") == [1, 2, 3, 4]
+    assert [int(r["step"]) for r in read_metrics(run) if r["name"] == "loss" and not r["task"]] == [1, 2, 3, 4]

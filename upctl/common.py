@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 
@@ -113,3 +114,79 @@ def write_json(path: str | Path, payload: Any) -> None:
     from uniperceiver.utils.files import atomic_write_text
 
     atomic_write_text(Path(path), text)
+
+
+# ------------------------------------------------------------------------------------------ command classes
+
+
+def _usage_error_type() -> type[Exception]:
+    """Click's UsageError: vendored inside typer (>= 0.20) or the click package (older typer)."""
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:  # typer < 0.20 runs on the click package
+        from click.exceptions import UsageError
+    return UsageError
+
+
+@contextlib.contextmanager
+def one_line_usage_errors() -> Iterator[None]:
+    """A usage error (missing or unknown option, bad value) as one red line and exit code 2.
+
+    Typer prints a usage line, a hint and a boxed panel instead; every other error of `upctl` is
+    one line (`fail_on_error`), so usage errors are too. Asking for help with no arguments
+    (`upctl`) still prints the help.
+    """
+    usage_error = _usage_error_type()
+    try:
+        yield
+    except usage_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" or debug_enabled():
+            raise
+        ctx = getattr(exc, "ctx", None)  # click's attribute, None when raised outside a context
+        where = ctx.command_path if ctx is not None else "upctl"
+        message = " ".join(exc.format_message().split())  # click's messages may span lines
+        err_console.print(f"[bold red]error:[/] {escape(message)} (see `{escape(where)} --help`)",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def _no_flag_placeholder(param: object) -> None:
+    """A yes/no flag takes no value, so its help shows no `<bool>` type (typer's rich help does)."""
+    if isinstance(param, typer.core.TyperOption) and param.is_flag and param.metavar is None:
+        param.metavar = ""
+
+
+class UpctlCommand(typer.core.TyperCommand):
+    """A subcommand whose help shows no value placeholder for flags (`--quick`, not `--quick <bool>`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _no_flag_placeholder(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _no_flag_placeholder(option)
+        return option
+
+
+class UpctlGroup(typer.core.TyperGroup):
+    """The `upctl` group: flags without placeholders, and usage errors of any subcommand as one line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _no_flag_placeholder(param)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        _no_flag_placeholder(option)
+        return option
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with one_line_usage_errors():  # `upctl --nosuch`, `upctl evalute`
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with one_line_usage_errors():  # a subcommand's options are parsed here
+            return super().invoke(ctx)

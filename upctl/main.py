@@ -10,7 +10,7 @@ from __future__ import annotations
 import typer
 
 from uniperceiver import __version__
-from upctl.common import set_debug
+from upctl.common import UpctlCommand, UpctlGroup, set_debug
 
 app = typer.Typer(
     name="upctl",
@@ -19,6 +19,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=UpctlGroup,  # usage errors as one line; flags without a `<bool>` placeholder in --help
 )
 
 
@@ -55,37 +56,37 @@ def main(
 
 from upctl.commands.convert import convert  # noqa: E402
 
-app.command("convert")(convert)
+app.command("convert", cls=UpctlCommand)(convert)
 
 from upctl.commands.prepare import prepare  # noqa: E402
 
-app.command("prepare")(prepare)
+app.command("prepare", cls=UpctlCommand)(prepare)
 
 from upctl.commands.evaluate import evaluate, predict, zeroshot  # noqa: E402
 
-app.command("zeroshot")(zeroshot)
-app.command("evaluate")(evaluate)
-app.command("predict")(predict)
+app.command("zeroshot", cls=UpctlCommand)(zeroshot)
+app.command("evaluate", cls=UpctlCommand)(evaluate)
+app.command("predict", cls=UpctlCommand)(predict)
 
 from upctl.commands.tasks import tasks  # noqa: E402
 
-app.command("tasks")(tasks)
+app.command("tasks", cls=UpctlCommand)(tasks)
 
 from upctl.commands.recipes import recipes, validate  # noqa: E402
 
-app.command("validate")(validate)
-app.command("recipes")(recipes)
+app.command("validate", cls=UpctlCommand)(validate)
+app.command("recipes", cls=UpctlCommand)(recipes)
 
 from upctl.commands.train import finetune, pretrain, prompt_tune  # noqa: E402
 
-app.command("pretrain")(pretrain)
-app.command("prompt-tune")(prompt_tune)
-app.command("finetune")(finetune)
+app.command("pretrain", cls=UpctlCommand)(pretrain)
+app.command("prompt-tune", cls=UpctlCommand)(prompt_tune)
+app.command("finetune", cls=UpctlCommand)(finetune)
 
 from upctl.commands.bench import bench  # noqa: E402
 
-app.command("bench")(bench)
+app.command("bench", cls=UpctlCommand)(bench)
 
 from upctl.commands.demo import demo  # noqa: E402
 
-app.command("demo")(demo)
+app.command("demo", cls=UpctlCommand)(demo)

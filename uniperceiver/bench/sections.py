@@ -209,3 +209,7 @@ def eval_section(report, device: torch.device, quick: bool) -> None:
 
 SECTIONS["decode"] = decode_section
 SECTIONS["eval"] = eval_section
+
+from uniperceiver.bench.checkpoint_section import checkpoint_section  # noqa: E402  (its own module: long)
+
+SECTIONS["checkpoint"] = checkpoint_section

@@ -9,27 +9,37 @@ cache, and the growth of retrieval scoring and corpus streaming at 1x / 4x / 16x
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from uniperceiver.bench.timing import matmul_peak_flops, run_for_result
+from uniperceiver.bench.timing import ServedCase, matmul_peak_flops, run_for_result
 from uniperceiver.errors import UpctlError
 
 Progress = Callable[[int, int | None, str], None]
+Log = Callable[[str], None]
 
 
 @dataclass
 class BenchReport:
     machine: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    sink: str | None = None  # a JSON-lines file every row is appended to as it is measured
 
     def add(self, section: str, name: str, **values: Any) -> None:
-        self.rows.append({"section": section, "name": name, **values})
+        """Add a row; with a sink, append it there at once (a run cut short keeps its finished rows)."""
+        row = {"section": section, "name": name, **values}
+        self.rows.append(row)
+        if self.sink:
+            with open(self.sink, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row, sort_keys=True) + "\n")
 
     def to_dict(self) -> dict[str, Any]:
         return {"machine": self.machine, "rows": self.rows}
@@ -65,6 +75,62 @@ class StepPair:
     ours: dict[str, Any]
     theirs: dict[str, Any] | None
     rounds: int
+    lever: str = ""  # the named lever (`LEVERS`) this pair measures, if it came from one
+
+
+# Named levers (`--levers`): the StepCase fields each sets on our step. Every lever after "step"
+# builds on "step" (the whole forward + loss compiled), so each such row differs from the "step"
+# row by exactly one thing; "stacked" combines them. Only "eager" and "compiled" also run the
+# baselines (BertModel, timm ViT) in their established setups: the ratios the targets name.
+LEVERS: dict[str, dict[str, Any]] = {
+    "eager": {},
+    "compiled": {"compile": True},  # our encoder, as train.compile does
+    "step": {"compile": True, "compile_scope": "step"},
+    "autotune": {"compile": True, "compile_scope": "step", "compile_mode": "max-autotune-no-cudagraphs"},
+    "graphs": {"compile": True, "compile_scope": "step", "cuda_graphs": True},
+    "bf16-optim": {"compile": True, "compile_scope": "step", "optim_state": "bf16"},
+    "chunked-loss": {"compile": True, "compile_scope": "step", "loss": "chunked"},  # image-text pairs only
+    "stacked": {"compile": True, "compile_scope": "step", "cuda_graphs": True, "optim_state": "bf16",
+                "loss": "chunked"},
+    "eager-graphs": {"cuda_graphs": True},  # what launch overhead costs the eager step
+}
+BASELINE_LEVERS = ("eager", "compiled")
+LEVER_FIELDS = ("compile", "compile_scope", "compile_mode", "cuda_graphs", "optim_state", "loss")
+
+
+def parse_levers(text: str) -> list[tuple[str, list[str] | None]]:
+    """`"step,graphs:image+retrieval"` -> [("step", None), ("graphs", ["image", "retrieval"])]: a lever
+    name, optionally restricted to some step kinds (within those --kinds selects)."""
+    out: list[tuple[str, list[str] | None]] = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, kinds = item.partition(":")
+        if name not in LEVERS:
+            raise UpctlError(f"unknown lever {name!r}; choose among {', '.join(LEVERS)}")
+        only = [k for k in kinds.split("+") if k] or None
+        unknown = sorted(set(only or ()) - set(STEP_KINDS))
+        if unknown:
+            raise UpctlError(f"lever {name!r}: unknown step kind(s) {unknown}; choose among {', '.join(STEP_KINDS)}")
+        out.append((name, only))
+    return out
+
+
+def case_name(spec: dict[str, Any]) -> str:
+    """`ours base image`, then one tag per lever in effect: `compiled` (the encoder, as train.compile)
+    or `compiled-step`, the compile mode if not the default, `cuda-graphs`, `bf16-optim`, `chunked-loss`."""
+    tags = [spec["impl"], spec["size"], spec["kind"]]
+    if spec.get("compile"):
+        tags.append("compiled" if spec.get("compile_scope", "encoder") == "encoder" else "compiled-step")
+    if spec.get("compile_mode", "default") != "default":
+        tags.append(spec["compile_mode"])
+    if spec.get("cuda_graphs"):
+        tags.append("cuda-graphs")
+    if spec.get("optim_state", "fp32") != "fp32":
+        tags.append(f"{spec['optim_state']}-optim")
+    if spec.get("loss", "plain") != "plain":
+        tags.append(f"{spec['loss']}-loss")
+    return " ".join(tags)
 
 
 # Batch shapes per device: on a 2-core CPU a step of base must stay near seconds; on a GPU the batch
@@ -78,12 +144,20 @@ STEP_KINDS = ("text", "image", "video", "caption", "retrieval")
 
 
 def step_pairs(quick: bool, sizes: list[str], device_type: str = "cpu", rounds: int | None = None,
-               compile: bool = False, kinds: list[str] | None = None) -> list[StepPair]:
+               compile: bool = False, kinds: list[str] | None = None,
+               levers: list[tuple[str, list[str] | None]] | None = None,
+               overrides: dict[str, Any] | None = None, baselines: bool = True) -> list[StepPair]:
     """Text against BertModel and images against timm ViT for every size; video and captioning (full
     runs only) have no established baseline. A full run repeats every pair in 3 rounds (ABBA order);
     --quick runs one round, with one more timed step per case instead, to stay within a few minutes.
     `compile` compiles both sides of every pair (ours: the encoder, as `train.compile` does); `kinds`
-    keeps only those step kinds (e.g. image and retrieval)."""
+    keeps only those step kinds (e.g. image and retrieval).
+
+    `overrides`: StepCase lever fields (compile_scope, cuda_graphs, ...) for our side only; the
+    baselines keep their established setup (eager, or compiled whole). `levers` (`parse_levers`)
+    instead repeats the selection once per named lever; only "eager" and "compiled" bring the
+    baselines along. `baselines=False` drops them everywhere. A chunked loss applies to the
+    image-text pairs only: the "chunked-loss" lever skips the other kinds, others drop the field."""
     unknown = sorted(set(kinds or ()) - set(STEP_KINDS))
     if unknown:
         raise UpctlError(f"unknown step kind(s) {unknown}; choose among {', '.join(STEP_KINDS)}")
@@ -93,27 +167,40 @@ def step_pairs(quick: bool, sizes: list[str], device_type: str = "cpu", rounds: 
     n_rounds = rounds if rounds is not None else (1 if quick else 3)
     if n_rounds < 1:
         raise UpctlError(f"--rounds {n_rounds}: expected 1 or more")
-    extra = {"compile": True} if compile else {}
-    pairs: list[StepPair] = []
+    if levers is not None and (compile or overrides):
+        raise UpctlError("choose the levers either by name (--levers) or by flags (--compile, --compile-scope, ...), not both")
+    base: list[tuple[dict[str, Any], str | None]] = []  # (shape spec, baseline implementation)
     for size in sizes:
         b_text, t_len = shapes["text"]
-        text = dict(size=size, kind="text", batch=b_text, text_len=t_len, **extra)
-        image = dict(size=size, kind="image", batch=shapes["image"], frames=1, **extra)
-        pairs += [
-            StepPair({"impl": "ours", **text}, {"impl": "bert", **text}, n_rounds),
-            StepPair({"impl": "ours", **image}, {"impl": "timm-vit", **image}, n_rounds),
-        ]
+        base += [(dict(size=size, kind="text", batch=b_text, text_len=t_len), "bert"),
+                 (dict(size=size, kind="image", batch=shapes["image"], frames=1), "timm-vit")]
         if not quick:
             (b_vid, frames), (b_cap, cap_len), (b_pair, pair_len) = shapes["video"], shapes["caption"], shapes["retrieval"]
-            pairs += [
-                StepPair(dict(impl="ours", size=size, kind="video", batch=b_vid, frames=frames, **extra), None, n_rounds),
-                StepPair(dict(impl="ours", size=size, kind="caption", batch=b_cap, frames=1, text_len=cap_len, **extra),
-                         None, n_rounds),
-                # Image-text pairs/s, the figure open_clip publishes (no in-process baseline).
-                StepPair(dict(impl="ours", size=size, kind="retrieval", batch=b_pair, frames=1, text_len=pair_len, **extra),
-                         None, n_rounds),
-            ]
-    return [p for p in pairs if not kinds or p.ours["kind"] in kinds]
+            base += [(dict(size=size, kind="video", batch=b_vid, frames=frames), None),
+                     (dict(size=size, kind="caption", batch=b_cap, frames=1, text_len=cap_len), None),
+                     # Image-text pairs/s, the figure open_clip publishes (no in-process baseline).
+                     (dict(size=size, kind="retrieval", batch=b_pair, frames=1, text_len=pair_len), None)]
+    if levers is None:
+        variants = [("", {"compile": True} if compile else {}, None, True)]
+        variants[0][1].update(overrides or {})
+    else:
+        variants = [(name, dict(LEVERS[name]), only, name in BASELINE_LEVERS) for name, only in levers]
+    pairs: list[StepPair] = []
+    for lever, fields, only, with_baseline in variants:
+        for shape, baseline in base:
+            kind = shape["kind"]
+            if (kinds and kind not in kinds) or (only and kind not in only):
+                continue
+            ours = dict(fields)
+            if ours.get("loss", "plain") != "plain" and kind != "retrieval":
+                if lever == "chunked-loss":
+                    continue  # the same case as "step" for kinds without a contrastive loss
+                del ours["loss"]
+            theirs = None
+            if baseline and baselines and with_baseline:
+                theirs = {"impl": baseline, **shape, **({"compile": True} if fields.get("compile") else {})}
+            pairs.append(StepPair({"impl": "ours", **shape, **ours}, theirs, n_rounds, lever))
+    return pairs
 
 
 def round_order(pair: StepPair) -> list[tuple[int, dict[str, Any]]]:
@@ -134,48 +221,216 @@ def median_ratio(ours_s: list[float], theirs_s: list[float]) -> float:
     return statistics.median(t / o for o, t in zip(ours_s, theirs_s))
 
 
+Runs = dict[str, list[dict[str, Any]]]  # "ours" / "theirs" -> one result per round
+
+
 def run_training_steps(report: BenchReport, device: torch.device, quick: bool, sizes: list[str],
-                       peak: float, progress: Progress | None = None, rounds: int | None = None,
-                       compile: bool = False, kinds: list[str] | None = None) -> None:
-    pairs = step_pairs(quick, sizes, device.type, rounds, compile, kinds)
+                       peak: float | Callable[[], float], progress: Progress | None = None,
+                       rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None, *,
+                       levers: list[tuple[str, list[str] | None]] | None = None,
+                       overrides: dict[str, Any] | None = None, baselines: bool = True, jobs: int | None = None,
+                       case_timeout: float = 900.0, keep_going: bool = False, wait_for: str | None = None,
+                       log: Log | None = None) -> None:
+    """Time every pair of `step_pairs` and add a row per case, a ratio per pair with a baseline and,
+    with `levers`, a lever table (each compiled case against our compiled encoder and the compiled baseline).
+
+    `peak` may be a function: it is then called right before the first timed step (after the warm-ups
+    and `wait_for`), so that the peak is measured on a quiet device. `jobs` (N >= 1): every case
+    builds and warms up (compiles) in its own long-lived worker, N at a time, and only then are the
+    cases timed, one at a time (`timing.ServedCase`): compilation overlaps, timings never do. Without
+    it each (round, case) runs in a fresh process, one after another. `wait_for`: a file whose
+    appearance the timed runs wait for (at most `case_timeout`), e.g. a GPU test run started beside
+    the warm-ups. `keep_going`: a case that fails or times out becomes an "error" row instead of
+    stopping the run.
+    """
+    pairs = step_pairs(quick, sizes, device.type, rounds, compile, kinds, levers, overrides, baselines)
     # A GPU step takes milliseconds: more repeats cost little and steady the median; its warm-up also
     # covers the cuBLAS / cuDNN heuristics. A compiled case compiles in its first forward and backward.
     repeats = 10 if device.type == "cuda" else (2 if quick else 3)
-    warmup = 3 if device.type == "cuda" else (2 if compile else 1)
+    any_compile = any(p.ours.get("compile") for p in pairs)
+    warmup = 3 if device.type == "cuda" else (2 if any_compile else 1)
+    # On a GPU every case (baselines too) runs under bf16 autocast, as training does there.
+    precision = "bf16" if device.type == "cuda" else "fp32"
+
+    def full(spec: dict[str, Any]) -> dict[str, Any]:
+        return {**spec, "device": str(device), "repeats": repeats, "warmup": warmup, "precision": precision}
+
+    def before_timing() -> float:
+        if wait_for:
+            _wait_for_file(wait_for, case_timeout, log)
+        return peak() if callable(peak) else peak
+
+    errors: dict[str, str] = {}
+    if jobs:
+        runs, peak_value = _served_runs(pairs, full, jobs, case_timeout, keep_going, errors, before_timing,
+                                        progress, log)
+    else:
+        runs, peak_value = _sequential_runs(pairs, full, case_timeout, keep_going, errors, before_timing,
+                                            progress, log)
+    for pair, run in zip(pairs, runs):
+        for side, spec in (("ours", pair.ours), ("theirs", pair.theirs)):
+            if spec is None:
+                continue
+            if _key(spec) in errors:
+                report.add("error", case_name(spec), lever=pair.lever, error=errors[_key(spec)])
+            else:
+                _add_step_row(report, spec, run[side], peak_value, pair.lever)
+        if pair.theirs is not None and not ({_key(pair.ours), _key(pair.theirs)} & errors.keys()):
+            ours_s, theirs_s = [r["median_s"] for r in run["ours"]], [r["median_s"] for r in run["theirs"]]
+            report.add("ratio", f"ours/{pair.theirs['impl']} " + case_name(pair.ours).split(" ", 1)[1],
+                       ratio=round(median_ratio(ours_s, theirs_s), 3), rounds=pair.rounds,
+                       per_round=" ".join(f"{t / o:.3f}" for o, t in zip(ours_s, theirs_s)))
+    if levers is not None:
+        _add_lever_rows(report)
+
+
+def _key(spec: dict[str, Any]) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+def _wait_for_file(path: str, timeout: float, log: Log | None) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            if log:
+                log(f"{path} did not appear within {timeout:.0f} s; timing anyway")
+            return
+        time.sleep(1.0)
+
+
+def _sequential_runs(pairs: list[StepPair], full: Callable[[dict], dict], case_timeout: float, keep_going: bool,
+                     errors: dict[str, str], before_timing: Callable[[], float], progress: Progress | None,
+                     log: Log | None) -> tuple[list[Runs], float]:
+    """Each (round, case) in a fresh process, one after another (a process's memory figures its own)."""
+    peak = before_timing()
+    runs: list[Runs] = []
     total = sum(len(round_order(p)) for p in pairs)
     done = 0
     for pair in pairs:
-        runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
+        run: Runs = {"ours": [], "theirs": []}
         for _, spec in round_order(pair):
             if progress:
                 progress(done, total, "training steps")
-            # On a GPU every case (baselines too) runs under bf16 autocast, as training does there.
-            precision = "bf16" if device.type == "cuda" else "fp32"
-            res = run_case_in_subprocess({**spec, "device": str(device), "repeats": repeats, "warmup": warmup,
-                                          "precision": precision})
-            runs["ours" if spec is pair.ours else "theirs"].append(res)
             done += 1
-        for side, spec in (("ours", pair.ours), ("theirs", pair.theirs)):
-            if spec is not None:
-                _add_step_row(report, spec, runs[side], peak)
-        if pair.theirs is not None:
-            ours_s, theirs_s = [r["median_s"] for r in runs["ours"]], [r["median_s"] for r in runs["theirs"]]
-            spec = pair.ours
-            report.add("ratio", f"ours/{pair.theirs['impl']} {spec['size']} {spec['kind']}"
-                       + (" compiled" if spec.get("compile") else ""),
-                       ratio=round(median_ratio(ours_s, theirs_s), 3), rounds=pair.rounds,
-                       per_round=" ".join(f"{t / o:.3f}" for o, t in zip(ours_s, theirs_s)))
+            if _key(spec) in errors:
+                continue
+            try:
+                res = run_case_in_subprocess(full(spec), timeout=case_timeout)
+            except UpctlError as exc:
+                if not keep_going:
+                    raise
+                errors[_key(spec)] = str(exc)
+                if log:
+                    log(f"{case_name(spec)}: {exc}")
+                continue
+            if log:
+                log(f"{case_name(spec)}: {res['median_s']:.4f} s/step")
+            run["ours" if spec is pair.ours else "theirs"].append(res)
+        runs.append(run)
     if progress:
         progress(total, total, "training steps")
+    return runs, peak
 
 
-def _add_step_row(report: BenchReport, spec: dict[str, Any], results: list[dict], peak: float) -> None:
-    """One row per case: the median over rounds of each round's median step time."""
+def _graph_group(spec: dict[str, Any]) -> str:
+    """Cases that compile the same model graph (they differ only in CUDA graphs or optimizer state)."""
+    return _key({k: v for k, v in spec.items() if k not in ("cuda_graphs", "optim_state")})
+
+
+def _warm_cost(spec: dict[str, Any]) -> float:
+    """A rough relative compile time, to start the longest warm-ups first."""
+    cost = 1.0 if spec.get("compile") else 0.1
+    cost *= 2.0 if spec["kind"] == "retrieval" else 1.0  # two sequence shapes (two graphs with the encoder alone)
+    cost *= 4.0 if "autotune" in spec.get("compile_mode", "") else 1.0
+    return cost + (0.5 if spec.get("optim_state", "fp32") != "fp32" else 0.0)
+
+
+def _served_runs(pairs: list[StepPair], full: Callable[[dict], dict], jobs: int, case_timeout: float,
+                 keep_going: bool, errors: dict[str, str], before_timing: Callable[[], float],
+                 progress: Progress | None, log: Log | None) -> tuple[list[Runs], float]:
+    """Warm every distinct case up in a long-lived worker, `jobs` at a time, then time them one by one.
+
+    Cases that compile the same graph warm up one after another in one slot, the later ones finding
+    it in torch.compile's on-disk caches instead of compiling it again. A warm worker hands its
+    cached device memory back while it waits, so that the others can compile beside it.
+    """
+    if jobs < 1:
+        raise UpctlError(f"--jobs {jobs}: expected 1 or more")
+    specs: dict[str, dict[str, Any]] = {}
+    for pair in pairs:
+        for spec in (pair.ours, pair.theirs):
+            if spec is not None:
+                specs.setdefault(_key(spec), spec)
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for spec in specs.values():
+        groups.setdefault(_graph_group(spec), []).append(spec)
+    ordered = sorted(groups.values(), key=lambda g: -sum(_warm_cost(s) for s in g))
+    workers: dict[str, ServedCase] = {}
+    total = len(specs) + sum(len(round_order(p)) for p in pairs)
+    done = [0]
+
+    def warm(group: list[dict[str, Any]]) -> None:
+        for spec in sorted(group, key=lambda s: (bool(s.get("cuda_graphs")), s.get("optim_state", "fp32") != "fp32")):
+            worker = ServedCase([sys.executable, "-m", "uniperceiver.bench.worker", "--serve", json.dumps(full(spec))])
+            try:
+                info = worker.expect("READY", case_timeout)
+            except RuntimeError as exc:
+                errors[_key(spec)] = f"warm-up {exc}"
+                if log:
+                    log(f"{case_name(spec)}: warm-up failed ({exc}); its last lines:\n{worker.stderr_tail()}")
+                worker.close()
+            else:
+                workers[_key(spec)] = worker
+                if log:
+                    log(f"{case_name(spec)}: warmed up in {info['warmup_s']:.1f} s")
+            done[0] += 1
+            if progress:
+                progress(done[0], total, "training steps")
+
+    runs: list[Runs] = []
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            list(pool.map(warm, ordered))
+        if errors and not keep_going:
+            raise UpctlError("benchmark case(s) failed: " + "; ".join(
+                f"{case_name(json.loads(k))}: {msg}" for k, msg in errors.items()))
+        peak = before_timing()
+        for pair in pairs:
+            run: Runs = {"ours": [], "theirs": []}
+            for _, spec in round_order(pair):
+                key = _key(spec)
+                if key in workers and key not in errors:
+                    worker = workers[key]
+                    try:
+                        worker.send("time")
+                        res = worker.expect("RESULT", case_timeout)
+                    except (OSError, RuntimeError) as exc:
+                        errors[key] = f"timed run {exc}"
+                        if log:
+                            log(f"{case_name(spec)}: timed run failed ({exc}); its last lines:\n{worker.stderr_tail()}")
+                        if not keep_going:
+                            raise UpctlError(f"benchmark case {case_name(spec)} failed: {exc}") from None
+                    else:
+                        run["ours" if spec is pair.ours else "theirs"].append(res)
+                        if log:
+                            log(f"{case_name(spec)}: {res['median_s']:.4f} s/step")
+                done[0] += 1
+                if progress:
+                    progress(done[0], total, "training steps")
+            runs.append(run)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return runs, peak
+
+
+def _add_step_row(report: BenchReport, spec: dict[str, Any], results: list[dict], peak: float, lever: str = "") -> None:
+    """One row per case: the median over rounds of each round's median step time. On CUDA also the
+    step issued back to back (`pipelined_*`) and the host syncs in one step; warm-up seconds (which
+    hold the compilation) for every case."""
     median_s = statistics.median(r["median_s"] for r in results)
     first = results[0]
-    report.add(
-        "train_step",
-        f"{spec['impl']} {spec['size']} {spec['kind']}" + (" compiled" if spec.get("compile") else ""),
+    values: dict[str, Any] = dict(
         batch=spec["batch"],
         median_s=round(median_s, 4),
         samples_per_s=round(spec["batch"] / median_s, 3),
@@ -184,6 +439,42 @@ def _add_step_row(report: BenchReport, spec: dict[str, Any], results: list[dict]
         mfu=round(first["flops_per_step"] / median_s / peak, 3),
         peak_mem_mb=round(max(r["peak_mem_bytes"] for r in results) / 2**20, 1),
     )
+    pipelined = [r["pipelined_s"] for r in results if r.get("pipelined_s")]
+    if pipelined:
+        p_s = statistics.median(pipelined)
+        values.update(pipelined_s=round(p_s, 4), pipelined_samples_per_s=round(spec["batch"] / p_s, 3),
+                      pipelined_mfu=round(first["flops_per_step"] / p_s / peak, 3))
+    if first.get("host_syncs", -1) >= 0:
+        values["host_syncs"] = max(r["host_syncs"] for r in results)
+    if "warmup_s" in first:
+        values["warmup_s"] = round(first["warmup_s"], 1)
+    if spec.get("compile") and "graph_breaks" in first:
+        values["graph_breaks"] = first["graph_breaks"]
+    if lever:
+        values["lever"] = lever
+    report.add("train_step", case_name(spec), **values)
+
+
+def _add_lever_rows(report: BenchReport) -> None:
+    """The lever table: each of our compiled cases against our compiled encoder (`train.compile`,
+    the figure a lever must beat) and against the compiled baseline of its kind, from this run."""
+    rows = [r for r in report.rows if r["section"] == "train_step"]
+    by_name = {r["name"]: r for r in rows}
+    for row in rows:
+        impl, size, kind, *tags = row["name"].split(" ")
+        if impl != "ours":
+            continue
+        values: dict[str, Any] = {"lever": row.get("lever", ""), "samples_per_s": row["samples_per_s"],
+                                  "mfu": row["mfu"]}
+        if "pipelined_mfu" in row:
+            values.update(pipelined_samples_per_s=row["pipelined_samples_per_s"], pipelined_mfu=row["pipelined_mfu"])
+        compiled = by_name.get(f"ours {size} {kind} compiled")
+        if compiled:
+            values["speedup_vs_compiled"] = round(compiled["median_s"] / row["median_s"], 3)
+        baseline = by_name.get(f"{'bert' if kind == 'text' else 'timm-vit'} {size} {kind} compiled")
+        if baseline and kind in ("text", "image"):
+            values["vs_baseline_compiled"] = round(baseline["median_s"] / row["median_s"], 3)
+        report.add("lever", row["name"], **values)
 
 
 def run_checkpointing_memory(report: BenchReport, device: torch.device, size: str, quick: bool) -> None:
@@ -220,22 +511,43 @@ def run_checkpointing_memory(report: BenchReport, device: torch.device, size: st
 
 def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None = None,
               sections: list[str] | None = None, progress: Progress | None = None,
-              rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None) -> BenchReport:
+              rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None, *,
+              levers: list[tuple[str, list[str] | None]] | None = None, overrides: dict[str, Any] | None = None,
+              baselines: bool = True, jobs: int | None = None, case_timeout: float = 900.0,
+              keep_going: bool = False, wait_for: str | None = None, sink: str | None = None,
+              log: Log | None = None) -> BenchReport:
+    """The sections asked for, in order; the training-step options are `run_training_steps`'s."""
     sizes = sizes or (["base"] if quick else ["tiny", "small", "base"])
     sections = sections or ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
-    report = BenchReport(machine_info(device))
+    report = BenchReport(machine_info(device), sink=sink)
     # The MFU denominator in the precision the steps run in: bf16 on a GPU, fp32 on a CPU.
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = matmul_peak_flops(device, dtype, sizes=(2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072))
-    report.add("peak", "matmul " + ("bf16" if dtype is torch.bfloat16 else "fp32"), gflops_per_s=round(peak / 1e9, 2))
+    measured: list[float] = []
+
+    def peak() -> float:
+        """Measured once, when first needed; its row leads the report whenever it is measured."""
+        if not measured:
+            sizes_ = (2048, 4096, 8192) if device.type == "cuda" else (1024, 2048, 3072)
+            measured.append(matmul_peak_flops(device, dtype, sizes=sizes_))
+            report.add("peak", "matmul " + ("bf16" if dtype is torch.bfloat16 else "fp32"),
+                       gflops_per_s=round(measured[0] / 1e9, 2))
+            report.rows.insert(0, report.rows.pop())
+        return measured[0]
+
     if "train" in sections:
-        run_training_steps(report, device, quick, sizes, peak, progress, rounds, compile, kinds)
+        # With parallel warm-ups the peak waits for them (and for `wait_for`): a busy device reads low.
+        run_training_steps(report, device, quick, sizes, peak if jobs else peak(), progress, rounds, compile, kinds,
+                           levers=levers, overrides=overrides, baselines=baselines, jobs=jobs,
+                           case_timeout=case_timeout, keep_going=keep_going, wait_for=wait_for, log=log)
+    peak()
     if "memory" in sections:
         run_checkpointing_memory(report, device, "base", quick)
     extra = _optional_sections()
-    for name in ("decode", "loader", "eval", "scale"):
-        if name in sections and name in extra:
-            extra[name](report, device, quick)
+    for name, section in extra.items():  # decode, loader, eval, scale and any section registered there
+        if name == "checkpoint" and name in sections:  # per model size (--sizes), old writer vs new
+            section(report, device, quick, sizes)
+        elif name in sections:
+            section(report, device, quick)
     return report
 
 

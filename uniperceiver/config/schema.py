@@ -89,6 +89,11 @@ class TrainSection:
     #: Data parallelism on several ranks: "ddp" replicates the model; "fsdp" shards parameters,
     #: gradients and optimizer state (FSDP2); checkpoints are the same files either way.
     sharding: str = _f("ddp", choices=("ddp", "fsdp"))
+    #: A rank with no optimizer step for this long logs its phase and stack and ends the job
+    #: (engine/watchdog.py); None = 300 s past twice the slowest step seen (900 s for the first).
+    step_timeout_s: float | None = _f(None, gt=0)
+    #: The process group's own timeout (init_process_group): the last resort behind the watchdog.
+    collective_timeout_s: float = _f(1800.0, gt=0)
 
 
 @dataclass
@@ -97,6 +102,9 @@ class TuneSection:
 
     mode: str = _f("full", choices=("full", "prompt"))
     prompt_tokens: int = _f(10, ge=1)
+    #: Prompt mode: targets share the inputs' deep prompts (true) or get their own (false: the
+    #: reference's retrieval prompt tuning, SHARE_DEEP_PROMPT False).
+    share_deep_prompt: bool = True
     #: Seeded few-shot subset of the training split (0.01 = the paper's 1%); None = all data.
     fraction: float | None = _f(None, gt=0, le=1)
     fraction_seed: int = _f(0, ge=0)
@@ -104,13 +112,17 @@ class TuneSection:
 
 @dataclass
 class EvalSection:
-    """Evaluation during and after training."""
+    """The periodic evaluation (`train.eval_every`): which split of every task, how many samples.
 
+    Decoding settings are not here: as in the reference (each task's DECODE_STRATEGY), they are
+    options of the caption task they apply to (`tasks[i].options.beam_size`, `max_gen_len`,
+    `length_penalty`), so one run can decode COCO and MSVD differently; `MOVED_KEYS` points there.
+    """
+
+    #: The split evaluated when the task's dataset has it, else the task's own `eval_split`.
     split: str = "val"
+    #: The first N samples of that split; None = all.
     limit: int | None = _f(None, gt=0)
-    beam_size: int = _f(2, ge=1)
-    max_gen_len: int = _f(21, ge=1)
-    length_penalty: float = 0.0
 
 
 @dataclass
@@ -150,6 +162,12 @@ SECTIONS: dict[str, type] = {
     "eval": EvalSection,
 }
 
+#: Keys that live elsewhere now: the one-line error says where (dotted key -> where it went).
+MOVED_KEYS: dict[str, str] = {
+    f"eval.{name}": f"decoding is set per caption task: tasks[i].options.{name}"
+    for name in ("beam_size", "max_gen_len", "length_penalty")
+}
+
 #: Checks for TaskConfig fields.
 TASK_RULES: dict[str, dict[str, Any]] = {
     "batch_size": {"gt": 0},
@@ -172,6 +190,9 @@ def build_section(cls: type, raw: Any, key: str) -> Any:
     kwargs = {}
     for name, value in raw.items():
         if name not in fields:
+            moved = MOVED_KEYS.get(f"{key}.{name}")
+            if moved is not None:
+                raise FieldError(f"{key}.{name}", f"unknown key (allowed: {', '.join(fields)}); {moved}")
             raise unknown_key(key, name, fields)
         kwargs[name] = check_value(value, hints[name], f"{key}.{name}", dict(fields[name].metadata))
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING

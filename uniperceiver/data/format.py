@@ -7,11 +7,18 @@ folder is small, can be re-created at any time, and never duplicates images or v
 Write side: `ManifestWriter` (one split, atomic) and `write_meta`. Read side: `open_dataset` ->
 `PreparedDataset` (streams manifests, refuses media paths that escape the raw root) and
 `iter_corpus_lines` (huge text corpora, streamed line by line). `prepare_dataset` runs a preparer.
+
+Views (`meta["views"]`, e.g. {"trainval": {"parts": ["train", "val"], "exclude": "minval", "unit":
+"pair", "num_samples": 52010, "fewshot_rule": "per_pair"}}) are named, read-only combinations of
+manifests that cost no disk: the reference's training pools (COCO train + val; VQAv2 train + val
+minus a held-out "minval" + Visual Genome QA). `parts` are streamed in order, `exclude` drops the
+ids of another split, unit "pair" yields one sample per caption ("<id>#<k>", texts [caption k],
+"parent_id" <id>: the reference's flattened (video, caption) list). A view opens like a split.
 """
 
 from __future__ import annotations
 
-import importlib
+import hashlib
 import json
 import os
 import re
@@ -19,7 +26,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Iterable
+from typing import IO, Any, Iterator, Iterable, cast
 
 from uniperceiver.errors import StorageError, DataError
 from uniperceiver.utils.files import atomic_write_json, sha256_file
@@ -104,22 +111,58 @@ class PreparedDataset:
     def media_type(self) -> str:
         return self.meta.get("media_type", "mixed")
 
+    @property
+    def views(self) -> dict[str, dict]:
+        """Named combinations of splits (module docstring), e.g. the reference's training pools."""
+        return dict(self.meta.get("views") or {})
+
+    def has_split(self, split: str) -> bool:
+        """True for a prepared split or a view."""
+        return split in self.meta.get("splits", {}) or split in self.views
+
     def num_samples(self, split: str) -> int:
         self._check_split(split)
+        if split in self.views:
+            return int(self.views[split]["num_samples"])
         return int(self.meta["splits"][split])
 
     def manifest_path(self, split: str) -> Path:
         self._check_split(split)
+        if split in self.views:
+            raise DataError(f"dataset {self.name!r}: {split!r} is a view of {self.split_parts(split)}, not a manifest")
         return self.root / f"{split}.jsonl"
 
+    def split_parts(self, split: str) -> list[str]:
+        """The manifests `split` reads: the parts of a view, else the split itself."""
+        self._check_split(split)
+        return [str(p) for p in self.views[split]["parts"]] if split in self.views else [split]
+
     def _check_split(self, split: str) -> None:
-        if split not in self.meta.get("splits", {}):
+        if not self.has_split(split):
+            views = f"; views: {', '.join(sorted(self.views))}" if self.views else ""
             raise DataError(
-                f"dataset {self.name!r} has no split {split!r} (prepared splits: {', '.join(self.splits) or 'none'})"
+                f"dataset {self.name!r} has no split {split!r} "
+                f"(prepared splits: {', '.join(self.splits) or 'none'}{views})"
             )
 
+    def split_digest(self, split: str) -> str:
+        """sha256 of what `split` reads: the manifest file, or a view's definition and its parts' manifests.
+
+        Saved few-shot subsets record it, so an edited manifest or view invalidates them.
+        """
+        if split not in self.views:
+            return sha256_file(self.manifest_path(split))
+        view = self.views[split]
+        parts = [*self.split_parts(split), *([view["exclude"]] if view.get("exclude") else [])]
+        definition = {k: view.get(k) for k in ("parts", "exclude", "unit")}
+        payload = json.dumps([definition, [sha256_file(self.manifest_path(p)) for p in parts]], sort_keys=True)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
     def samples(self, split: str) -> Iterator[dict]:
-        """Stream one split's samples in manifest order; a malformed line raises DataError(file:line)."""
+        """Stream one split's (or view's) samples in manifest order; a malformed line raises DataError(file:line)."""
+        if split in self.views:
+            yield from self._view_samples(split)
+            return
         path = self.manifest_path(split)
         if not path.is_file():
             raise DataError(f"{path}: manifest missing; run `upctl prepare {self.name}` again")
@@ -136,6 +179,27 @@ class PreparedDataset:
                 if "media" in sample:
                     check_relative_media(sample["media"], f"{path}:{lineno}")
                 yield sample
+
+    def _view_samples(self, split: str) -> Iterator[dict]:
+        view = self.views[split]
+        unit = view.get("unit", "sample")
+        if unit not in ("sample", "pair"):
+            raise DataError(f"{self.root / META_FILE}: view {split!r} has unit {unit!r}; expected 'sample' or 'pair'")
+        dropped = {str(s["id"]) for s in self.samples(view["exclude"])} if view.get("exclude") else set()
+        for part in self.split_parts(split):
+            for sample in self.samples(part):
+                sid = str(sample["id"])
+                if sid in dropped:
+                    continue
+                if unit == "sample":
+                    yield sample
+                    continue
+                texts = sample.get("texts")
+                if not isinstance(texts, list):
+                    raise DataError(f"{self.manifest_path(part)} sample {sid!r}: view {split!r} pairs captions "
+                                    "but the sample has no 'texts' list")
+                for k, text in enumerate(texts):
+                    yield {**sample, "id": f"{sid}#{k}", "texts": [text], "parent_id": sid}
 
     def load_split(self, split: str) -> list[dict]:
         return list(self.samples(split))
@@ -245,6 +309,8 @@ class ManifestWriter:
         self.split = split
         self.path = self.out_dir / f"{split}.jsonl"
         self.count = 0
+        #: Captions over the written samples (a "pair" view over this split has this many samples).
+        self.num_texts = 0
         self.skipped: dict[str, int] = {}
         self.examples: dict[str, list[str]] = {}
         self._ids: set[str] = set()
@@ -276,6 +342,13 @@ class ManifestWriter:
         except OSError as exc:
             raise StorageError(f"{self.path}: could not write: {exc.strerror or exc}; the previous manifest is kept") from exc
         self.count += 1
+        if isinstance(sample.get("texts"), list):
+            self.num_texts += len(sample["texts"])
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """The ids written so far (views check their parts against each other with them)."""
+        return frozenset(self._ids)
 
     def skip(self, reason: str, detail: str = "") -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -357,6 +430,8 @@ class PrepareSummary:
     examples: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     source: str = ""
     downloaded: list[str] = field(default_factory=list)
+    #: Views written to meta.json (name -> samples), e.g. the reference's training pool "trainval".
+    views: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_writers(
@@ -391,8 +466,7 @@ def prepare_dataset(
     """
     from uniperceiver.data.preparers import get_preparer
 
-    module_path = get_preparer(name)
-    module = importlib.import_module(module_path)
+    prepare = get_preparer(name)
     base = resolve_data_dir(data_dir)
     root = (
         Path(raw_root).expanduser().absolute() if raw_root is not None and str(raw_root) != "" else base / "raw" / name
@@ -400,9 +474,8 @@ def prepare_dataset(
     out_dir = base / name
     start = time.perf_counter()
     try:
-        summary: PrepareSummary = module.prepare(
-            root, out_dir, download=download, progress=progress, options=dict(options or {})
-        )
+        summary = cast(PrepareSummary, prepare(root, out_dir, download=download, progress=progress,
+                                               options=dict(options or {})))
     except BaseException:
         # The previous manifests and meta.json are still live; drop what this run had staged
         # (`mini` writes several `mini-*` folders, hence the prefix match).

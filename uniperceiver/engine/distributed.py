@@ -18,12 +18,17 @@
   one); parameters no rank used lose their gradient afterwards (`finish_grads`), which is DDP's
   rule, so AdamW skips them exactly as under DDP. FSDP2 cannot shard 0-dim parameters (the logit
   scales): those stay replicated and `finish_grads` averages their gradients like DDP does.
+- A peer that dies makes this rank's next collective fail with a backend error (gloo: "Connection
+  closed by peer"); `peer_failure` turns that into `PeerLost`, one line naming this rank, so every
+  surviving rank prints one line instead of a backend traceback. The process group's timeout is
+  `train.collective_timeout_s`; the step watchdog (watchdog.py) normally acts long before it.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,8 +38,34 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from uniperceiver.errors import ConfigError
+from uniperceiver.errors import ConfigError, UpctlError
 from uniperceiver.utils.collectives import all_gather_with_grad
+
+
+class PeerLost(UpctlError):
+    """A collective failed because another rank died or stopped answering."""
+
+
+#: What the backends say when the other end of a collective is gone or silent.
+_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out waiting",
+               "socket timeout", "nccl communicator was aborted", "read error", "connection refused")
+
+
+def peer_failure(exc: BaseException, env: "DistEnv") -> PeerLost | None:
+    """`PeerLost` (one line naming this rank) for a backend error that means a peer is gone, else None."""
+    if not env.distributed or not isinstance(exc, RuntimeError):
+        return None
+    text = str(exc)
+    lowered = text.lower()
+    if not isinstance(exc, dist.DistError) and not any(sign in lowered for sign in _PEER_SIGNS):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    first = re.sub(r"^\[[^\]]*\]\s*", "", first).split(". ")[0]  # gloo's "[.../pair.cc:561] " source prefix
+    return PeerLost(
+        f"rank {env.rank}: another rank of this {env.world_size}-rank job died or stopped answering ({env.backend}: "
+        f"{first[:200]}); this rank stops too, the launcher's report names the rank that failed first, and "
+        "--resume auto continues from the last checkpoint"
+    )
 
 
 @dataclass
@@ -101,7 +132,10 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
 
 def shutdown_distributed(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except RuntimeError:  # after a peer died, tearing down may fail too: the first error is the one to report
+            pass
 
 
 SHARDINGS = ("ddp", "fsdp")
@@ -370,6 +404,8 @@ def encode_rows(model: nn.Module, ids: Tensor, valid: Tensor, chunk: int = 4096)
 
 __all__ = [
     "DistEnv",
+    "PeerLost",
+    "peer_failure",
     "all_gather_with_grad",
     "any_flag",
     "barrier",

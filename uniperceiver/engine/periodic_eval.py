@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from torch import nn
 
@@ -23,6 +23,9 @@ from uniperceiver.engine.distributed import full_params
 from uniperceiver.engine.runs import MetricsLog
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
+
+if TYPE_CHECKING:  # the harness is imported when an evaluation runs
+    from uniperceiver.evaluation.harness import EvalResult
 
 EvalHook = Callable[[UniPerceiver, Sequence[Task], int], dict[str, float]]
 Log = Callable[[str], None]
@@ -36,19 +39,25 @@ def eval_split(task: Task, wanted: str) -> str | None:
     return task.cfg.eval_split if task.cfg.eval_split in splits else None
 
 
-def harness_hook(section: EvalSection) -> EvalHook:
-    """The default hook: `evaluate_task` on every task, the first `eval.limit` samples of its split."""
+def evaluate_tasks(model: UniPerceiver, tasks: Sequence[Task], section: EvalSection) -> dict[str, EvalResult]:
+    """{task name: result} of `evaluate_task` on every task that has a split to evaluate (`eval_split`),
+    the first `eval.limit` samples of it. The default hook reports these results' metrics."""
     from uniperceiver.evaluation.harness import evaluate_task
 
+    out: dict[str, EvalResult] = {}
+    for task in tasks:
+        split = eval_split(task, section.split)
+        if split is not None:
+            out[task.cfg.name] = evaluate_task(model, task, split=split, limit=section.limit)
+    return out
+
+
+def harness_hook(section: EvalSection) -> EvalHook:
+    """The default hook: the metrics of `evaluate_tasks`, as {"task/metric": value}."""
+
     def hook(model: UniPerceiver, tasks: Sequence[Task], step: int) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for task in tasks:
-            split = eval_split(task, section.split)
-            if split is None:
-                continue
-            result = evaluate_task(model, task, split=split, limit=section.limit)
-            out.update({f"{task.cfg.name}/{k}": float(v) for k, v in result.metrics.items()})
-        return out
+        results = evaluate_tasks(model, tasks, section)
+        return {f"{name}/{k}": float(v) for name, result in results.items() for k, v in result.metrics.items()}
 
     return hook
 
@@ -87,4 +96,4 @@ class PeriodicEval:
         return scores
 
 
-__all__ = ["EvalHook", "PeriodicEval", "describe", "eval_split", "harness_hook"]
+__all__ = ["EvalHook", "PeriodicEval", "describe", "eval_split", "evaluate_tasks", "harness_hook"]

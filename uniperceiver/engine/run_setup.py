@@ -54,7 +54,9 @@ def prepare_run_dir(
 
     resume None: a new run (an `output` that already holds checkpoints is an error, so two runs
     never mix); "auto": the newest valid checkpoint of `output`, else of the newest run of the same
-    recipe and stage under `runs_root`, else a fresh start; a path: that checkpoint.
+    recipe and stage under `runs_root`, else a fresh start, but never when checkpoints exist and
+    none is readable (CheckpointError naming each); "never": a fresh start even in an `output`
+    with checkpoints (those are moved aside, not deleted); a path: that checkpoint.
     """
     root = Path(runs_root) if runs_root is not None else runs.default_runs_root()
     run_dir: Path | None = None
@@ -79,6 +81,8 @@ def prepare_run_dir(
 
 def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str | Path | None, say: Log,
             want_checkpoint: bool) -> tuple[Path, Path | None]:
+    if resume is not None and str(resume) == "never":
+        return _fresh_start(recipe, output, root, say), None
     if resume is not None and str(resume) not in ("auto",) and want_checkpoint:
         start = ckpt.resolve_checkpoint_path(resume, warn=say)
         run_dir = Path(output) if output is not None else _run_of_checkpoint(start)
@@ -96,7 +100,7 @@ def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str |
             run_dir.mkdir(parents=True, exist_ok=True)
             return run_dir, None
         run_dir.mkdir(parents=True, exist_ok=True)
-        start = ckpt.find_valid_checkpoint(ckpt_root, warn=say) if want_checkpoint else None
+        start = ckpt.find_valid_checkpoint(ckpt_root, warn=say, refuse_all_damaged=True) if want_checkpoint else None
         if start is None and want_checkpoint:
             say(f"no checkpoint to resume in {run_dir}: starting from scratch")
         return run_dir, start
@@ -104,11 +108,29 @@ def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str |
         for rec in runs.list_runs(root, stage=recipe.stage, recipe=recipe.name):
             if not want_checkpoint:
                 return rec.path, None
-            found = ckpt.find_valid_checkpoint(rec.path / runs.CKPT_DIR, warn=say)
+            found = ckpt.find_valid_checkpoint(rec.path / runs.CKPT_DIR, warn=say, refuse_all_damaged=True)
             if found is not None:
                 return rec.path, found
         say(f"no earlier run of recipe {recipe.name!r} with a checkpoint under {root}: starting a new run")
     return runs.new_run_dir(root, recipe.stage, run_label(recipe)), None
+
+
+def _fresh_start(recipe: Recipe, output: str | Path | None, root: Path, say: Log) -> Path:
+    """`--resume never`: a new run; in an `output` that holds checkpoints, those move to
+    `checkpoints.discarded-<n>/` first, so nothing is deleted and nothing old is resumed or pruned."""
+    if output is None:
+        return runs.new_run_dir(root, recipe.stage, run_label(recipe))
+    run_dir = Path(output)
+    ckpt_root = run_dir / runs.CKPT_DIR
+    if ckpt_root.is_dir() and any(ckpt_root.iterdir()):
+        n = 1
+        while (run_dir / f"{runs.CKPT_DIR}.discarded-{n}").exists():
+            n += 1
+        aside = run_dir / f"{runs.CKPT_DIR}.discarded-{n}"
+        ckpt_root.rename(aside)
+        say(f"--resume never: starting from scratch; the old checkpoints were moved to {aside}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def _run_of_checkpoint(step_dir: Path) -> Path:
@@ -122,11 +144,20 @@ def preflight(recipe: Recipe, data_dir: str | Path | None) -> None:
     from uniperceiver.tasks.catalog import family_class, prepare_name
 
     base = resolve_data_dir(data_dir if data_dir is not None else recipe.data_dir)
+    missing: dict[str, str] = {}  # dataset -> the first task that needs it
     for cfg in recipe.tasks:
         family_class(cfg.family)
         if not (base / cfg.dataset / "meta.json").is_file():
-            raise DataError(f"task {cfg.name!r} needs the dataset {cfg.dataset!r}, which is not prepared under {base}: "
-                            f"run `upctl prepare {prepare_name(cfg.dataset)}` first")
+            missing.setdefault(cfg.dataset, cfg.name)
+    # Every missing dataset at once: naming only the first made a 16-dataset recipe take 16 tries.
+    commands = ", ".join(dict.fromkeys(f"`upctl prepare {prepare_name(d)}`" for d in missing))
+    if len(missing) == 1:
+        ((dataset, task),) = missing.items()
+        raise DataError(f"task {task!r} needs the dataset {dataset!r}, which is not prepared under {base}: "
+                        f"run {commands} first")
+    if missing:
+        raise DataError(f"recipe {recipe.name!r} needs {len(missing)} datasets that are not prepared under {base} "
+                        f"({', '.join(missing)}): run {commands} first")
     if recipe.model.checkpoint:
         _checked_checkpoint(recipe)
 

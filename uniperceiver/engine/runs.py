@@ -56,14 +56,15 @@ def new_run_dir(root: Path, stage: str, label: str) -> Path:
 class MetricsLog:
     """Append-only CSV of metrics (flushed per write), plus TensorBoard scalars when available."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+        """`purge_step`: a resumed run's first step; TensorBoard hides older events at or after it."""
         self.path = Path(run_dir) / METRICS_NAME
         self._tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
 
-                self._tb = SummaryWriter(log_dir=str(run_dir))
+                self._tb = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
             except Exception:  # tensorboard not installed: CSV only
                 self._tb = None
         new = not self.path.is_file() or self.path.stat().st_size == 0

@@ -9,6 +9,12 @@ Samples: per task, a seeded permutation per epoch (the same on every rank), shar
 checkpoints, restored on resume. A batch that crosses the end of an epoch continues in the next
 one, so tiny few-shot subsets (fewer samples than a batch) still give full batches.
 
+Another world size on resume: rank r of W reads perm[r::W], so cursors of W ranks mean nothing to
+W' ranks. `rederive_states` turns what the old ranks had left of the epochs in progress into
+`pending` runs of positions dealt round-robin to the new ranks, read before their regular shards
+(which start at the next epoch): every sample is read exactly once. The state stays small: one
+run (epoch, start, stop, stride) per old rank and epoch, however large the dataset.
+
 Up to `ARRAY_LIMIT` samples the permutation is an array; beyond (a streamed text corpus has one
 sample per line: ~10^8), an array per epoch would cost gigabytes, so position k maps to a sample
 through a keyed bijection computed per index (`KeyedPermutation`): memory flat in the corpus size.
@@ -17,7 +23,7 @@ through a keyed bijection computed per index (`KeyedPermutation`): memory flat i
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -94,13 +100,33 @@ class TaskChooser:
         return int(rng.choice(self.p.size, p=self.p))
 
 
+#: A run of global positions of one epoch's permutation: (epoch, start, stop, stride) stands for
+#: positions start, start + stride, ... below stop. What a resume on another world size hands a rank.
+Segment = tuple[int, int, int, int]
+
+
+def segment_length(seg: Segment) -> int:
+    _, start, stop, stride = seg
+    return max(0, -(-(stop - start) // stride))
+
+
 @dataclass
 class BatchSamplerState:
+    """Where a rank is: `pending` positions first (left over from a run on another world size),
+    then its regular shard `perm[rank::world]` of `epoch` from `cursor` (counted in samples)."""
+
     epoch: int = 0
     cursor: int = 0
+    pending: tuple[Segment, ...] = ()
 
-    def to_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+    def __post_init__(self) -> None:
+        self.pending = tuple((int(e), int(a), int(b), int(c)) for e, a, b, c in self.pending)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"epoch": self.epoch, "cursor": self.cursor}
+        if self.pending:  # absent in the common case, so a checkpoint's cursors read as before
+            out["pending"] = [list(seg) for seg in self.pending]
+        return out
 
 
 class ResumableBatchSampler:
@@ -131,7 +157,7 @@ class ResumableBatchSampler:
         self.rank = int(rank)
         self.world_size = int(world_size)
         self.shuffle = shuffle
-        self.state = BatchSamplerState() if state is None else BatchSamplerState(state.epoch, state.cursor)
+        self.state = BatchSamplerState() if state is None else replace(state)
         self._shard_epoch = -1
         self._shard: np.ndarray = np.empty(0, dtype=np.int64)
         self._perm: KeyedPermutation | None = None
@@ -140,36 +166,52 @@ class ResumableBatchSampler:
         """This rank's indices of `epoch`, in order (a permutation shared by all ranks, strided).
 
         Only for up to ARRAY_LIMIT samples; larger tasks are read per position (`_sample_at`)."""
+        perm = self._epoch_perm(epoch)
+        shard = perm[self.rank :: self.world_size]
+        return shard if shard.size else perm[[self.rank % self.num_samples]]  # fewer samples than ranks
+
+    def _epoch_perm(self, epoch: int) -> np.ndarray:
         if epoch != self._shard_epoch:
             if self.shuffle:
                 rng = np.random.default_rng([self.seed, stable_hash(self.key), int(epoch)])
-                perm = rng.permutation(self.num_samples)
+                self._shard = rng.permutation(self.num_samples)
             else:
-                perm = np.arange(self.num_samples)
-            shard = perm[self.rank :: self.world_size]
-            if shard.size == 0:  # fewer samples than ranks: every rank still gets one
-                shard = perm[[self.rank % self.num_samples]]
-            self._shard, self._shard_epoch = shard, epoch
+                self._shard = np.arange(self.num_samples)
+            self._shard_epoch = epoch
         return self._shard
 
     def shard_size(self) -> int:
         """How many samples this rank reads per epoch (the same every epoch: no permutation needed)."""
         return max(1, len(range(self.rank, self.num_samples, self.world_size)))
 
-    def _sample_at(self, epoch: int, position: int) -> int:
-        """The sample at `position` of this rank's shard of `epoch`."""
+    def _global_at(self, epoch: int, k: int) -> int:
+        """The sample at global position `k` of `epoch`'s permutation (shared by every rank)."""
         if self.num_samples <= ARRAY_LIMIT:
-            return int(self.shard(epoch)[position])
+            return int(self._epoch_perm(epoch)[k])
         if epoch != self._shard_epoch:
             key = stable_hash(f"{self.seed}/{self.key}/{epoch}")
             self._perm = KeyedPermutation(self.num_samples, key) if self.shuffle else None
             self._shard_epoch = epoch
-        k = self.rank + position * self.world_size
         return k if self._perm is None else self._perm[k]
+
+    def _sample_at(self, epoch: int, position: int) -> int:
+        """The sample at `position` of this rank's shard of `epoch`."""
+        k = self.rank + position * self.world_size
+        if k >= self.num_samples:  # fewer samples than ranks: every rank still gets one
+            k = self.rank % self.num_samples
+        return self._global_at(epoch, k)
 
     def next_batch(self) -> tuple[list[tuple[int, int]], BatchSamplerState]:
         """The next batch as (epoch, index) pairs, and the state after it (the cursor advances)."""
         out: list[tuple[int, int]] = []
+        pending = list(self.state.pending)
+        while pending and len(out) < self.batch_size:
+            epoch, start, stop, stride = pending[0]
+            out.append((epoch, self._global_at(epoch, start)))
+            if start + stride < stop:
+                pending[0] = (epoch, start + stride, stop, stride)
+            else:
+                pending.pop(0)
         epoch, cursor = self.state.epoch, self.state.cursor
         size = self.shard_size()
         while len(out) < self.batch_size:
@@ -178,17 +220,51 @@ class ResumableBatchSampler:
                 continue
             out.append((epoch, self._sample_at(epoch, cursor)))
             cursor += 1
-        self.state = BatchSamplerState(epoch, cursor)
-        return out, BatchSamplerState(epoch, cursor)
+        self.state = BatchSamplerState(epoch, cursor, tuple(pending))
+        return out, self.state
 
     def batches_per_epoch(self) -> int:
         return max(1, -(-self.shard_size() // self.batch_size))
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return self.state.to_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = BatchSamplerState(int(state["epoch"]), int(state["cursor"]))
+        self.state = BatchSamplerState(int(state["epoch"]), int(state["cursor"]), tuple(state.get("pending", ())))
 
 
-__all__ = ["ARRAY_LIMIT", "BatchSamplerState", "KeyedPermutation", "ResumableBatchSampler", "TaskChooser", "stable_hash"]
+def rederive_states(saved: Sequence[BatchSamplerState], num_samples: int, world_size: int) -> list[BatchSamplerState]:
+    """The states of `world_size` ranks that read exactly what the ranks of `saved` had left.
+
+    Why: rank r of W reads perm[r::W], so a rank's (epoch, cursor) means nothing on another world
+    size. Everything the old ranks had not read yet, up to the furthest epoch any of them reached,
+    becomes `pending` segments dealt round-robin to the new ranks (each takes every world_size-th
+    position of their concatenation, in epoch order); all new ranks then start the next epoch at
+    cursor 0. So every sample of those epochs is read exactly once overall: none repeated, none
+    skipped. The caller checks num_samples >= both world sizes (below that, ranks share samples).
+    """
+    old = len(saved)
+    last = max(s.epoch for s in saved)
+    left: list[Segment] = []
+    for rank, s in enumerate(saved):
+        left.extend(s.pending)
+        left.append((s.epoch, rank + s.cursor * old, num_samples, old))
+        left.extend((e, rank, num_samples, old) for e in range(s.epoch + 1, last + 1))
+    left = sorted((seg for seg in left if segment_length(seg) > 0), key=lambda seg: seg[0])  # stable: epoch order
+    dealt: list[list[Segment]] = [[] for _ in range(world_size)]
+    at = 0  # index of the segment's first position in the concatenation
+    for seg in left:
+        epoch, start, stop, stride = seg
+        length = segment_length(seg)
+        for rank in range(world_size):
+            first = (rank - at) % world_size
+            if first < length:
+                dealt[rank].append((epoch, start + first * stride, stop, stride * world_size))
+        at += length
+    return [BatchSamplerState(last + 1, 0, tuple(segs)) for segs in dealt]
+
+
+__all__ = [
+    "ARRAY_LIMIT", "BatchSamplerState", "KeyedPermutation", "ResumableBatchSampler", "Segment", "TaskChooser",
+    "rederive_states", "segment_length", "stable_hash",
+]

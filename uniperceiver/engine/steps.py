@@ -12,12 +12,17 @@
 `Loop` holds what the steps read and never replace (model, optimizer, data, hooks, recipe);
 everything that changes from one step to the next and must survive a resume is in the
 `TrainState` (train_state.py), so a checkpoint is `Loop.parts` + `TrainState`.
+
+Each step tells the rank's `StepWatchdog` (watchdog.py) which phase it is in (data,
+forward/backward, optimizer, checkpoint) and when an optimizer step finished, so a rank that
+hangs names its phase instead of waiting silently for the collective timeout.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+from contextlib import nullcontext
 import threading
 import time
 from collections import deque
@@ -37,6 +42,7 @@ from uniperceiver.engine.loader import LoadedBatch, MultiTaskLoader
 from uniperceiver.engine.periodic_eval import PeriodicEval
 from uniperceiver.engine.targets import StepTargets, TargetSets
 from uniperceiver.engine.train_state import LogWindow, TrainState
+from uniperceiver.engine.watchdog import StepWatchdog
 from uniperceiver.errors import UpctlError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
@@ -135,6 +141,13 @@ class Loop:
     last_checkpoint: Path | None = None
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=20))
     window_start: float = field(default_factory=time.perf_counter)
+    #: This rank's hang detector (None: nothing watches, e.g. a loop driven by a test).
+    watchdog: StepWatchdog | None = None
+
+    def phase(self, name: str) -> None:
+        """Tell the watchdog what the loop does now."""
+        if self.watchdog is not None:
+            self.watchdog.phase(name)
 
 
 @dataclass
@@ -194,7 +207,9 @@ def train_step(loop: Loop, state: TrainState) -> StepOutcome:
 def micro_step(loop: Loop, state: TrainState, micro: int) -> MicroOutcome:
     """Forward and backward of this rank's next task batch; gradients accumulate, synced on the last."""
     env, accum = loop.env, loop.recipe.train.grad_accum
+    loop.phase("data")
     item = _next_nonempty(loop.parts.loader)
+    loop.phase("forward/backward")
     if env.device.type == "cuda":
         item.batch = _to_device(item.batch, env.device)
     task = loop.tasks[item.spec.task]
@@ -217,6 +232,7 @@ def optimizer_step(loop: Loop, state: TrainState, micros: list[MicroOutcome]) ->
     train.nan_policy: "stop" raises TrainingDiverged, "skip" drops the update). Returns the
     gradient norm before clipping (None when a loss was not finite)."""
     parts, env = loop.parts, loop.env
+    loop.phase("optimizer")
     finish_grads(loop.wrapped, env)
     first_bad = next((m for m in micros if not m.finite), None)
     bad = None if first_bad is None else (first_bad.task, first_bad.ids, first_bad.loss)
@@ -240,19 +256,24 @@ def optimizer_step(loop: Loop, state: TrainState, micros: list[MicroOutcome]) ->
         parts.optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
     state.step += 1
+    if loop.watchdog is not None:
+        loop.watchdog.step_done(state.step)
     return grad_norm
 
 
 def after_step(loop: Loop, state: TrainState, outcome: StepOutcome) -> bool:
     """Everything between two steps: log, report, evaluate, checkpoint; True = SIGTERM, stop now."""
     step = state.step
+    loop.phase("logging")
     loop.step_times.append(outcome.seconds)
     _write_metrics(loop, state, outcome)
     _report_progress(loop, state, outcome)
     if loop.hooks.evaluate.due(step):
-        scores = loop.hooks.evaluate(loop.parts.model, loop.wrapped, loop.tasks, step)
+        with loop.watchdog.paused("evaluation") if loop.watchdog is not None else nullcontext():
+            scores = loop.hooks.evaluate(loop.parts.model, loop.wrapped, loop.tasks, step)
         if scores:
             state.evals[step] = scores
+    loop.phase("agreeing on SIGTERM")
     if loop.hooks.sigterm is not None and any_flag(loop.hooks.sigterm.raised, loop.env):
         path = save_checkpoint(loop, state)
         loop.hooks.say(f"SIGTERM: saved {path} at step {step}; resume with --resume auto")
@@ -266,6 +287,7 @@ def after_step(loop: Loop, state: TrainState, outcome: StepOutcome) -> bool:
 def save_checkpoint(loop: Loop, state: TrainState) -> Path:
     """The TrainState and the trainables as the step folder of `state.step` (every rank calls it)."""
     rec = loop.recipe
+    loop.phase("checkpoint")
     path = ckpt.save_training_checkpoint(loop.run_dir / runs.CKPT_DIR, state, loop.parts, loop.env,
                                          keep=rec.train.keep_checkpoints, meta={"recipe": rec.name, "stage": rec.stage})
     loop.last_checkpoint = path

@@ -8,8 +8,8 @@ Layout of `<run>/checkpoints/`:
                                          steps, world size, fp16 loss scale, open logging window,
                                          periodic-eval scores, state version
         rng-rank0.pt, rng-rank1.pt ...   each rank's part of the TrainState: its data cursors (draw,
-                                         per-task epoch / cursor, skipped media) + python / numpy /
-                                         torch / cuda RNG states
+                                         per-task epoch / cursor / pending positions, skipped media)
+                                         + python / numpy / torch / cuda RNG states
         meta.json                        step, time, sha256 of every file above
     latest                               the name of the newest complete folder (atomic pointer)
 
@@ -22,23 +22,35 @@ A folder is written under a temporary name and renamed into place only when comp
 and falls back to the previous checkpoint, with a warning naming both, when one is corrupt.
 Everything is read back with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
+Cost (`checkpoint_io.py`): every file is streamed from the live tensors into its atomic file and
+hashed on the way (the sums in meta.json), never built as bytes in memory nor read back; a resume
+hashes each file once (`find_valid_checkpoint`, files side by side), then `load_checkpoint(...,
+verified=True)` and `read_weights_into` read the weights straight into the model's parameters.
+The first writer (`buffered=True`) stays callable for `upctl bench --sections checkpoint`.
+
+World size: resuming on another number of ranks reads every rank's part (`load_checkpoint(...,
+world_size=)`) and re-derives this rank's data cursors so that no sample is repeated or skipped
+(`TrainState.restore`); a per-rank batch size change needs nothing (cursors count samples).
+
 FSDP runs (`train.sharding: fsdp`) write the SAME files: the full, unsharded model and optimizer
 state, gathered with torch.distributed.checkpoint's state-dict API and written by rank 0, with the
 optimizer state keyed by parameter index exactly like `optimizer.state_dict()`. So a checkpoint
-resumes under DDP, FSDP or one process, whichever wrote it.
+resumes under DDP, FSDP or one process, whichever wrote it, on any number of ranks.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors.torch import load_file
 
 # The RNG helpers are part of the TrainState now; re-exported for callers of this module.
 from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state
@@ -47,7 +59,8 @@ from uniperceiver.errors import CheckpointError, StorageError
 from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
     FORMAT, LATEST_NAME, META_NAME, STEP_RE, Warn, find_valid_checkpoint, list_checkpoints, verify_checkpoint,
 )
-from uniperceiver.modeling.model_dir import check_state_fits, load_state, read_config, save_model
+from uniperceiver.engine.checkpoint_io import read_safetensors_into, torch_save_hashed, write_hashed, write_safetensors
+from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, read_config, save_model
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
@@ -56,6 +69,10 @@ if TYPE_CHECKING:
     from uniperceiver.engine.loader import MultiTaskLoader
     from uniperceiver.engine.optim import WarmupSchedule
 
+
+
+#: config.json's `format` (as `modeling.model_dir.save_model` writes it).
+MODEL_FORMAT = "uniperceiver-model-v1"
 
 
 def step_dir_name(step: int) -> str:
@@ -107,9 +124,15 @@ class Trainables:
     loader: MultiTaskLoader
 
 
-def write_rank_state(tmp: Path, rank: int, state: dict[str, Any]) -> None:
-    """Each rank's part of the TrainState (data cursors, RNG states: they differ between ranks)."""
-    atomic_write_bytes(tmp / f"rng-rank{rank}.pt", _torch_bytes(state))
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any], *, buffered: bool = False) -> dict[str, str]:
+    """Each rank's part of the TrainState (data cursors, RNG states: they differ between ranks).
+
+    Returns {file name: sha256} (hashed while writing; {} with `buffered`, the first writer's way)."""
+    name = f"rng-rank{rank}.pt"
+    if buffered:
+        atomic_write_bytes(tmp / name, _torch_bytes(state))
+        return {}
+    return {name: torch_save_hashed(tmp / name, state)}
 
 
 def write_main_state(
@@ -117,28 +140,50 @@ def write_main_state(
     parts: Trainables,
     shared: dict[str, Any],
     full_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
-) -> None:
-    """The replicated state (identical on every rank): written by rank 0.
+    *,
+    buffered: bool = False,
+) -> dict[str, str]:
+    """The replicated state (identical on every rank): written by rank 0; returns {file: sha256}.
 
     `shared` is `TrainState.shared_dict()`. `full_state` = (model state, optimizer state) already
     gathered from a sharded (FSDP) model by `gather_full_state`; None reads both from `parts`.
+    Every file is streamed from the live tensors and hashed on its way to disk. `buffered` keeps
+    the first writer (each file built as bytes in memory, hashed by re-reading at commit) callable
+    for the checkpoint benchmark; it returns {}.
     """
     if full_state is None:
-        save_model(parts.model, tmp)
+        model_state = {k: v.detach() for k, v in parts.model.state_dict().items()}
         optim_state = parts.optimizer.state_dict()
     else:
-        save_model(plain_model(parts.model.cfg, full_state[0]), tmp)
-        optim_state = full_state[1]
-    atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(optim_state))
-    atomic_write_bytes(tmp / "scheduler.pt", _torch_bytes(parts.scheduler.state_dict()))
-    atomic_write_bytes(tmp / "trainer.pt", _torch_bytes(shared))
+        model_state, optim_state = full_state
+    if buffered:
+        save_model(parts.model if full_state is None else plain_model(parts.model.cfg, model_state), tmp)
+        for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", parts.scheduler.state_dict()),
+                          ("trainer.pt", shared)):
+            atomic_write_bytes(tmp / name, _torch_bytes(obj))
+        return {}
+    digests = {WEIGHTS_NAME: write_hashed(tmp / WEIGHTS_NAME, lambda fh: write_safetensors(fh, model_state))}
+    # config.json as `save_model` writes it: `load_model` can read a step folder.
+    config = {"model": parts.model.cfg.to_dict(), "format": MODEL_FORMAT, "weights_sha256": digests[WEIGHTS_NAME]}
+    text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    digests[CONFIG_NAME] = write_hashed(tmp / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")))
+    for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", parts.scheduler.state_dict()),
+                      ("trainer.pt", shared)):
+        digests[name] = torch_save_hashed(tmp / name, obj)
+    return digests
 
 
-def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[str, Any] | None = None) -> Path:
-    """Checksum the staged files, write meta.json, rename into place, move `latest`, prune old ones."""
+def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[str, Any] | None = None,
+                      digests: dict[str, str] | None = None) -> Path:
+    """Write meta.json with every staged file's sha256, rename into place, move `latest`, prune old ones.
+
+    `digests`: the sums already computed while writing; only files missing from it are read to
+    be hashed (another rank's small state file, or everything for the buffered writer)."""
     ckpt_root = Path(ckpt_root)
     tmp = staging_dir(ckpt_root, step)
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
+    known = digests or {}
+    files = {p.name: known.get(p.name) or sha256_file(p)
+             for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
     meta = {"format": FORMAT, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     if extra_meta:
         meta.update(extra_meta)
@@ -185,7 +230,8 @@ def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) ->
 
 
 def save_training_checkpoint(
-    root: Path, state: TrainState, parts: Trainables, env: DistEnv, *, keep: int, meta: dict[str, Any]
+    root: Path, state: TrainState, parts: Trainables, env: DistEnv, *, keep: int, meta: dict[str, Any],
+    buffered: bool = False,
 ) -> Path:
     """Save `state` (as one unit) and `parts` as the step folder of `state.step` under `root`; a collective.
 
@@ -194,6 +240,7 @@ def save_training_checkpoint(
     commits (checksums, rename, `latest`, pruning to the `keep` newest); `meta` goes into meta.json.
     A write that fails (full disk, I/O error) removes the staging folder and raises one CheckpointError
     naming the checkpoint; the previous checkpoint and the `latest` pointer are untouched.
+    Files are streamed and hashed while written; `buffered` selects the first writer (benchmarks).
     """
     from uniperceiver.engine.distributed import barrier, is_sharded
 
@@ -203,15 +250,16 @@ def save_training_checkpoint(
     # Sharded (FSDP) state is gathered by every rank together; rank 0 receives the full tensors.
     full = gather_full_state(parts.model, parts.optimizer) if is_sharded(parts.model) else None
     try:
+        digests: dict[str, str] = {}
         if env.is_main:
             tmp = begin_checkpoint(root, step)
-            write_main_state(tmp, parts, state.shared_dict(), full)
+            digests = write_main_state(tmp, parts, state.shared_dict(), full, buffered=buffered)
         barrier(env)
         tmp = staging_dir(root, step)
-        write_rank_state(tmp, env.rank, state.rank_dict() or {})
+        digests.update(write_rank_state(tmp, env.rank, state.rank_dict() or {}, buffered=buffered))
         barrier(env)
         if env.is_main:
-            final = commit_checkpoint(root, step, keep, meta)
+            final = commit_checkpoint(root, step, keep, meta, digests)
         barrier(env)
     except (OSError, StorageError) as exc:
         shutil.rmtree(staging_dir(root, step), ignore_errors=True)
@@ -310,15 +358,29 @@ def unsharded_copy(model: torch.nn.Module) -> UniPerceiver:
 
 @dataclass
 class TrainingCheckpoint:
-    """What `load_checkpoint` read back (every state on CPU); `state` is the saved TrainState."""
+    """What `load_checkpoint` read back (every state on CPU); `state` is the saved TrainState.
+
+    The weights are read only when asked for (`model_state`, or `read_weights_into` straight into a
+    model's parameters): resuming never holds a second full copy of them.
+    """
 
     path: Path
     step: int
     meta: dict[str, Any]
-    model_state: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     state: TrainState
+    _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    @property
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The weights as a state dict (read from model.safetensors on first use)."""
+        if self._weights is None:
+            try:
+                self._weights = load_file(str(self.path / WEIGHTS_NAME))
+            except Exception as exc:  # safetensors raises its own error types for corrupt headers
+                raise CheckpointError(f"{self.path / WEIGHTS_NAME}: unreadable safetensors file ({exc})") from None
+        return self._weights
 
     @property
     def trainer(self) -> dict[str, Any]:
@@ -331,23 +393,51 @@ class TrainingCheckpoint:
         return self.state.rank_dict()
 
 
-def load_checkpoint(path: Path, rank: int = 0) -> TrainingCheckpoint:
-    """Verify and read one step folder; the state has no rank part when this rank saved no file."""
+def load_checkpoint(path: Path, rank: int = 0, *, world_size: int | None = None,
+                    verified: bool = False) -> TrainingCheckpoint:
+    """Read one step folder (checksums first, unless the caller `verified` it already, e.g. through
+    `find_valid_checkpoint`: every file is hashed once per resume).
+
+    The state has no rank part when this rank saved no file. With `world_size` other than the
+    saving run's, every saved rank's part is read too (`TrainState.peers`), so `TrainState.restore`
+    can re-derive this rank's data cursors exactly.
+    """
     path = Path(path)
-    meta = verify_checkpoint(path)
+    meta = verify_checkpoint(path) if not verified else _read_meta(path)
     read_config(path)  # a clear error if config.json is unusable
     rank_file = path / f"rng-rank{rank}.pt"
     shared = _torch_load(path / "trainer.pt")
     mine = _torch_load(rank_file) if rank_file.is_file() else None
+    saved_world = shared.get("world_size") if isinstance(shared, dict) else None
+    peers = None
+    if world_size is not None and isinstance(saved_world, int) and saved_world != world_size:
+        files = [path / f"rng-rank{r}.pt" for r in range(saved_world)]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"cannot resume {path} on {world_size} rank(s): it lacks {', '.join(absent)} of "
+                                  f"the {saved_world} ranks that wrote it; resume with {saved_world} rank(s)")
+        peers = [_torch_load(f) for f in files]
     return TrainingCheckpoint(
         path=path,
         step=int(meta["step"]),
         meta=meta,
-        model_state=load_state(path),
         optimizer=_torch_load(path / "optimizer.pt"),
         scheduler=_torch_load(path / "scheduler.pt"),
-        state=TrainState.from_dicts(shared, mine, str(path)),
+        state=TrainState.from_dicts(shared, mine, str(path), peers),
     )
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / META_NAME}: unreadable ({exc})") from None
+
+
+def read_weights_into(model: UniPerceiver, path: Path) -> None:
+    """Copy a verified step folder's weights straight into `model`'s parameters and buffers
+    (no intermediate state dict); names and shapes are checked against the file's header first."""
+    read_safetensors_into(Path(path) / WEIGHTS_NAME, model.state_dict())
 
 
 def load_weights_into(model: UniPerceiver, state: dict[str, torch.Tensor], source: str) -> None:
@@ -388,6 +478,7 @@ __all__ = [
     "load_weights_into",
     "plain_model",
     "prune_checkpoints",
+    "read_weights_into",
     "resolve_checkpoint_path",
     "restore_rng_state",
     "save_training_checkpoint",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import torch
 
+from uniperceiver.engine.sampler import BatchSamplerState, rederive_states
 from uniperceiver.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -72,6 +73,9 @@ class TrainState:
     data: dict[str, Any] | None = None
     #: This rank's python / numpy / torch (/ CUDA) RNG states (`capture_rng_state`); None as `data`.
     rng: dict[str, Any] | None = None
+    #: Every saving rank's data cursors, read only when resuming on another world size (`restore`
+    #: re-derives this rank's cursors from all of them); None otherwise.
+    peers: list[dict[str, Any]] | None = None
 
     # -- live objects <-> state ----------------------------------------------------------------------
     def snapshot(self, loader: MultiTaskLoader, scaler: torch.amp.GradScaler, world_size: int) -> None:
@@ -82,17 +86,29 @@ class TrainState:
         self.world_size = int(world_size)
 
     def restore(self, loader: MultiTaskLoader, scaler: torch.amp.GradScaler, say: Callable[[str], None]) -> None:
-        """Put a resumed state's cursors, loss scale and RNG back (RNG last). Messages go to `say`."""
+        """Put a resumed state's cursors, loss scale and RNG back (RNG last). Messages go to `say`.
+
+        On another world size than the one that saved (`peers` set), this rank's cursors are
+        re-derived from every saved rank's (`rederive_loader_state`): the epoch in progress goes on
+        without a sample repeated or skipped. Ranks the old run did not have keep their fresh seed.
+        """
         if self.loss_scale is not None:
             scaler.load_state_dict(self.loss_scale)
-        if self.data is None or self.rng is None:
+        if self.peers is not None:
+            world = loader.samplers[0].world_size
+            self.data = rederive_loader_state(self.peers, loader, world)
+            say(f"resuming a {self.world_size}-rank checkpoint on {world} rank(s): every task's data cursors were "
+                "re-derived, so no sample of the epoch in progress is repeated or skipped")
+            self.peers = None
+        elif self.data is None or self.rng is None:
             say(f"the checkpoint has no state for this rank (it was written by {self.world_size} rank(s)): "
                 "data cursors restart")
             return
         fresh = loader.load_state_dict(self.data)
         if fresh:
             say(f"checkpoint has no data cursor for task(s) {', '.join(fresh)}: they start from the beginning")
-        restore_rng_state(self.rng)
+        if self.rng is not None:
+            restore_rng_state(self.rng)
 
     # -- state <-> checkpoint files ------------------------------------------------------------------
     def shared_dict(self) -> dict[str, Any]:
@@ -115,8 +131,10 @@ class TrainState:
         return {"data": self.data, "rng": self.rng}
 
     @classmethod
-    def from_dicts(cls, shared: dict[str, Any], rank: dict[str, Any] | None, source: str) -> "TrainState":
-        """The state a checkpoint saved; `source` names the folder in errors."""
+    def from_dicts(cls, shared: dict[str, Any], rank: dict[str, Any] | None, source: str,
+                   peers: list[dict[str, Any]] | None = None) -> "TrainState":
+        """The state a checkpoint saved; `source` names the folder in errors; `peers`: every saved
+        rank's part, when resuming on another world size."""
         if not isinstance(shared, dict) or shared.get("version") != STATE_VERSION:
             found = shared.get("version") if isinstance(shared, dict) else None
             raise CheckpointError(
@@ -137,9 +155,47 @@ class TrainState:
                 evals={int(s): {str(k): float(x) for k, x in v.items()} for s, v in shared["evals"].items()},
                 data=None if rank is None else rank["data"],
                 rng=None if rank is None else rank["rng"],
+                peers=None if peers is None else [p["data"] for p in peers],
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{source}/trainer.pt: malformed training state ({type(exc).__name__}: {exc})") from None
+
+
+# -- another world size on resume ------------------------------------------------------------------
+
+
+def rederive_loader_state(peers: list[dict[str, Any]], loader: MultiTaskLoader, world_size: int) -> dict[str, Any]:
+    """This rank's loader state (`MultiTaskLoader.state_dict()` form) for `world_size` ranks, from the
+    states of every rank of the saving run (`peers`, by rank).
+
+    Per task, `sampler.rederive_states` deals what the old ranks had left to the new ones. The draw
+    counter (task choice, collate RNG) is the old rank's own, else the furthest one; the skipped-media
+    counts are summed onto rank 0 so the run's totals stay right.
+    """
+    rank = loader.rank
+    samplers: dict[str, dict[str, Any]] = {}
+    for name, sampler in zip(loader.names, loader.samplers):
+        saved = [p["samplers"].get(name) for p in peers]
+        if any(s is None for s in saved):
+            continue  # a task the old run did not have: starts fresh (restore says so)
+        n = sampler.num_samples
+        if n < max(len(peers), world_size):
+            raise CheckpointError(
+                f"cannot resume a {len(peers)}-rank checkpoint on {world_size} rank(s): task {name!r} has {n} training "
+                f"sample(s), fewer than the ranks, so its cursors cannot be re-derived; resume with "
+                f"{len(peers)} rank(s) (torchrun --nproc-per-node {len(peers)})"
+            )
+        states = [BatchSamplerState(int(s["epoch"]), int(s["cursor"]), tuple(s.get("pending", ()))) for s in saved]
+        samplers[name] = rederive_states(states, n, world_size)[rank].to_dict()
+    skipped: dict[str, dict[str, int]] = {}
+    if rank == 0:
+        for p in peers:
+            for task, kinds in p.get("skipped", {}).items():
+                bucket = skipped.setdefault(task, {})
+                for kind, count in kinds.items():
+                    bucket[kind] = bucket.get(kind, 0) + int(count)
+    draws = [int(p["draw"]) for p in peers]
+    return {"draw": draws[rank] if rank < len(draws) else max(draws), "samplers": samplers, "skipped": skipped}
 
 
 # -- RNG states (plain containers and tensors only) -------------------------------------------------
@@ -184,4 +240,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
-__all__ = ["LogWindow", "STATE_VERSION", "TrainState", "WindowRow", "capture_rng_state", "restore_rng_state"]
+__all__ = [
+    "LogWindow", "STATE_VERSION", "TrainState", "WindowRow", "capture_rng_state", "rederive_loader_state",
+    "restore_rng_state",
+]

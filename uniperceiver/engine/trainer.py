@@ -17,6 +17,8 @@ Guarantees:
 - a non-finite loss (or gradient norm) stops with an error naming step, task and sample ids
   (nan_policy "stop", the last good checkpoint stays on disk), or skips that step ("skip");
 - SIGTERM saves a checkpoint and returns `TrainResult(interrupted=True)` (the CLI exits 143);
+- a rank with no finished step within `train.step_timeout_s` names its phase, what it reads and
+  its stack, and ends the job (`watchdog.py`); a dead peer is one `PeerLost` line on every rank;
 - library code reports through callbacks only (`progress`, `log`), on rank 0 only: other ranks
   log to the `uniperceiver.engine` logger, so a job of N processes prints one story.
 """
@@ -38,7 +40,7 @@ from uniperceiver.config.schema import Recipe
 from uniperceiver.engine import runs
 from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import (
-    DistEnv, barrier, init_distributed, is_fsdp, shutdown_distributed, wrap_model,
+    DistEnv, barrier, init_distributed, is_fsdp, peer_failure, shutdown_distributed, wrap_model,
 )
 from uniperceiver.engine.loader import MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
@@ -50,6 +52,7 @@ from uniperceiver.engine.steps import (  # StepReport, TrainingDiverged: re-expo
 from uniperceiver.engine.targets import TargetSets
 from uniperceiver.engine.train_state import TrainState
 from uniperceiver.engine.tuning import TuningInfo, setup_tuning
+from uniperceiver.engine.watchdog import PeerBoard, StepWatchdog, WatchdogSpec
 from uniperceiver.errors import CheckpointError, ConfigError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
@@ -71,6 +74,8 @@ class TrainResult:
     history: list[tuple[int, str, float]] = field(default_factory=list, repr=False)
     skipped_steps: int = 0
     skipped_media: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Draws read again because a loader worker died (the OOM killer), over the whole run.
+    loader_restarts: int = 0
     tuning: TuningInfo | None = None
     seconds: float = 0.0
     last_checkpoint: Path | None = None
@@ -170,13 +175,18 @@ def train(
     request = RunRequest(output, runs_root, resume, data_dir, max_steps, device)
     calls = Callbacks(progress, log or logger.info, evaluate, handle_sigterm)
     stages = _expanded_stages(recipe, data_dir)
-    env = init_distributed(device)
+    env = init_distributed(device, timeout_s=recipe.train.collective_timeout_s)
     try:
         ctx = _Context(env, request, calls.for_rank(env))
         if not stages:
             run_dir, start = prepare_run_dir(recipe, output, runs_root, resume, env, ctx.calls.log)
             return _train_stage(recipe, run_dir, start, ctx)
         return _train_stages(recipe, stages, ctx)
+    except RuntimeError as exc:
+        lost = peer_failure(exc, env)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         shutdown_distributed(env)
 
@@ -207,12 +217,13 @@ def _train_stages(recipe: Recipe, stages: list[tuple[str, Recipe]], ctx: _Contex
             sub.model.checkpoint = str(previous)
         sub_dir = run_dir / f"stage-{i + 1}-{name}"
         final = sub_dir / runs.FINAL_NAME
-        if req.resume is not None and (final / "model.safetensors").is_file():
+        if req.resume not in (None, "never") and (final / "model.safetensors").is_file():
             say(f"stage {i + 1} ({name}) already finished: {final}")
             previous = final
             continue
         sub_dir.mkdir(parents=True, exist_ok=True)
-        start = ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say) if req.resume is not None else None
+        start = (ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say, refuse_all_damaged=True)
+                 if req.resume not in (None, "never") else None)
         say(f"stage {i + 1}/{len(stages)} ({name}) -> {sub_dir}")
         result = _train_stage(sub, sub_dir, start, ctx)
         result.run_dir = run_dir
@@ -228,7 +239,10 @@ def _train_stage(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Contex
     try:
         with SigtermFlag() if ctx.calls.handle_sigterm else nullcontext() as sig:
             loop.hooks.sigterm = sig
-            interrupted = run_loop(loop, state)
+            with _watchdog(loop) as dog:
+                loop.watchdog = dog
+                interrupted = run_loop(loop, state)
+            loop.watchdog = None
             final_model, final_dir = _finish(loop, state, interrupted)
     finally:
         loop.parts.loader.close()
@@ -238,10 +252,25 @@ def _train_stage(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Contex
     return TrainResult(
         run_dir=run_dir, final_dir=final_dir, step=state.step, max_steps=loop.total, interrupted=interrupted,
         resumed_from=start, history=loop.history, skipped_steps=state.skipped_steps,
-        skipped_media={k: dict(v) for k, v in loop.parts.loader.skipped.items()}, tuning=tuning,
+        skipped_media={k: dict(v) for k, v in loop.parts.loader.skipped.items()},
+        loader_restarts=loop.parts.loader.worker_restarts, tuning=tuning,
         seconds=time.perf_counter() - loop.began, last_checkpoint=loop.last_checkpoint, evals=dict(state.evals),
         model=final_model,
     )
+
+
+def _watchdog(loop: Loop) -> StepWatchdog:
+    """This rank's step watchdog (see watchdog.py), started by `with`."""
+    env, loader = loop.env, loop.parts.loader
+
+    def resumable() -> str:
+        last = loop.last_checkpoint
+        return (f"the last good checkpoint {last} stays resumable (--resume auto)" if last is not None
+                else "no checkpoint was written yet")
+
+    spec = WatchdogSpec(env.rank, env.world_size, loop.recipe.train.step_timeout_s, loop.run_dir,
+                        loading=loader.reading_now, worker_pids=loader.worker_pids, resumable=resumable)
+    return StepWatchdog(spec, PeerBoard.connect(env.rank, env.world_size))
 
 
 def _finish(loop: Loop, state: TrainState, interrupted: bool) -> tuple[UniPerceiver, Path | None]:
@@ -292,7 +321,7 @@ def _build_loop(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Context
     ranks = f" x {env.world_size} ranks ({'fsdp' if is_fsdp(wrapped) else 'ddp'})" if env.distributed else ""
     say(f"{recipe.stage} {', '.join(t.cfg.name for t in tasks)}: {total} steps, {tuning.describe()}, "
         f"{precision} on {env.device}{ranks} -> {run_dir}")
-    metrics = _open_metrics(recipe, run_dir, total, fresh=start is None, env=env)
+    metrics = _open_metrics(recipe, run_dir, total, fresh=start is None, env=env, resumed_at=state.step)
     hooks = Hooks(ctx.calls.progress, say, _periodic_eval(recipe, ctx.calls, metrics, began))
     model.train()
     loop = Loop(recipe=recipe, env=env, parts=parts, wrapped=wrapped, tasks=tasks, targets=TargetSets(tasks, tr.seed),
@@ -312,18 +341,23 @@ def _build_data(recipe: Recipe, model: UniPerceiver, ctx: _Context) -> tuple[lis
         tasks, examples,
         weights=[t.cfg.sample_weight for t in tasks], batch_sizes=[t.cfg.batch_size for t in tasks],
         seed=tr.seed, rank=env.rank, world_size=env.world_size, num_workers=tr.num_workers,
-        pin_memory=env.device.type == "cuda" and tr.num_workers > 0,
+        pin_memory=env.device.type == "cuda" and tr.num_workers > 0, say=ctx.calls.log,
     )
     return tasks, loader
 
 
 def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv) -> ckpt.TrainingCheckpoint | None:
-    """The checkpoint to resume (None for a fresh start), its weights already copied into `model`."""
+    """The checkpoint to resume (None for a fresh start), its weights already read into `model`.
+
+    `start` was verified when it was chosen (`find_valid_checkpoint` / `resolve_checkpoint_path`),
+    so its files are not hashed again; the weights go straight into the parameters (no second copy).
+    Every saved rank's cursors are read when this run's world size differs (see `TrainState.restore`).
+    """
     if start is None:
         return None
-    saved = ckpt.load_checkpoint(start, env.rank)
+    saved = ckpt.load_checkpoint(start, env.rank, world_size=env.world_size, verified=True)
     try:
-        ckpt.load_weights_into(model, {k: v.to(env.device) for k, v in saved.model_state.items()}, str(start))
+        ckpt.read_weights_into(model, start)
     except CheckpointError as exc:
         raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
     return saved
@@ -341,15 +375,19 @@ def _resume(saved: ckpt.TrainingCheckpoint, parts: ckpt.Trainables, run_dir: Pat
     return state
 
 
-def _open_metrics(recipe: Recipe, run_dir: Path, total: int, *, fresh: bool, env: DistEnv) -> runs.MetricsLog | None:
-    """Rank 0's metrics log (None elsewhere); a fresh start in a reused folder drops stale rows."""
+def _open_metrics(recipe: Recipe, run_dir: Path, total: int, *, fresh: bool, env: DistEnv,
+                  resumed_at: int = 0) -> runs.MetricsLog | None:
+    """Rank 0's metrics log (None elsewhere); a fresh start in a reused folder drops stale rows.
+
+    TensorBoard drops its events from the first step a run trains again (`purge_step`; a fresh start:
+    all of them), as the CSV drops its rows (`truncate_metrics`): redone steps appear once in the curves."""
     if not env.is_main:
         return None
     if fresh:
         runs.truncate_metrics(run_dir, 0)
     runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name, "tasks": [t.name for t in recipe.tasks],
                                   "max_steps": total, "world_size": env.world_size})
-    return runs.MetricsLog(run_dir)
+    return runs.MetricsLog(run_dir, purge_step=0 if fresh else resumed_at + 1)
 
 
 def _periodic_eval(recipe: Recipe, calls: Callbacks, metrics: runs.MetricsLog | None, began: float) -> PeriodicEval:

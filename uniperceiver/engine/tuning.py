@@ -5,6 +5,11 @@ block and `head.ln_post`), the deep prompt tokens of every layer, the learnable 
 classification with a prompt head the zero-initialised `cls_head` plus `similarity_weight`.
 Everything else, logit scales included, stays frozen, so a tuned model differs from its source
 checkpoint only in those tensors.
+
+Deep prompts are shared by inputs and targets unless `tune.share_deep_prompt` is false: then
+target sequences (retrieval captions, class names, vocabulary) get a second set of their own in
+every layer (`<block>.target.prompt`), as the reference's retrieval prompt-tuning configs do
+(SHARE_DEEP_PROMPT False for COCO, Flickr30k and MSVD retrieval; True everywhere else).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from uniperceiver.config.schema import TuneSection
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model_dir import load_model, read_config
 from uniperceiver.modeling.model import UniPerceiver
@@ -83,18 +89,27 @@ def setup_tuning(model: nn.Module, mode: str) -> TuningInfo:
     return TuningInfo(mode, trainable, total, names)
 
 
-def tuning_overrides(tune: Any, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Model-config overrides a tuning mode needs: prompt mode adds prompts + SPE bias (reference)."""
+def tuning_overrides(tune: TuneSection, model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model-config overrides a tuning mode needs: prompt mode adds prompts + SPE bias (reference),
+    and target prompts of their own when `tune.share_deep_prompt` is false."""
     out = dict(model_overrides or {})
-    if getattr(tune, "mode", "full") == "prompt":
-        out.setdefault("prompt_tokens", int(getattr(tune, "prompt_tokens", 10)))
+    if tune.mode == "prompt":
+        out.setdefault("prompt_tokens", tune.prompt_tokens)
         out.setdefault("spe_bias", True)
+        separate = not tune.share_deep_prompt
+        given = out.setdefault("target_prompts", separate)
+        if given != separate:
+            raise ConfigError(f"model.overrides.target_prompts={given} contradicts tune.share_deep_prompt="
+                              f"{tune.share_deep_prompt}; set only tune.share_deep_prompt")
     return out
 
 
-def load_for_tuning(checkpoint: str | Path, tune: Any, model_overrides: dict[str, Any] | None = None) -> UniPerceiver:
-    """`load_model(dir, prompt_tokens=10, spe_bias=True, [cls_head_classes=N])` for prompt tuning,
-    or the plain model for fine-tuning; new tuning tensors keep their fresh initialisation."""
+def load_for_tuning(
+    checkpoint: str | Path, tune: TuneSection, model_overrides: dict[str, Any] | None = None
+) -> UniPerceiver:
+    """`load_model(dir, prompt_tokens=10, spe_bias=True, [target_prompts=True], [cls_head_classes=N])`
+    for prompt tuning, or the plain model for fine-tuning; new tuning tensors keep their fresh
+    initialisation."""
     read_config(checkpoint)  # a clear error when the folder is not a model directory
     return load_model(checkpoint, **tuning_overrides(tune, model_overrides))
 

@@ -21,7 +21,9 @@ from typing import Any, Callable, Mapping, Union
 import torch
 
 from uniperceiver.errors import CheckpointError, ConfigError
-from uniperceiver.evaluation.checkpoints import newest_pretrained, resolve_model_dir
+from uniperceiver.evaluation.checkpoints import (
+    TUNED_STAGES, newest_pretrained, newest_tuned, resolve_model_dir, run_info_of, run_tasks,
+)
 from uniperceiver.evaluation.harness import EvalOptions, EvalResult, evaluate_task
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
 from uniperceiver.modeling.model_config import ModelConfig
@@ -30,7 +32,7 @@ from uniperceiver.tasks.base import Task, TaskConfig
 from uniperceiver.tasks.custom import CustomSpec, build_custom_task, is_custom_task_file, load_custom_spec
 from uniperceiver.utils.progress import Progress
 
-__all__ = ["TaskSource", "evaluate_checkpoint", "pick_device", "resolve_checkpoint"]
+__all__ = ["TaskSource", "evaluate_checkpoint", "pick_device", "resolve_checkpoint", "tuned_elsewhere"]
 
 #: What `evaluate_checkpoint` accepts as a task: a catalog name or alias ("mini-digits", "vqa"), a
 #: custom task YAML file, a `TaskConfig` (a recipe's task entry) or an in-memory `CustomSpec`.
@@ -56,12 +58,26 @@ def pick_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_checkpoint(checkpoint: str | Path | None) -> tuple[Path, bool]:
+def resolve_checkpoint(checkpoint: str | Path | None, tuned_for: str | None = None) -> tuple[Path, bool]:
     """(model folder, defaulted): a model folder, a training step folder or a run folder (its final
-    weights, else its newest valid checkpoint); None picks the newest pre-training run under ./runs."""
+    weights, else its newest valid checkpoint); None picks the newest pre-training run under ./runs,
+    or with `tuned_for` the newest prompt-tuning or fine-tuning run of that task."""
     if checkpoint is None:
-        return newest_pretrained(), True
+        return (newest_tuned(tuned_for) if tuned_for is not None else newest_pretrained()), True
     return resolve_model_dir(checkpoint), False
+
+
+def tuned_elsewhere(model_dir: Path, task_name: str) -> list[str]:
+    """The tasks `model_dir` was tuned on when its run tuned it for others than `task_name`, else [].
+
+    Why: evaluating a model prompt-tuned for mini-digits on mini-faces runs fine and scores poorly;
+    the run folder around the weights records what they were tuned for, so the caller can say so.
+    """
+    info = run_info_of(model_dir)
+    tasks = run_tasks(info)
+    if info.get("stage") not in TUNED_STAGES or not tasks or task_name in tasks:
+        return []
+    return tasks
 
 
 @dataclass
@@ -148,6 +164,7 @@ def evaluate_checkpoint(
     device: str = "auto",
     cache_dir: str | Path | None = None,
     check_head: bool = False,
+    tuned: bool = False,
     progress: Progress | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> EvalResult:
@@ -161,6 +178,9 @@ def evaluate_checkpoint(
         the task's `eval_batch_size`; data_dir: default $UPCTL_DATA, else ./data.
     cache_dir: on-disk target-feature cache folder (None: in memory for this call only).
     check_head: the checkpoint was tuned on this task, so a classification head must fit it.
+    tuned: evaluate a model tuned for this catalog task (`upctl evaluate`): implies check_head;
+        checkpoint None picks the newest prompt-tuning or fine-tuning run of the task, and a run
+        tuned for other tasks is reported through `notify` (and as `tuned_on` in the extras).
     Returns the harness's `EvalResult` with `checkpoint`, `target_cache` and `extras` (the task's
     `evaluation_extras()`, the target labels, the request's facts) filled in.
     """
@@ -169,12 +189,20 @@ def evaluate_checkpoint(
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of samples, got {limit}")
     plan = plan_task(task, options)
-    model_dir, defaulted = resolve_checkpoint(checkpoint)
+    task_name = plan.config.name if plan.config is not None else None
+    if tuned and checkpoint is None and task_name is None:
+        raise ConfigError("a custom task has no tuned runs to default to: pass --checkpoint DIR")
+    model_dir, defaulted = resolve_checkpoint(checkpoint, tuned_for=task_name if tuned else None)
     if defaulted and notify is not None:
-        notify(f"using the newest pre-training checkpoint: {model_dir}")
+        which = f"tuned run of {task_name}" if tuned else "pre-training checkpoint"
+        notify(f"using the newest {which}: {model_dir}")
+    tuned_on = tuned_elsewhere(model_dir, task_name) if tuned and task_name is not None else []
+    if tuned_on and notify is not None:
+        notify(f"warning: {model_dir} was tuned on {', '.join(tuned_on)} (its run.json), not on {task_name}; "
+               f"evaluating it on {task_name} anyway")
     built = plan.build(read_config(model_dir), data_dir)  # missing data fails before the weights load
     model = load_model(model_dir).to(pick_device(device)).eval()
-    if check_head:
+    if check_head or tuned:
         _check_head_fits(model, built)
     cache = TargetCache(cache_dir)
     result = evaluate_task(model, built, EvalOptions(
@@ -184,5 +212,6 @@ def evaluate_checkpoint(
     result.checkpoint, result.checkpoint_default = model_dir, defaulted
     result.target_cache = {"dir": None if cache.dir is None else str(cache.dir), "hits": cache.hits,
                            "disk_hits": cache.disk_hits, "misses": cache.misses}
-    result.extras = {**plan.facts, **_target_labels(built), **built.evaluation_extras()}
+    result.extras = {**plan.facts, **_target_labels(built), **built.evaluation_extras(),
+                     **({"tuned_on": tuned_on} if tuned_on else {})}
     return result

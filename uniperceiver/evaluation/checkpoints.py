@@ -16,8 +16,10 @@ the folder names, `run.json` and the checksums of a step folder, so the readers 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -112,21 +114,28 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     for name in (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"):
         if name not in meta["files"]:
             raise CheckpointError(f"{meta_path}: lists no {name}")
+    for name in meta["files"]:
+        if not (path / name).is_file():
+            raise CheckpointError(f"{path / name}: missing")
+    # One pass over every file, the files hashed side by side (hashlib releases the GIL).
+    names = sorted(meta["files"], key=lambda n: -(path / n).stat().st_size)
+    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
+        digests = dict(zip(names, pool.map(lambda n: sha256_file(path / n, 8 << 20), names)))
     for name, digest in meta["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        actual = sha256_file(f)
+        actual = digests[name]
         if actual != digest:
+            f = path / name
             raise CheckpointError(f"{f}: sha256 {actual[:12]}... does not match meta.json ({str(digest)[:12]}...)")
     return meta
 
 
-def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None) -> Path | None:
+def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None, refuse_all_damaged: bool = False) -> Path | None:
     """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none.
 
     Every corrupt one on the way is reported through `warn` (default: `warnings.warn`), naming the
-    corrupt folder and the one used instead.
+    corrupt folder and the one used instead. `refuse_all_damaged` (`--resume auto`): checkpoints
+    exist but none verifies -> CheckpointError naming each and why, because starting from scratch
+    would silently throw the run away (a bad disk must not cost a week of training).
     """
     warn = warn or (lambda msg: warnings.warn(msg, stacklevel=3))
     root = Path(ckpt_root)
@@ -147,6 +156,12 @@ def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None) -> Path | N
         for path, reason in bad:
             warn(f"checkpoint {path} is corrupt ({reason}); falling back to {cand}")
         return cand
+    if refuse_all_damaged and bad:
+        each = "; ".join(f"{path.name}: {reason}" for path, reason in bad)
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged ({each}); refusing to start from scratch: restore them, "
+            "or pass --resume never to start over (the damaged ones are moved aside)"
+        )
     for path, reason in bad:
         warn(f"checkpoint {path} is corrupt ({reason}) and no older valid checkpoint exists")
     return None
@@ -186,6 +201,46 @@ def newest_pretrained(root: Path | None = None) -> Path:
     )
 
 
+#: Stages whose runs hold a model tuned for their tasks (`upctl evaluate` defaults to one of them).
+TUNED_STAGES = ("prompt_tune", "finetune")
+
+
+def run_tasks(info: dict[str, Any]) -> list[str]:
+    """The task names a run trained on, from its run.json (`tasks`, written when training starts)."""
+    tasks = info.get("tasks")
+    return [str(t) for t in tasks] if isinstance(tasks, list) else []
+
+
+def newest_tuned(task: str, root: Path | None = None) -> Path:
+    """`upctl evaluate` without `--checkpoint`: the weights of the newest prompt-tuning or fine-tuning
+    run of `task` (a catalog name, as run.json records it) under ./runs."""
+    root_path = Path(root) if root is not None else default_runs_root()
+    runs = [r for stage in TUNED_STAGES for r in list_runs(root_path, stage=stage)]
+    for rec in sorted(runs, key=lambda r: (r.mtime, r.path.name), reverse=True):
+        if task not in run_tasks(read_run_info(rec.path)):
+            continue
+        found = model_dir_of_run(rec.path)
+        if found is not None:
+            return found
+    raise CheckpointError(
+        f"no prompt-tuning or fine-tuning run of task {task!r} with weights under {root_path}; pass --checkpoint DIR "
+        f"or run `upctl prompt-tune --task {task}` or `upctl finetune --task {task}` first"
+    )
+
+
+def run_info_of(model_dir: Path) -> dict[str, Any]:
+    """run.json of the run that holds `model_dir` (its final/, a stage's final/ or a step folder), else {}.
+
+    Why: a model folder alone does not say what it was tuned for; the run folder around it does.
+    """
+    path = Path(model_dir).absolute()
+    for parent in list(path.parents)[:4]:  # final/ -> run; stage-N/final/ and checkpoints/step-N/ -> 2 up
+        info = read_run_info(parent)
+        if info:
+            return info
+    return {}
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """`--checkpoint PATH`: a model folder, a training step folder, or a run folder -> model folder."""
     p = Path(path).expanduser()
@@ -209,6 +264,7 @@ __all__ = [
     "RUN_INFO",
     "RunRecord",
     "STEP_RE",
+    "TUNED_STAGES",
     "Warn",
     "default_runs_root",
     "find_valid_checkpoint",
@@ -217,7 +273,10 @@ __all__ = [
     "list_runs",
     "model_dir_of_run",
     "newest_pretrained",
+    "newest_tuned",
     "read_run_info",
     "resolve_model_dir",
+    "run_info_of",
+    "run_tasks",
     "verify_checkpoint",
 ]

@@ -3,7 +3,8 @@
 Public API:
     build_model(size, **overrides) -> UniPerceiver
     model_config(size, **overrides) -> ModelConfig; ModelConfig; SIZES
-    UniPerceiver.encode(segments, read=None, attn_mask=None) -> L2-normalised features
+    UniPerceiver.encode(segments, read=None, attn_mask=None, normalize=True, target=False) -> features
+    UniPerceiver.encode_text(ids, valid) -> target features; class_logits(segments, targets, scale)
     TextSegment(ids, valid=None, positions=None), VisualSegment(pixels)
     caption_mask(context, text_len)
     save_model(model, dir), load_model(dir, **overrides)

@@ -59,6 +59,7 @@ _LAYER_KEYS: dict[str, str] = {
     "gamma_1": "gamma_1",
     "gamma_2": "gamma_2",
     "deep_prompt_embedding.embedding.weight": "prompt",
+    "deep_prompt_embedding.target_embedding.weight": "target.prompt",  # SHARE_DEEP_PROMPT False
 }
 
 # DeepSpeed-format renames, applied to a key before the plain mapping.
@@ -167,6 +168,7 @@ def infer_config(state: dict[str, torch.Tensor], image_size: int = 224) -> Model
         pos_base_size=160,
         prompt_tokens=int(prompt.shape[0]) if prompt is not None else 0,
         spe_bias="s_token_bias" in state,
+        target_prompts="fused_encoder.layers.0.deep_prompt_embedding.target_embedding.weight" in state,
         cls_head_classes=int(fc.shape[0]) if fc is not None else 0,
         size=size or "custom",
     )

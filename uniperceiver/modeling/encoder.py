@@ -5,7 +5,9 @@ Extras the tasks need:
 - a key/value cache per layer for incremental caption decoding (keys and values of the cached
   tokens are computed once; new tokens attend to cache + themselves);
 - deep prompts: learnable tokens per layer, passed through that layer's LN1 and prepended to the
-  keys and values only (prefix tuning, as in the reference).
+  keys and values only (prefix tuning, as in the reference); with `target_prompts`, target
+  sequences (class names, captions, vocabulary) use a second set of their own (reference
+  SHARE_DEEP_PROMPT False).
 """
 
 from __future__ import annotations
@@ -114,6 +116,19 @@ class Attention(nn.Module):
         return self._split(q), self._split(k), self._split(v)
 
 
+class TargetPrompt(nn.Module):
+    """The deep prompt tokens of target sequences in one layer, `prompt` [P, D].
+
+    A module of its own so that the parameter is named `<block>.target.prompt`: every rule that
+    recognises deep prompts by the `.prompt` suffix (prompt-tuning set, no weight decay, tuning
+    extras a pre-trained checkpoint lacks) covers it too.
+    """
+
+    def __init__(self, tokens: int, width: int) -> None:
+        super().__init__()
+        self.prompt = nn.Parameter(torch.zeros(tokens, width))
+
+
 class Block(nn.Module):
     """Pre-LN block: x + g1 * MHA(LN1(x)); x + g2 * W2 GELU(W1 LN2(x)) (exact erf GELU)."""
 
@@ -129,15 +144,26 @@ class Block(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((d,), cfg.layer_scale_init))
         self.drop_path = DropPath(drop_path)
         self.prompt = nn.Parameter(torch.zeros(cfg.prompt_tokens, d)) if cfg.prompt_tokens > 0 else None
+        self.target = TargetPrompt(cfg.prompt_tokens, d) if cfg.target_prompts and cfg.prompt_tokens > 0 else None
+
+    def prompt_for(self, target: bool) -> Tensor | None:
+        """The deep prompt tokens a sequence attends to: the targets' own set when there is one."""
+        if target and self.target is not None:
+            return self.target.prompt
+        return self.prompt
 
     def forward(
-        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None
+        self, x: Tensor, mask: Tensor | None, past: tuple[Tensor, Tensor] | None = None, target: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns (output, keys, values): keys/values as attended, [prompts] + [past] + this call's own."""
+        """Returns (output, keys, values): keys/values as attended, [prompts] + [past] + this call's own.
+
+        target: x is a target sequence (uses the target prompts when the model has them).
+        """
         h = self.norm1(x)
         prefix = past
-        if self.prompt is not None:
-            pk, pv = self.attn.project_kv(self.norm1(self.prompt).unsqueeze(0))
+        prompt = self.prompt_for(target)
+        if prompt is not None:
+            pk, pv = self.attn.project_kv(self.norm1(prompt).unsqueeze(0))
             pk, pv = pk.expand(x.shape[0], -1, -1, -1), pv.expand(x.shape[0], -1, -1, -1)
             prefix = (pk, pv) if past is None else (torch.cat([pk, past[0]], 2), torch.cat([pv, past[1]], 2))
         merged, k, v = self.attn.attend(h, mask, prefix)
@@ -205,6 +231,7 @@ class Encoder(nn.Module):
         append_to_cache: int = 0,
         build_cache: bool = False,
         padded: bool = True,
+        target: bool = False,
     ) -> tuple[Tensor, KVCache | None]:
         """Run every block.
 
@@ -214,6 +241,7 @@ class Encoder(nn.Module):
         append_to_cache: how many leading tokens of x to add to the returned cache.
         build_cache: return a fresh cache holding all of x (prefill).
         padded: False when the caller knows every key is valid (no padded text): saves a host sync.
+        target: x is a target sequence (its own deep prompts when the model has `target_prompts`).
         """
         past_len = 0 if cache is None else cache.length
         all_valid = key_valid if cache is None else torch.cat([cache.valid, key_valid], dim=1)
@@ -224,9 +252,9 @@ class Encoder(nn.Module):
         for i, block in enumerate(self.blocks):
             past = None if cache is None else (cache.keys[i], cache.values[i])
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, k, v = checkpoint(block, x, mask, past, use_reentrant=False)
+                x, k, v = checkpoint(block, x, mask, past, target, use_reentrant=False)
             else:
-                x, k, v = block(x, mask, past)
+                x, k, v = block(x, mask, past, target)
             if new_cache is not None:
                 n = x.shape[1] if build_cache else append_to_cache
                 # k, v are [prompts] + [cache] + this call's tokens: keep the cache and the first n
@@ -258,3 +286,5 @@ def init_encoder(enc: Encoder, layer_scale_init: float) -> None:
         nn.init.constant_(block.gamma_2, layer_scale_init)
         if block.prompt is not None:
             nn.init.normal_(block.prompt, std=0.02)
+        if block.target is not None:
+            nn.init.normal_(block.target.prompt, std=0.02)

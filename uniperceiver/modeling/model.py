@@ -3,7 +3,9 @@
 A sample is a list of segments (text, image or video) fused as `[SPE] + seg_1 + seg_2 + ...`.
 The representation of a sequence is read at the SPE prefix (position 0) or at given positions,
 then `ln_post -> proj -> L2-normalise`. Predictions are cosine similarities to encoded targets,
-scaled by a named, learnable, clamped temperature (one per task family).
+scaled by a named, learnable, clamped temperature (one per task family). Target sequences (class
+names, captions, vocabulary entries, answers: `encode_text`) may use deep prompts of their own.
+The classification prompt head reads the projected features BEFORE normalisation (`class_logits`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ Segment = Union[TextSegment, VisualSegment]
 
 
 class Head(nn.Module):
-    """ln_post -> proj -> L2-normalise, and the named logit scales (temperatures)."""
+    """ln_post -> proj (-> L2-normalise), and the named logit scales (temperatures)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -63,8 +65,12 @@ class Head(nn.Module):
         )
         self.max_scale = cfg.logit_scale_max
 
+    def project(self, rows: Tensor) -> Tensor:
+        """ln_post -> proj, not normalised: what the reference's fc prompt head reads."""
+        return self.proj(self.ln_post(rows))
+
     def forward(self, rows: Tensor) -> Tensor:
-        return F.normalize(self.proj(self.ln_post(rows)), dim=-1)
+        return F.normalize(self.project(rows), dim=-1)
 
     def scale(self, name: str) -> Tensor:
         if name not in self.logit_scales:
@@ -169,11 +175,16 @@ class UniPerceiver(nn.Module):
         segments: Sequence[Segment],
         attn_mask: Tensor | None = None,
         temporal_offset: int | None = None,
+        target: bool = False,
     ) -> tuple[Tensor, Tensor]:
-        """Final-layer hidden states of `[SPE] + segments`: ([B, S, D], key_valid [B, S])."""
+        """Final-layer hidden states of `[SPE] + segments`: ([B, S, D], key_valid [B, S]).
+
+        target: the sequence is a target (reference data_type "target"): it attends to the target
+        deep prompts when the model has them (`ModelConfig.target_prompts`), else to the shared ones.
+        """
         x, valid = self.embed_segments(segments, temporal_offset)
         padded = any(isinstance(seg, TextSegment) and seg.valid is not None for seg in segments)
-        x, _ = self.encoder(x, valid, attn_mask, padded=padded)
+        x, _ = self.encoder(x, valid, attn_mask, padded=padded, target=target)
         return x, valid
 
     def encode(
@@ -182,14 +193,20 @@ class UniPerceiver(nn.Module):
         read: Tensor | None = None,
         attn_mask: Tensor | None = None,
         temporal_offset: int | None = None,
+        normalize: bool = True,
+        target: bool = False,
     ) -> Tensor:
         """L2-normalised features. read None -> the SPE prefix [B, D]; read [B, K] -> [B, K, D]
-        (positions in the fused sequence, prefix included); read [B] -> [B, D]."""
-        h, _ = self.hidden(segments, attn_mask, temporal_offset)
-        return self.read_out(h, read)
+        (positions in the fused sequence, prefix included); read [B] -> [B, D].
 
-    def read_out(self, hidden: Tensor, read: Tensor | None = None) -> Tensor:
-        """Apply the head at the read positions of final hidden states."""
+        normalize=False returns `ln_post -> proj` without the L2 normalisation (the features the
+        classification prompt head reads). target: see `hidden`.
+        """
+        h, _ = self.hidden(segments, attn_mask, temporal_offset, target=target)
+        return self.read_out(h, read, normalize=normalize)
+
+    def read_out(self, hidden: Tensor, read: Tensor | None = None, normalize: bool = True) -> Tensor:
+        """Apply the head at the read positions of final hidden states (normalize=False: no L2 norm)."""
         if read is None:
             rows = hidden[:, 0]
         else:
@@ -198,11 +215,12 @@ class UniPerceiver(nn.Module):
                 rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), read]
             else:
                 rows = torch.gather(hidden, 1, read.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        return self.head(rows)
+        return self.head(rows) if normalize else self.head.project(rows)
 
     def encode_text(self, ids: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Encode target texts ([SPE] + ids) read at the prefix: [N, D]. Class names, answers, vocab."""
-        return self.encode([TextSegment(ids, valid)])
+        """Encode target texts ([SPE] + ids) read at the prefix: [N, D]. Class names, answers, vocab,
+        retrieval captions: every caller encodes targets, so they get the target deep prompts."""
+        return self.encode([TextSegment(ids, valid)], target=True)
 
     # -- scoring -------------------------------------------------------------------------------
     def logit_scale(self, name: str) -> Tensor:
@@ -212,16 +230,39 @@ class UniPerceiver(nn.Module):
         """Cosine similarity [..., N_targets], times exp(logit_scale[scale]) clamped at 100.
 
         With a classification prompt head (prompt tuning) the reference adds fc(features) to
-        similarity_weight x logits; that needs the pre-head features, see `prompt_logits`.
+        similarity_weight x logits on the UN-normalised features: see `class_logits`.
         """
         sims = feats @ target_feats.t()
         return sims if scale is None else sims * self.logit_scale(scale)
 
-    def prompt_logits(self, logits: Tensor, rows: Tensor) -> Tensor:
-        """Reference fc-prompt: similarity_weight * logits + cls_head(normalised features)."""
+    def prompt_logits(self, logits: Tensor, projected: Tensor) -> Tensor:
+        """Reference fc-prompt: similarity_weight * logits + cls_head(projected), where `projected`
+        is `ln_post -> proj` BEFORE the L2 normalisation (`encode(..., normalize=False)`), as the
+        reference applies `fc_prompt` to the predictor's `feats`."""
         if self.cls_head is None:
             return logits
-        return self.similarity_weight * logits + self.cls_head(rows)
+        return self.similarity_weight * logits + self.cls_head(projected)
+
+    def has_prompt_head(self, num_targets: int) -> bool:
+        """Whether the classification prompt head scores this many targets (it belongs to the class
+        set it was tuned on; another target set is scored by cosine alone)."""
+        return self.cls_head is not None and self.cls_head.out_features == num_targets
+
+    def class_logits(
+        self,
+        segments: Sequence[Segment],
+        target_feats: Tensor,
+        scale: str | None,
+        temporal_offset: int | None = None,
+    ) -> Tensor:
+        """Classification logits [B, N] of `[SPE] + segments` read at the prefix against encoded
+        targets [N, D]: cosine x temperature, plus the prompt head on the un-normalised features
+        when it fits the targets (reference `fc_prompt_process`)."""
+        projected = self.encode(segments, temporal_offset=temporal_offset, normalize=False)
+        logits = self.logits(F.normalize(projected, dim=-1), target_feats.to(projected.device), scale)
+        if self.has_prompt_head(logits.shape[-1]):
+            logits = self.prompt_logits(logits, projected)
+        return logits
 
     # -- incremental decoding ------------------------------------------------------------------
     def prefill(self, segments: Sequence[Segment]) -> KVCache:

@@ -50,6 +50,9 @@ class ModelConfig:
     ln_eps: float = 1e-5
     #: Deep prompt tokens per layer (prefix keys/values only); 0 disables them.
     prompt_tokens: int = 0
+    #: Target sequences (class names, captions, vocabulary) get their own deep prompts instead of
+    #: the inputs' (reference SHARE_DEEP_PROMPT False, its retrieval prompt tuning); needs prompt_tokens.
+    target_prompts: bool = False
     #: A learnable bias added to the word embedding of every <|spe|> (prompt tuning).
     spe_bias: bool = False
     #: Zero-initialised Linear(D, n) added to similarity_weight x cosine logits (ImageNet prompt tuning); 0 = none.
@@ -74,6 +77,8 @@ class ModelConfig:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be positive")
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"model.drop_path={self.drop_path} must be in [0, 1)")
+        if self.target_prompts and self.prompt_tokens <= 0:
+            raise ConfigError("model.target_prompts=true needs deep prompts: set model.prompt_tokens > 0")
 
     @property
     def head_dim(self) -> int:

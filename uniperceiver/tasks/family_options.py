@@ -183,6 +183,14 @@ class ClassificationOptions(MediaOptions):
         check_max_len(self.target_max_len, model_cfg, "target_max_len")
 
 
+def _check_no_crop_scale(crop_scale: tuple[float, float]) -> None:
+    """Captioning and retrieval train with the reference resize + random crop, which has no area
+    range: a `crop_scale` other than the default would be silently ignored, so it is refused."""
+    if tuple(crop_scale) != MediaOptions.crop_scale:
+        raise FieldError("crop_scale", f"{list(crop_scale)}: applies to classification's random resized crop; "
+                                       "captioning and retrieval train with the reference resize + random crop")
+
+
 # -- captioning -----------------------------------------------------------------------------------
 
 VOCAB_CHOICES = ("full", "corpus")
@@ -217,6 +225,7 @@ class CaptionOptions(MediaOptions):
         super().check()
         if self.views not in (None, (1, 1)):
             raise FieldError("views", f"{list(self.views)}; captioning decodes one view per sample, so views must be 1x1")
+        _check_no_crop_scale(self.crop_scale)
 
     def check_model(self, model_cfg: ModelConfig) -> None:
         super().check_model(model_cfg)
@@ -236,6 +245,10 @@ class RetrievalOptions(MediaOptions):
     max_len: int = opt(30, ge=2)
     #: Score all ranks' features (differentiable all-gather); None = the run decides (train.gather_features).
     gather_features: bool | None = None
+
+    def check(self) -> None:
+        super().check()
+        _check_no_crop_scale(self.crop_scale)
 
     def check_model(self, model_cfg: ModelConfig) -> None:
         super().check_model(model_cfg)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from uniperceiver.errors import ConfigError
@@ -38,7 +39,7 @@ def _versions() -> dict[str, str]:
 
 
 def _fmt(key: str, value: float) -> str:
-    if key in ("inputs", "labelled"):
+    if key in ("inputs", "labelled", "num_questions"):
         return f"{int(value):,}"
     if abs(value) < 1e-9:  # BLEU of an empty overlap is 1e-15, not a number worth digits
         return "0.00"
@@ -46,7 +47,7 @@ def _fmt(key: str, value: float) -> str:
 
 
 def _print_metrics(out: Console, result: EvalResult, title: str) -> None:
-    out.print(f"[bold]{title}[/]  checkpoint: {result.checkpoint}", highlight=False)
+    out.print(f"[bold]{title}[/]  checkpoint: {escape(str(result.checkpoint))}", highlight=False, soft_wrap=True)
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -116,7 +117,8 @@ def _write_record(out: Console, command: str, json_file: Path, result: EvalResul
 
 
 def _notify(message: str) -> None:
-    err_console.print(message, highlight=False, soft_wrap=True)
+    style = "yellow" if message.startswith("warning:") else None
+    err_console.print(message, style=style, highlight=False, soft_wrap=True, markup=False)
 
 
 def _run(command: str, task: str, checkpoint: Path | None, json_file: Path | None, **kwargs: Any) -> None:
@@ -133,6 +135,45 @@ def _run(command: str, task: str, checkpoint: Path | None, json_file: Path | Non
         out.print(f"unreadable candidate example images skipped: {result.extras['candidate_skipped']}", highlight=False)
     if json_file is not None:
         _write_record(out, command, json_file, result, {"limit": kwargs.get("limit")})
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
+def _is_video(path: Path) -> bool:
+    """A first frame decodes (opening alone is not enough: FFmpeg opens any *.png as a one-frame video)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                return False
+            next(container.decode(video=0))
+            return True
+    except (av.FFmpegError, OSError, ValueError, StopIteration):
+        return False
+
+
+def _check_media_kind(kind: str, path: Path) -> None:
+    """`predict --image clip.mp4` (or `--video photo.jpg`): name the file and the right option, instead of
+    letting the single sample fail to load as bad_format_media. Decided by the content, not the suffix."""
+    if not path.is_file():
+        return  # the library's "file not found" line
+    if kind == "image" and not _is_image(path):
+        if _is_video(path):
+            raise ConfigError(f"--image {path}: this file is a video, not an image; use --video {path}")
+        raise ConfigError(f"--image {path}: not a readable image (PIL cannot identify it)")
+    if kind == "video" and _is_image(path):
+        raise ConfigError(f"--video {path}: this file is an image, not a video; use --image {path}")
+    if kind == "video" and not _is_video(path):
+        raise ConfigError(f"--video {path}: not a readable video (no frame decodes)")
 
 
 def _cache_dir(cache_dir: Path | None, no_cache: bool) -> Path | None:
@@ -197,7 +238,9 @@ def zeroshot(
 
 def evaluate(
     task: str = typer.Option(..., "--task", "-t", help=_TASK_HELP),
-    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="The tuned model directory or run folder."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", "-c", help="The tuned model directory or run folder (default: the newest prompt-tuning "
+        "or fine-tuning run of the task under ./runs)."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default: the task's evaluation split)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N samples."),
     json_file: Optional[Path] = typer.Option(None, "--json", help=_JSON_HELP),
@@ -210,9 +253,14 @@ def evaluate(
 ) -> None:
     """Evaluate a prompt-tuned or fine-tuned checkpoint on its task.
 
+    Without --checkpoint the newest prompt-tuning or fine-tuning run of the task under ./runs is
+    used (and named). A checkpoint whose run was tuned on another task gets a warning naming both.
+
     Examples:
 
-      upctl evaluate --task mini-digits --checkpoint runs/prompt_tune-mini-digits-20250101-120000
+      upctl evaluate --task mini-faces
+
+      upctl evaluate --task mini-digits --checkpoint runs/prompt-tune-mini-digits-20250101-120000
 
       upctl evaluate --task coco-caption --checkpoint models/coco-ft --split test --json coco.json
     """
@@ -221,7 +269,7 @@ def evaluate(
 
         _run("evaluate", task, checkpoint, json_file, split=split, limit=limit, batch_size=batch_size,
              options=parse_overrides(set_, "--set"), data_dir=data_dir, device=device,
-             cache_dir=_cache_dir(cache_dir, no_cache), check_head=True)
+             cache_dir=_cache_dir(cache_dir, no_cache), tuned=True)
 
 
 def predict(
@@ -247,15 +295,17 @@ def predict(
       upctl predict --text "a wonderful film" --targets "positive review,negative review"
     """
     with fail_on_error():
-        from uniperceiver.evaluation.api import evaluate_checkpoint
-        from uniperceiver.tasks.custom import single_input_spec
-
         given = [(k, v) for k, v in (("image", image), ("video", video), ("text", text)) if v is not None]
         if len(given) != 1:
             raise ConfigError("predict: give exactly one of --image, --video or --text")
         if frames < 1:
             raise ConfigError(f"--frames must be positive, got {frames}")
         kind, value = given[0]
+        if isinstance(value, Path):
+            _check_media_kind(kind, value)  # before the model code loads: a wrong file fails in a moment
+        from uniperceiver.evaluation.api import evaluate_checkpoint
+        from uniperceiver.tasks.custom import single_input_spec
+
         spec = single_input_spec(kind, value, targets.split(","), top_k=top_k, frames=frames, template=template)
         out = report_console(json_file)
         result = evaluate_checkpoint(checkpoint, spec, split="val", device=device, notify=_notify)

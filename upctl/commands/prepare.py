@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from uniperceiver.data.preparers import PREPARERS
+from uniperceiver.data.preparers import PREPARERS, UnknownDatasetError
 from upctl.common import fail_on_error, progress_callback, report_console, write_json
 
 
@@ -23,6 +23,17 @@ def _table(summary) -> Table:
         reasons = ", ".join(f"{r}: {c:,}" for r, c in skipped.items())
         table.add_row(split, f"{n:,}", f"{sum(skipped.values()):,}", reasons)
     return table
+
+
+def _check_dataset_name(dataset: str) -> None:
+    """An unknown name: the closest known ones first (`upctl prepare cocoo` -> coco), then all of them."""
+    if dataset in PREPARERS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(dataset.lower(), list(PREPARERS), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise UnknownDatasetError(f"unknown dataset {dataset!r}{hint}; known datasets: {', '.join(sorted(PREPARERS))}")
 
 
 def prepare(
@@ -75,7 +86,8 @@ def prepare(
 
     with fail_on_error():
         options = parse_key_values(option, "--option")
-        get_preparer(dataset)  # unknown name: the list of known ones, before any work
+        _check_dataset_name(dataset)  # unknown name: suggestions and the known ones, before any work
+        get_preparer(dataset)
         with progress_callback(f"prepare {dataset}") as progress:
             summary = prepare_dataset(dataset, root, data_dir, download=download, progress=progress, options=options)
         if json_file is not None:

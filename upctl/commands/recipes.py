@@ -46,8 +46,7 @@ def _summary(recipe: Recipe, source: str, out: Console) -> None:
                   f"eval every {t.eval_every or '-'}, checkpoint every {t.ckpt_every or '-'} (keep {t.keep_checkpoints})"),
         ("tune", f"{tu.mode}" + (f", {tu.prompt_tokens} prompt tokens" if tu.mode == "prompt" else "")
                  + (f", {_g(tu.fraction * 100)}% of the data (seed {tu.fraction_seed})" if tu.fraction else ", all data")),
-        ("eval", f"split {recipe.eval.split}, limit {recipe.eval.limit or '-'}, beam {recipe.eval.beam_size}, "
-                 f"max {recipe.eval.max_gen_len} tokens, length penalty {_g(recipe.eval.length_penalty)}"),
+        ("eval", f"split {recipe.eval.split}, limit {recipe.eval.limit or '-'}"),
     ]
     if recipe.data_dir:
         lines.append(("data", recipe.data_dir))

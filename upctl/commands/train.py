@@ -3,8 +3,9 @@
 This module resolves names and defaults (recipe files, per-task recipes, the checkpoint to start
 from), renders progress and the engine's log lines (periodic evaluation included) with rich and
 turns the library's result into exit codes: 0 when the run finished, 143 when SIGTERM stopped it
-after saving a checkpoint, 1 on bad input (one line). Under torchrun only rank 0 prints; the other
-ranks speak only to fail. The library is imported inside the command bodies, so `upctl --help`
+after saving a checkpoint, 1 on bad input (one line), 124 when the step watchdog ended a hung rank
+(engine/watchdog.py prints its line). Under torchrun only rank 0 prints; the other ranks speak
+only to fail (a dead peer is one line per rank, not a backend traceback). The library is imported inside the command bodies, so `upctl --help`
 never loads torch.
 """
 
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
     from uniperceiver.config.schema import Recipe
 
 _SET_HELP = "Override a recipe key, e.g. --set optim.lr=5e-4 --set tasks.mini-digits.batch_size=8 (repeatable)."
-_RESUME_HELP = "'auto' (newest valid checkpoint of --output, or of the newest run of this recipe) or a checkpoint path."
+_RESUME_HELP = ("'auto' (newest valid checkpoint of --output, or of the newest run of this recipe; refused when "
+                "checkpoints exist but all are damaged), 'never' (start over; old checkpoints are moved aside) or a "
+                "checkpoint path.")
 
 
 class _Progress:
@@ -84,7 +87,7 @@ def _run(recipe: Recipe, *, what: str, output: Path | None, resume: str | None, 
     from uniperceiver.engine.trainer import train
 
     preflight(recipe, data_dir)  # bad input fails here, before anything is printed or created
-    if resume is not None and resume != "auto":
+    if resume is not None and resume not in ("auto", "never"):
         resolve_checkpoint_path(resume)
     main = _is_main()
     steps = max_steps if max_steps is not None else recipe.train.max_steps
@@ -109,6 +112,8 @@ def _run(recipe: Recipe, *, what: str, output: Path | None, resume: str | None, 
     )
     extra = f"; skipped {skipped} unreadable sample(s) ({per_task})" if skipped else ""
     extra += f"; skipped {result.skipped_steps} non-finite step(s)" if result.skipped_steps else ""
+    extra += (f"; re-read {result.loader_restarts} batch(es) after loader worker deaths"
+              if result.loader_restarts else "")
     if result.interrupted:
         console.print(f"stopped by SIGTERM at step {result.step}; checkpoint {result.last_checkpoint}; "
                       f"continue with --resume auto --output {result.run_dir}{extra}", highlight=False, soft_wrap=True)

@@ -1,14 +1,15 @@
 """Shared machinery of the preparers: options, finding files, media checks, writing splits, meta.
 
-Every preparer module has the same shape:
+A preparer declares its dataset once as a `DatasetSpec` (name, description, layout, options,
+downloads, tasks, few-shot rule) and has the shape
 
-    DESCRIPTION: str                      one line for `upctl prepare --help` and error messages
-    LAYOUT: str                           what belongs under the raw root (shown when it is missing)
-    OPTIONS: dict[str, str]               preparer-specific `--option key=value` names -> help
     def prepare(raw_root, out_dir, *, download, progress, options) -> PrepareSummary
+    (a family module serving several datasets: prepare(variant, raw_root, out_dir, ...))
 
-and uses `Builder` below: it parses options, checks each referenced media file (in a small
-thread pool, order preserved), writes one manifest per split atomically and finally meta.json.
+`DatasetSpec.builder` opens a `Builder` the same way for every dataset (raw root check, then
+--download); the Builder parses options, checks each referenced media file (in a small thread
+pool, order preserved), writes one manifest per split atomically, records views (named training
+pools) and finally meta.json.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import datetime as _dt
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from uniperceiver.data import media
 from uniperceiver.data.format import ManifestWriter, PrepareSummary, write_meta
@@ -272,6 +273,7 @@ class Builder:
         self.fewshot_rule = fewshot_rule
         self.layout = layout
         self.writers: list[ManifestWriter] = []
+        self.views: dict[str, dict[str, Any]] = {}
         self.sources: list[str] = []
         self.downloaded: list[str] = []
         self._checked: dict[str, dict[str, str | None]] = {}
@@ -332,6 +334,46 @@ class Builder:
         self.writers.append(writer)
         return writer
 
+    def add_view(
+        self,
+        name: str,
+        parts: Sequence[str],
+        *,
+        unit: str = "sample",
+        exclude: str | None = None,
+        fewshot_rule: str | None = None,
+        reference: str = "",
+    ) -> None:
+        """Record a view over splits written by this run (format.py: module docstring).
+
+        Parts that were not written are left out (and so named nowhere); no parts, no view. The
+        parts must not share sample ids, or a view's samples would be ambiguous.
+        """
+        written = {w.split: w for w in self.writers if w.count}
+        used = [p for p in parts if p in written]
+        if not used:
+            return
+        if unit == "pair" and exclude:
+            raise ValueError("a pair view cannot exclude samples (its size would need the excluded captions)")
+        dropped = written[exclude].ids if exclude in written else frozenset()
+        seen: set[str] = set()
+        count = 0
+        for part in used:
+            ids = written[part].ids - dropped
+            clash = seen & ids
+            if clash:
+                raise DataError(f"{self.out_dir}: view {name!r}: split {part!r} repeats sample id {min(clash)!r}")
+            seen |= ids
+            count += written[part].num_texts if unit == "pair" else len(ids)
+        view: dict[str, Any] = {"parts": used, "unit": unit, "num_samples": count}
+        if exclude in written:
+            view["exclude"] = exclude
+        if fewshot_rule:
+            view["fewshot_rule"] = fewshot_rule
+        if reference:
+            view["reference"] = reference
+        self.views[name] = view
+
     def finish(self, targets: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> PrepareSummary:
         """Write meta.json (after every manifest is in place) and return the run summary."""
         if not self.writers:
@@ -350,11 +392,14 @@ class Builder:
         }
         if self.fewshot_rule:
             meta["fewshot_rule"] = self.fewshot_rule
+        if self.views:
+            meta["views"] = self.views
         if extra:
             meta.update(extra)
         write_meta(self.out_dir, meta)
         summary = PrepareSummary.from_writers(self.dataset, self.writers, self.out_dir, source=meta["source"])
         summary.downloaded = list(self.downloaded)
+        summary.views = {name: int(v["num_samples"]) for name, v in self.views.items()}
         return summary
 
     def fetch(self, files: list, download: bool) -> None:
@@ -367,3 +412,52 @@ class Builder:
         from uniperceiver.data.download import fetch
 
         self.downloaded = fetch(files, self.raw_root, mirror=self.options.str("mirror"), progress=self.progress)
+
+
+# --------------------------------------------------------------------------------------------
+# the dataset declaration
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a preparer declares about one prepared dataset (its `upctl prepare NAME`)."""
+
+    name: str
+    description: str
+    layout: str
+    media_type: str
+    tasks: tuple[str, ...]
+    fewshot_rule: str | None = None
+    options: Mapping[str, str] = field(default_factory=dict)
+    downloads: tuple[Any, ...] = ()  # RemoteFile (uniperceiver.data.download)
+
+    def builder(
+        self,
+        raw_root: Path,
+        out_dir: Path,
+        *,
+        download: bool,
+        progress: Progress | None,
+        options: dict | None,
+        fetch: bool = True,
+    ) -> Builder:
+        """A Builder after the opening every dataset shares: the raw root must exist unless
+        --download will fill it, then --download fetches the public files (or says there are none).
+        `fetch=False` leaves the download to the caller (to check a hand-placed file first)."""
+        b = Builder(
+            self.name,
+            raw_root,
+            out_dir,
+            options=options,
+            progress=progress,
+            known_options=dict(self.options),
+            media_type=self.media_type,
+            tasks=list(self.tasks),
+            fewshot_rule=self.fewshot_rule,
+            layout=self.layout,
+        )
+        if not download:
+            require_root(raw_root, self.name, self.layout)
+        if fetch:
+            b.fetch(list(self.downloads), download)
+        return b

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from uniperceiver.data.download import RemoteFile
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, read_table, require_root
+from uniperceiver.data.preparers._common import DatasetSpec, Skip, read_table
 from uniperceiver.errors import DataError
 
 _URL = "https://dl.fbaipublicfiles.com/glue/data"
@@ -158,28 +158,26 @@ def _samples(path: Path, task: GlueTask, split: str) -> Iterator[dict | Skip]:
         yield sample
 
 
-def prepare_glue(key: str, raw_root: Path, out_dir: Path, *, download: bool, progress, options: dict) -> PrepareSummary:
-    task = TASKS[key]
+def spec(variant: str) -> DatasetSpec:
+    """The declaration of `glue-<variant>`: labels are drawn per class for the 1% split (GLUE.py:167-182)."""
+    task = TASKS[variant]
     name = f"glue-{task.name}"
-    b = Builder(
-        name,
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options={},
-        media_type="text",
-        tasks=[name],
-        fewshot_rule="per_label" if task.classes else "per_item",
-        layout=layout(task),
-    )
-    if not download:
-        require_root(raw_root, name, layout(task))
-    if download and task.zip_name is None:
+    downloads = (RemoteFile(f"{_URL}/{task.zip_name}", task.zip_name, extract=True),) if task.zip_name else ()
+    return DatasetSpec(name, f"GLUE {task.folder} (text classification / regression)", layout(task), "text",
+                       (name,), "per_label" if task.classes else "per_item", downloads=downloads)
+
+
+def prepare(
+    variant: str, raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
+) -> PrepareSummary:
+    """Prepare `glue-<variant>` (variant: a key of TASKS) from the official TSV files."""
+    task = TASKS[variant]
+    declared = spec(variant)
+    if download and not declared.downloads:
         raise DataError(
-            f"{name} has no single public archive; fetch it with GLUE's download_glue_data.py and pass --root DIR"
+            f"{declared.name} has no single public archive; fetch it with GLUE's download_glue_data.py and pass --root DIR"
         )
-    b.fetch([RemoteFile(f"{_URL}/{task.zip_name}", task.zip_name, extract=True)] if task.zip_name else [], download)
+    b = declared.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     folder = _task_dir(raw_root, task)
     if not (folder / task.files["train"]).is_file():
         raise DataError(

@@ -40,27 +40,52 @@ def read_synset_words(path: Path) -> dict[str, list[str]]:
 
 
 def read_classnames(path: Path, wnids: list[str]) -> dict[str, list[str]]:
-    """classnames.txt: either one name per line in sorted-wnid order, or 'wnid name' lines."""
+    """classnames.txt: either one name per line in class order (`wnids`), or 'wnid name' lines."""
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if lines and all(WNID_RE.match(ln.split(None, 1)[0]) for ln in lines):
         return read_synset_words(path)
     if len(lines) != len(wnids):
         raise DataError(
-            f"{path}: has {len(lines)} class names but {len(wnids)} classes were found (one name per class, in sorted-wnid order)"
+            f"{path}: has {len(lines)} class names but {len(wnids)} classes were found "
+            "(one name per class in class order, or 'wnid name' lines)"
         )
     return {w: [s.strip() for s in ln.split(",") if s.strip()] or [w] for w, ln in zip(wnids, lines)}
 
 
-def class_names(root: Path, wnids: list[str], candidates: list[str], b: Builder) -> tuple[list[str], list[list[str]]]:
-    """(names, synonyms) per wnid from the first names file found; a wnid without one keeps its id."""
-    mapping: dict[str, list[str]] = {}
-    for rel in candidates:
-        p = root / rel
-        if p.is_file():
-            mapping = read_classnames(p, wnids) if p.name == "classnames.txt" else read_synset_words(p)
-            b.source(p)
+#: Files of WordNet names ("wnid name, synonym, ..."), first found wins: ImageNet's words.txt,
+#: Kaggle's LOC_synset_mapping.txt, Caffe's synset_words.txt.
+SYNSET_FILES = ["words.txt", "LOC_synset_mapping.txt", "synset_words.txt", "meta/synset_words.txt"]
+
+
+def class_names(root: Path, wnids: list[str], b: Builder) -> tuple[list[str], list[list[str]]]:
+    """(names, synonyms) per wnid, the reference's way (uniperceiver/data/imagenet_classes.py):
+
+    1. `classnames.txt` in the raw root: the user's override, for every class it names;
+    2. an ImageNet-1k class: its imagenet-simple-labels name (one name, no synonyms);
+    3. the WordNet synonyms of the first synset file found (SYNSET_FILES), else timm's WordNet
+       lemmas, else the wnid itself.
+    """
+    from uniperceiver.data.imagenet_classes import imagenet1k_names, wordnet_synonyms
+
+    override: dict[str, list[str]] = {}
+    if (root / "classnames.txt").is_file():
+        override = read_classnames(root / "classnames.txt", wnids)
+        b.source(root / "classnames.txt")
+    wordnet: dict[str, list[str]] = {}
+    for rel in SYNSET_FILES:
+        if (root / rel).is_file():
+            wordnet = read_synset_words(root / rel)
+            b.source(root / rel)
             break
-    synonyms = [mapping.get(w, [w]) for w in wnids]
+    simple = imagenet1k_names()
+    synonyms = []
+    for w in wnids:
+        if w in override:
+            synonyms.append(override[w])
+        elif w in simple:
+            synonyms.append([simple[w]])
+        else:
+            synonyms.append(wordnet.get(w) or wordnet_synonyms(w) or [w])
     return [s[0] for s in synonyms], synonyms
 
 

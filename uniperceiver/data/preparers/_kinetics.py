@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, find_first, read_table, require_root, walk_files
+from uniperceiver.data.download import RemoteFile
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, find_first, read_table, walk_files
 from uniperceiver.errors import DataError
 
 SPLITS = {
@@ -96,34 +97,33 @@ def _has_labels(path: Path) -> bool:
         return any(len(row) > i and row[i].strip() for row in reader)
 
 
-def prepare_kinetics(
-    dataset: str,
-    raw_root: Path,
-    out_dir: Path,
-    *,
-    download: bool,
-    progress,
-    options: dict,
-    layout: str,
-    prefix: str,
-    downloads: list,
-    known_options: dict[str, str],
+_K400 = "https://s3.amazonaws.com/kinetics/400/annotations"
+#: The Kinetics sizes this reader prepares. K400: `--download` fetches only the three annotation
+#: CSVs; the 450 GB of clips come from cvdfoundation's k400_downloader.sh + k400_extractor.sh.
+#: K700-2020: videos and annotations from k700_2020_downloader.sh, no --download.
+SPECS: dict[str, DatasetSpec] = {
+    "kinetics400": DatasetSpec(
+        "kinetics400", "Kinetics-400 video classification",
+        "annotations/{train,val,test}.csv and the clips under train/, val/, test/ (cvdfoundation/kinetics-dataset)",
+        "video", ("kinetics400",), "per_class",
+        downloads=tuple(RemoteFile(f"{_K400}/{s}.csv", f"{s}.csv", extract_to="annotations")
+                        for s in ("train", "val", "test")),
+    ),
+    "kinetics700": DatasetSpec(
+        "kinetics700", "Kinetics-700 video classification (pre-training)",
+        "annotations/{train,val,test}.csv and the clips under train/, val/ (cvdfoundation/kinetics-dataset, k700-2020)",
+        "video", ("kinetics700",), "per_class",
+    ),
+}
+
+
+def prepare(
+    variant: str, raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        dataset,
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=known_options,
-        media_type="video",
-        tasks=[dataset],
-        fewshot_rule="per_class",
-        layout=layout,
-    )
-    if not download:
-        require_root(raw_root, dataset, layout)
-    b.fetch(downloads, download)
+    """Prepare `variant` (kinetics400 or kinetics700); its 1% split is drawn per class (video_raw.py:278-287)."""
+    spec = SPECS[variant]
+    dataset, layout, prefix = spec.name, spec.layout, spec.name
+    b = spec.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     csvs = {split: _csv(raw_root, names, prefix) for split, (names, _dirs) in SPLITS.items()}
     if csvs["train"] is None:
         raise DataError(

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, need, read_json, read_table, require_root, walk_files
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, need, read_json, read_table, walk_files
 from uniperceiver.errors import DataError
 
 SHARD_RE = re.compile(r"^\d{5,}$")
@@ -83,31 +83,31 @@ def _pair(b: Builder, filepath: str, caption: str, where: str) -> Iterator[dict 
     yield {"id": rel, "media": rel, "media_type": "image", "texts": [caption.strip()]}
 
 
-def prepare_pairs(
-    dataset: str,
-    raw_root: Path,
-    out_dir: Path,
-    *,
-    download: bool,
-    progress,
-    options: dict,
-    layout: str,
-    known_options: dict[str, str],
+#: Layout shared by the web image-text pair datasets.
+PAIRS_LAYOUT = "train/ (img2dataset files output: 00000/*.jpg + *.txt) or train.tsv (filepath<TAB>caption)"
+#: variant -> (description, where the URL list comes from); the images are fetched with img2dataset.
+VARIANTS: dict[str, tuple[str, str]] = {
+    "cc3m": ("Conceptual Captions 3M image-text pairs (pre-training)",
+             "Train_GCC-training.tsv / Validation_GCC-1.1.0-Validation.tsv"),
+    "cc12m": ("Conceptual 12M image-text pairs (pre-training)", "cc12m.tsv"),
+    "sbu": ("SBU Captions image-text pairs (pre-training)",
+            "SBU_captioned_photo_dataset_urls.txt + SBU_captioned_photo_dataset_captions.txt"),
+    "yfcc": ("YFCC15M (the CLIP subset of YFCC100M) image-text pairs (pre-training)", "the yfcc15m metadata"),
+}
+
+
+def spec(variant: str) -> DatasetSpec:
+    """The declaration of one pair dataset (its few-shot rule: whole images, as COCO's)."""
+    description, _urls = VARIANTS[variant]
+    return DatasetSpec(variant, description, PAIRS_LAYOUT, "image",
+                       (f"{variant}-pt-caption", f"{variant}-pt-retrieval"), "per_image")
+
+
+def prepare(
+    variant: str, raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        dataset,
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=known_options,
-        media_type="image",
-        tasks=[f"{dataset}-pt-caption", f"{dataset}-pt-retrieval"],
-        fewshot_rule="per_image",
-        layout=layout,
-    )
-    b.fetch([], download)
-    require_root(raw_root, dataset, layout)
+    """Prepare one pair dataset (`variant`: cc3m, cc12m, sbu, yfcc) from the layouts above."""
+    b = spec(variant).builder(raw_root, out_dir, download=download, progress=progress, options=options)
     found = False
     for split, names in SPLIT_NAMES.items():
         source = None
@@ -138,21 +138,6 @@ def prepare_pairs(
         )
         b.write_split(split, items, media_kind="image")
     if not found:
-        raise DataError(f"{raw_root}: no image-text pairs found; expected {layout}")
+        raise DataError(f"{raw_root}: no image-text pairs found; expected {PAIRS_LAYOUT} "
+                        f"(the images of {VARIANTS[variant][1]}, fetched with img2dataset)")
     return b.finish()
-
-
-#: Layout and options shared by the web image-text pair datasets (cc3m, cc12m, sbu, yfcc).
-PAIRS_LAYOUT = "train/ (img2dataset files output: 00000/*.jpg + *.txt) or train.tsv (filepath<TAB>caption)"
-PAIRS_OPTIONS: dict[str, str] = {}
-
-
-def pair_preparer(dataset: str):
-    """The `prepare(raw_root, out_dir, *, download, progress, options)` of one pair dataset."""
-
-    def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None):
-        return prepare_pairs(dataset, raw_root, out_dir, download=download, progress=progress,
-                             options=options or {}, layout=PAIRS_LAYOUT, known_options=PAIRS_OPTIONS)
-
-    prepare.__doc__ = f"Prepare {dataset} image-text pairs (layouts: {PAIRS_LAYOUT})."
-    return prepare

@@ -18,12 +18,19 @@ from pathlib import Path
 from typing import Iterator
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, require_root, walk_files
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, walk_files
 from uniperceiver.errors import DataError
 
-DESCRIPTION = "Books + Wikipedia plain text (MLM pre-training; streamed)"
-LAYOUT = "UTF-8 text files (*.txt or *.doc, one sentence per line), e.g. bookswiki.doc"
-OPTIONS = {"val_files": "number of files (the last ones, sorted by path) kept apart as the val split (default 0)"}
+SPEC = DatasetSpec(
+    "bookswiki",
+    "Books + Wikipedia plain text (MLM pre-training; streamed)",
+    "UTF-8 text files (*.txt or *.doc, one sentence per line), e.g. bookswiki.doc",
+    "text",
+    ("bookswiki-mlm",),
+    "per_item",
+    options={"val_files": "number of files (the last ones, sorted by path) kept apart as the val split (default 0)"},
+)
+LAYOUT = SPEC.layout
 
 
 def count_lines(path: Path) -> int:
@@ -56,21 +63,8 @@ def _samples(b: Builder, files: list[Path]) -> Iterator[dict | Skip]:
 def prepare(
     raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        "bookswiki",
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=OPTIONS,
-        media_type="text",
-        tasks=["bookswiki-mlm"],
-        fewshot_rule="per_item",
-        layout=LAYOUT,
-    )
+    b = SPEC.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     val_files = b.options.int("val_files", 0, minimum=0)
-    b.fetch([], download)
-    require_root(raw_root, "bookswiki", LAYOUT)
     files = [p for p in walk_files(raw_root, (".txt", ".doc")) if ".upctl" not in p.parts]
     if not files:
         raise DataError(f"{raw_root}: no .txt or .doc files found; expected {LAYOUT}")

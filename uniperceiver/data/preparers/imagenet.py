@@ -15,9 +15,14 @@ Accepted layouts under the raw root:
    or, instead of the devkit, a Caffe/reference `val.txt` (also meta/val.txt): "ILSVRC2012_val_00000001.JPEG 65",
    the label being the index in sorted-wnid order.
 
-Class order is the sorted WordNet ids (the universal convention). Class names come from
-`classnames.txt` (one per line, sorted-wnid order, or "wnid name" lines), else from
-`LOC_synset_mapping.txt` / `synset_words.txt` (the first synonym), else the wnid itself. There is no --download (ImageNet needs an account).
+Class order is the sorted WordNet ids (the universal convention; class i of a full layout is
+timm's ImageNet-1k synset i). Class names are the reference's zero-shot / prompt-tuning targets,
+imagenet-simple-labels (uniperceiver/data/imagenet_classes.py), looked up by wnid so a partial
+layout (a subset of the class folders) keeps each class's own name; `classnames.txt` (one name per
+line in sorted-wnid order, or "wnid name" lines) overrides them, and a wnid outside ImageNet-1k
+takes the first synonym of LOC_synset_mapping.txt / synset_words.txt, else WordNet's (timm).
+The 1% split draws int(0.01 * n_c) + 1 images per class (imagenet.py:128-144). There is no
+--download (ImageNet needs an account).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from pathlib import Path
 from typing import Iterator
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, find_first, read_table, require_root, walk_files
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, find_first, read_table, walk_files
 from uniperceiver.data.preparers._imagefolder import (
     IMAGE_SUFFIXES,
     WNID_RE,
@@ -37,10 +42,15 @@ from uniperceiver.data.preparers._imagefolder import (
 )
 from uniperceiver.errors import DataError
 
-DESCRIPTION = "ImageNet-1k (ILSVRC-2012) image classification"
-LAYOUT = "train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv or the devkit ground truth)"
-OPTIONS: dict[str, str] = {}
-NAME_FILES = ["classnames.txt", "LOC_synset_mapping.txt", "synset_words.txt", "meta/synset_words.txt"]
+SPEC = DatasetSpec(
+    "imagenet",
+    "ImageNet-1k (ILSVRC-2012) image classification",
+    "train/<wnid>/*.JPEG and val/ (class folders, or flat with LOC_val_solution.csv or the devkit ground truth)",
+    "image",
+    ("imagenet",),
+    "per_class",
+)
+LAYOUT = SPEC.layout
 
 
 def _base(root: Path) -> Path:
@@ -127,20 +137,7 @@ def _flat_val(b: Builder, folder: Path, labels: dict[str, str], index: dict[str,
 def prepare(
     raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        "imagenet",
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=OPTIONS,
-        media_type="image",
-        tasks=["imagenet"],
-        fewshot_rule="per_class",
-        layout=LAYOUT,
-    )
-    b.fetch([], download)
-    require_root(raw_root, "imagenet", LAYOUT)
+    b = SPEC.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     base = _base(raw_root)
     train, val = base / "train", base / "val"
     wnids = wnid_dirs(train) or wnid_dirs(val)
@@ -149,7 +146,7 @@ def prepare(
         wnids = sorted(read_synset_words(mapping)) if mapping else []
     if not wnids:
         raise DataError(f"{train}: no class folders (n01440764/ ...) found; expected {LAYOUT}")
-    names, _synonyms = class_names(raw_root, wnids, NAME_FILES, b)
+    names, _synonyms = class_names(raw_root, wnids, b)
     index = {w: i for i, w in enumerate(wnids)}
     if train.is_dir():
         b.source(train)

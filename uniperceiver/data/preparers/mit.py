@@ -18,12 +18,18 @@ from pathlib import Path
 from typing import Iterator
 
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, find_first, require_file, require_root
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, find_first, require_file
 from uniperceiver.errors import DataError
 
-DESCRIPTION = "Moments in Time video classification (pre-training)"
-LAYOUT = "moments_categories.txt, trainingSet.csv, validationSet.csv, training/ and validation/ (Moments_in_Time_Raw)"
-OPTIONS: dict[str, str] = {}
+SPEC = DatasetSpec(
+    "mit",
+    "Moments in Time video classification (pre-training)",
+    "moments_categories.txt, trainingSet.csv, validationSet.csv, training/ and validation/ (Moments_in_Time_Raw)",
+    "video",
+    ("mit",),
+    "per_class",
+)
+LAYOUT = SPEC.layout
 SPLITS = {"train": ("trainingSet.csv", "training"), "val": ("validationSet.csv", "validation")}
 
 
@@ -66,20 +72,7 @@ def _samples(b: Builder, csv_path: Path, video_dir: str, index: dict[str, int]) 
 def prepare(
     raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        "mit",
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=OPTIONS,
-        media_type="video",
-        tasks=["mit"],
-        fewshot_rule="per_class",
-        layout=LAYOUT,
-    )
-    b.fetch([], download)
-    require_root(raw_root, "mit", LAYOUT)
+    b = SPEC.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     cats = require_file(
         raw_root, ["moments_categories.txt", "annotations/moments_categories.txt"], "moments_categories.txt"
     )

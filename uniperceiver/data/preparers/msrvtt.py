@@ -15,6 +15,14 @@ Expected layout under the raw root (Frozen-in-Time's MSRVTT.zip + CLIP4Clip's ms
 Splits: train / val / test = the official captioning split (6,513 / 497 / 2,990) with all 20
 captions per clip; train9k (all captions) and test1k (the one JSFUSION caption) when the CSVs exist.
 `--download` fetches both zips (6.6 GB of videos).
+
+Training pools (views), flattened to one sample per (video, caption) pair ("<video>#<k>"; the 1%
+split draws int(fraction * n_pairs) of them, as msrvtt.py:210-241 does):
+- `trainval9k`: the reference's pool, caption_msrvtt_1k_trainval_cocostyle.json (msrvtt.py:171-177),
+  which its notebook data/preprocess/msrvtt_dataprocess_1k.ipynb builds from MSRVTT_train.9k.csv
+  (9,000 videos, 180,000 pairs); it is disjoint from test1k (the 1k-A test), not from the official
+  test split (1,990 of its videos are official test videos);
+- `trainval`: the official train + val (7,010 videos), disjoint from the official test split.
 """
 
 from __future__ import annotations
@@ -25,25 +33,33 @@ from uniperceiver.data.download import RemoteFile
 from uniperceiver.data.format import PrepareSummary
 from uniperceiver.data.preparers._common import (
     Builder,
+    DatasetSpec,
     Skip,
     find_first,
     need,
     read_json,
     read_table,
-    require_root,
     walk_files,
 )
 from uniperceiver.errors import DataError
 
-DESCRIPTION = "MSR-VTT video captions (captioning; retrieval 9k/1k-A)"
-LAYOUT = "videos/all/video*.mp4 and MSRVTT_data.json (+ MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv for retrieval)"
-OPTIONS: dict[str, str] = {}
-DOWNLOADS = [
-    RemoteFile("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", "MSRVTT.zip", extract=True),
-    RemoteFile(
-        "https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip", "msrvtt_data.zip", extract=True
+SPEC = DatasetSpec(
+    "msrvtt",
+    "MSR-VTT video captions (captioning; retrieval 9k/1k-A)",
+    "videos/all/video*.mp4 and MSRVTT_data.json (+ MSRVTT_train.9k.csv, MSRVTT_JSFUSION_test.csv for retrieval)",
+    "video",
+    ("msrvtt-caption", "msrvtt-retrieval"),
+    "per_item",
+    downloads=(
+        RemoteFile("https://www.robots.ox.ac.uk/~maxbain/frozen-in-time/data/MSRVTT.zip", "MSRVTT.zip", extract=True),
+        RemoteFile("https://github.com/ArrowLuo/CLIP4Clip/releases/download/v0.0/msrvtt_data.zip", "msrvtt_data.zip",
+                   extract=True),
     ),
-]
+)
+LAYOUT = SPEC.layout
+#: Where the reference builds its MSR-VTT training pool (fundamentalvision/Uni-Perceiver).
+REFERENCE_POOL = ("uniperceiver/datasets/task_dataset/msrvtt.py:171-177, 210-241; "
+                  "data/preprocess/msrvtt_dataprocess_1k.ipynb (MSRVTT_train.9k.csv)")
 ANN_DIRS = ["", "msrvtt_data/", "annotation/", "annotations/", "MSRVTT/annotation/"]
 VIDEO_DIRS = ["videos/all", "MSRVTT/videos/all", "TrainValVideo", "TestVideo", "videos", "MSRVTT_Videos", "all"]
 SPLIT_MAP = {"train": "train", "validate": "val", "val": "val", "test": "test"}
@@ -88,21 +104,7 @@ def _index_videos(b: Builder, root: Path) -> dict[str, str]:
 def prepare(
     raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        "msrvtt",
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=OPTIONS,
-        media_type="video",
-        tasks=["msrvtt-caption", "msrvtt-retrieval"],
-        fewshot_rule="per_item",
-        layout=LAYOUT,
-    )
-    if not download:
-        require_root(raw_root, "msrvtt", LAYOUT)
-    b.fetch(DOWNLOADS, download)
+    b = SPEC.builder(raw_root, out_dir, download=download, progress=progress, options=options)
     videos, captions = _load_annotations(b, raw_root)
     index = _index_videos(b, raw_root)
 
@@ -139,4 +141,6 @@ def prepare(
             for _, row, _ in read_table(test1k, ["video_id", "sentence"])
         ]
         b.write_split("test1k", items, media_kind="video", total=len(items))
+    b.add_view("trainval9k", ["train9k"], unit="pair", fewshot_rule="per_pair", reference=REFERENCE_POOL)
+    b.add_view("trainval", ["train", "val"], unit="pair", fewshot_rule="per_pair", reference=REFERENCE_POOL)
     return b.finish()

@@ -19,6 +19,11 @@ plus ONE of these caption annotations:
 
 One sample per clip with all its captions ("texts"). `--download` fetches YouTubeClips.tar and
 AllVideoDescriptions.txt from the dataset's UT Austin page.
+
+The view `trainval` is the reference's training pool: train + val flattened to one sample per
+(clip, caption) pair ("<clip>#<k>"), for fine-tuning and for the 1% split, which draws
+int(fraction * n_pairs) pairs uniformly (msvd.py:168-170 reads the train and val annotation
+files, :206-237 flattens them and draws with random.sample).
 """
 
 from __future__ import annotations
@@ -27,18 +32,27 @@ from pathlib import Path
 
 from uniperceiver.data.download import RemoteFile
 from uniperceiver.data.format import PrepareSummary
-from uniperceiver.data.preparers._common import Builder, Skip, find_first, require_root
+from uniperceiver.data.preparers._common import Builder, DatasetSpec, Skip, find_first
 from uniperceiver.errors import ConfigError, DataError
 
-DESCRIPTION = "MSVD video captions (captioning, retrieval)"
-LAYOUT = "YouTubeClips/*.avi and AllVideoDescriptions.txt (or the txt_labels/ folder of the reference)"
-OPTIONS = {"split_sizes": "train,val,test clip counts of the standard split (default 1200,100,670)"}
 _BASE = "https://www.cs.utexas.edu/users/ml/clamp/videoDescription"
-DOWNLOADS = [
-    RemoteFile(f"{_BASE}/YouTubeClips.tar", "YouTubeClips.tar", extract=True),
-    RemoteFile(f"{_BASE}/AllVideoDescriptions.txt", "AllVideoDescriptions.txt"),
-]
+SPEC = DatasetSpec(
+    "msvd",
+    "MSVD video captions (captioning, retrieval)",
+    "YouTubeClips/*.avi and AllVideoDescriptions.txt (or the txt_labels/ folder of the reference)",
+    "video",
+    ("msvd-caption", "msvd-retrieval"),
+    "per_item",
+    options={"split_sizes": "train,val,test clip counts of the standard split (default 1200,100,670)"},
+    downloads=(
+        RemoteFile(f"{_BASE}/YouTubeClips.tar", "YouTubeClips.tar", extract=True),
+        RemoteFile(f"{_BASE}/AllVideoDescriptions.txt", "AllVideoDescriptions.txt"),
+    ),
+)
+LAYOUT = SPEC.layout
 SPLITS = ("train", "val", "test")
+#: Where the reference builds its MSVD training pool (fundamentalvision/Uni-Perceiver).
+REFERENCE_POOL = "uniperceiver/datasets/task_dataset/msvd.py:168-170, 206-237"
 
 
 def _mapping(path: Path) -> dict[str, str]:
@@ -89,22 +103,9 @@ def _split_sizes(b: Builder) -> tuple[int, int, int]:
 def prepare(
     raw_root: Path, out_dir: Path, *, download: bool = False, progress=None, options: dict | None = None
 ) -> PrepareSummary:
-    b = Builder(
-        "msvd",
-        raw_root,
-        out_dir,
-        options=options,
-        progress=progress,
-        known_options=OPTIONS,
-        media_type="video",
-        tasks=["msvd-caption", "msvd-retrieval"],
-        fewshot_rule="per_item",
-        layout=LAYOUT,
-    )
+    b = SPEC.builder(raw_root, out_dir, download=download, progress=progress, options=options, fetch=False)
     sizes = _split_sizes(b)
-    if not download:
-        require_root(raw_root, "msvd", LAYOUT)
-    b.fetch(DOWNLOADS, download)
+    b.fetch(list(SPEC.downloads), download)
     video_dir = (
         "YouTubeClips" if (raw_root / "YouTubeClips").is_dir() or not (raw_root / "videos").is_dir() else "videos"
     )
@@ -161,4 +162,5 @@ def prepare(
             items.append({"id": clip, "media": f"{video_dir}/{clip}.avi", "media_type": "video", "texts": texts})
         if items:
             b.write_split(split, items, media_kind="video", total=len(items))
+    b.add_view("trainval", ["train", "val"], unit="pair", fewshot_rule="per_pair", reference=REFERENCE_POOL)
     return b.finish()

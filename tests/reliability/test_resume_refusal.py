@@ -1,0 +1,83 @@
+"""A run whose checkpoints are ALL damaged: `--resume auto` must refuse to start from step 0 (that
+would silently throw the run away), with one line naming each damaged checkpoint and why, and
+exit non-zero without touching the run folder; `--resume never` is how a user chooses to start
+over (the damaged checkpoints are moved aside, not deleted).
+
+The fault is real: every checkpoint of a real run on the mini data has one bit flipped in its
+weights (a bad disk), detected by the sha256 list in its meta.json.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from uniperceiver.config import recipe_from_dict
+from uniperceiver.engine import train_checkpoint as ckpt
+from uniperceiver.engine.trainer import train
+
+from .conftest import invoke, small_recipe, write_recipe
+
+TASKS = [{"name": "mini-digits", "batch_size": 8, "sample_weight": 1.0}]
+
+
+def _flip_one_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def damaged_run(mini_data, tmp_path_factory) -> Path:
+    """A 3-step run with a checkpoint after every step, then every checkpoint's weights bit-flipped."""
+    out = tmp_path_factory.mktemp("all-damaged") / "run"
+    raw = small_recipe(TASKS, train={"max_steps": 3, "ckpt_every": 1})
+    assert train(recipe_from_dict(raw), output=out, data_dir=mini_data, log=lambda m: None).step == 3
+    shutil.rmtree(out / "final")  # the run was "interrupted" before its end: only checkpoints remain
+    steps = ckpt.list_checkpoints(out / "checkpoints")
+    assert len(steps) == 3
+    for step in steps:
+        _flip_one_bit(step / "model.safetensors")
+    return out
+
+
+def test_resume_auto_refuses_to_restart_when_every_checkpoint_is_damaged(damaged_run, mini_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(damaged_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    metrics = (run / "metrics.csv").read_bytes()
+    recipe = write_recipe(tmp_path / "r.yaml", small_recipe(TASKS, train={"max_steps": 5, "ckpt_every": 1}))
+    began = time.monotonic()
+    res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", run, "--resume", "auto", "--device", "cpu"])
+    took = time.monotonic() - began
+    print(f"--resume auto refused in {took:.1f} s")
+    assert res.exception is None and res.exit_code == 1, res.output[-2000:]
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in res.output, res.output[-2000:]
+    text = res.flat
+    for name in ("step-000001", "step-000002", "step-000003"):
+        assert name in text, text
+    assert text.count("model.safetensors: sha256") == 3 and "--resume never" in text, text
+    assert "starting from scratch" not in text and "step 1/" not in text, text
+    # nothing was trained or written: the same files, the same metrics
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "metrics.csv").read_bytes() == metrics
+
+
+def test_resume_never_starts_over_and_keeps_the_damaged_checkpoints_aside(damaged_run, mini_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(damaged_run, run)
+    recipe = write_recipe(tmp_path / "r.yaml", small_recipe(TASKS, train={"max_steps": 2, "ckpt_every": 1}))
+    began = time.monotonic()
+    res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", run, "--resume", "never", "--device", "cpu"])
+    print(f"--resume never trained 2 steps in {time.monotonic() - began:.1f} s")
+    assert res.exception is None and res.exit_code == 0, res.output[-2000:]
+    aside = run / "checkpoints.discarded-1"
+    assert f"moved to {aside}" in res.flat, res.flat[-2000:]
+    assert [p.name for p in ckpt.list_checkpoints(aside)] == ["step-000003", "step-000002", "step-000001"]
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000002", "step-000001"]
+    ckpt.verify_checkpoint(run / "checkpoints" / "step-000002")
+    assert (run / "final" / "model.safetensors").is_file()
