@@ -59,7 +59,14 @@ def test_reference_defaults():
     assert opt("bookswiki-mlm")["max_len"] == 128 and opt("mini-news-mlm")["max_len"] == 128
     assert opt("coco-pt-caption")["max_len"] == 50 and opt("coco-caption")["max_len"] == 30
     assert opt("coco-caption")["max_gen_len"] == 21 and opt("coco-caption")["beam_size"] == 2
-    assert opt("coco-caption")["length_penalty"] == 0.0 and opt("msvd-caption")["length_penalty"] == 2.0
+    # Zero-shot captioning decodes with length penalty 2.0 (reference zeroshot_config/*_caption.yaml);
+    # pre-training captions keep 0.0; the prompt / fine-tune recipes state their own 0.0.
+    for name in ("coco-caption", "flickr30k-caption", "msvd-caption", "msrvtt-caption"):
+        assert opt(name)["length_penalty"] == 2.0, name
+    assert opt("coco-pt-caption")["length_penalty"] == 0.0
+    # Zero-shot video retrieval cuts captions at 77 tokens (zeroshot_config/msvd_retrieval.yaml).
+    assert opt("msvd-retrieval")["max_len"] == 77 and opt("msrvtt-retrieval")["max_len"] == 77
+    assert opt("coco-retrieval")["max_len"] == 30
     assert opt("glue-sst2")["max_len"] == 256 and opt("vqav2")["max_len"] == 23
     assert (opt("kinetics400")["frames"], opt("kinetics400")["views"]) == (8, [4, 3])
     for name, s in CATALOG.items():
@@ -166,3 +173,24 @@ def test_upctl_tasks_command(tmp_path):
     assert next(t for t in mini if t["name"] == "mini-news-mlm")["defaults"]["options"]["vocab"] == "corpus"
     res = runner.invoke(app, ["tasks", "--family", "ocr"])
     assert res.exit_code == 1 and "unknown" in res.output and "Traceback" not in res.output
+
+
+def test_training_pools_are_the_references():
+    """Downstream tasks train on the reference's pools (train + val views written by the preparers)."""
+    for name in ("coco-caption", "coco-retrieval", "flickr30k-caption", "flickr30k-retrieval",
+                 "msvd-caption", "msvd-retrieval", "msrvtt-caption"):
+        assert task_config(name).split == "trainval", name
+    assert task_config("msrvtt-retrieval").split == "trainval9k"
+    assert task_config("vqav2").split == "trainval_vg|trainval"
+    assert task_config("imagenet").split == "train"
+
+
+def test_first_present_split_takes_the_first_prepared_alternative():
+    from uniperceiver.tasks.catalog import first_present_split
+
+    present = {"train", "trainval"}.__contains__
+    assert first_present_split("trainval_vg|trainval", present, "vqav2") == "trainval"
+    assert first_present_split("train", present, "vqav2") == "train"
+    assert first_present_split("trainval_vg|val", present, "vqav2") == "trainval_vg"  # the error names it
+    with pytest.raises(ConfigError, match="empty split"):
+        first_present_split("|", present, "vqav2")

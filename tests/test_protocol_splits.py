@@ -145,3 +145,28 @@ def test_a_changed_part_redraws_a_saved_view_subset(tmp_path):
     assert ds.split_digest("trainval") != before
     sub = fraction_subset(ds, "trainval", 0.5, seed=0)
     assert len(sub) == 2 and _saved(ds, "trainval", 0.5, 0)["pool_size"] == 4
+
+
+def test_catalog_tasks_train_on_the_pools_and_never_evaluate_a_trained_split(tmp_path):
+    """`msvd-caption` and `vqav2` built from the catalog train on the reference's pools, and the
+    periodic evaluation (default `eval.split: val`) moves to a split outside the training pool."""
+    from uniperceiver.engine.periodic_eval import eval_split
+    from uniperceiver.modeling.model_config import model_config
+    from uniperceiver.tasks.catalog import build_task, task_config
+
+    data = tmp_path / "data"
+    fx = layouts.make_msvd_pairs(tmp_path / "msvd", clips=20, captions=15)
+    prepare_dataset("msvd", tmp_path / "msvd", data, options={**FAST, "split_sizes": fx["split_sizes"]})
+    layouts.make_vqav2(tmp_path / "coco")
+    prepare_dataset("vqav2", tmp_path / "coco", data, options={**FAST, "min_count": "1", "minval_size": "1"})
+    cfg = model_config("tiny")
+
+    msvd = build_task(task_config("msvd-caption"), data, cfg)
+    assert msvd.cfg.split == "trainval" and len(msvd.examples("trainval")) == fx["pairs"]
+    assert eval_split(msvd, "val") == "test"  # val is training data here
+
+    vqa = build_task(task_config("vqav2"), data, cfg)
+    assert vqa.cfg.split == "trainval"  # no Visual Genome prepared: the fallback of trainval_vg|trainval
+    assert eval_split(vqa, "val") is None  # val and its own eval split (val) are both trained on
+    vqa_ft = build_task(task_config("vqav2", eval_split="minval"), data, cfg)
+    assert eval_split(vqa_ft, "val") == "minval"

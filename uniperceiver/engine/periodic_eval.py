@@ -32,11 +32,18 @@ Log = Callable[[str], None]
 
 
 def eval_split(task: Task, wanted: str) -> str | None:
-    """`wanted` (eval.split) when the task's dataset has it, else the task's own eval split, else None."""
+    """`wanted` (eval.split) when the task's dataset has it, else the task's own eval split, else None.
+
+    A split the task trains on is never evaluated: the reference's training pools include val
+    (COCO, Flickr30k, MSVD, MSR-VTT train + val; VQAv2 train + val minus `minval`), so the default
+    `eval.split: val` would score training data there; the task's own held-out split is used instead.
+    """
     splits = task.dataset.splits
-    if wanted in splits:
-        return wanted
-    return task.cfg.eval_split if task.cfg.eval_split in splits else None
+    trained = set(task.dataset.split_parts(task.cfg.split)) if task.dataset.has_split(task.cfg.split) else set()
+    for split in (wanted, task.cfg.eval_split):
+        if split in splits and split not in trained:
+            return split
+    return None
 
 
 def evaluate_tasks(model: UniPerceiver, tasks: Sequence[Task], section: EvalSection) -> dict[str, EvalResult]:

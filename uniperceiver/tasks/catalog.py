@@ -7,11 +7,16 @@ it changes. Families are referred to by "module:Class" strings and imported only
 built; their options classes live in the torch-free tasks/family_options.py, so listing the catalog,
 resolving a task's options and checking a recipe never import torch.
 
-The family defaults are the reference values (uniperceiver-facts.md): max lengths MLM 128,
-downstream captions and retrieval 30, generation 21, GLUE 256, VQA 23; beam 2; length penalty 0;
-vocabulary "full". The catalog adds what differs: pre-training captions 50, Kinetics-400 eval
-8 frames x (4 temporal x 3 spatial) views, MSVD length penalty 2.0, vocabulary "corpus" for the
-mini tasks. `defaults` holds `TaskConfig` fields plus an "options" dict; `task_config` returns every
+The family defaults are the reference values: max lengths MLM 128, downstream captions and
+retrieval 30, generation 21, GLUE 256, VQA 23; beam 2; length penalty 0; vocabulary "full". The
+catalog adds what differs (docs/PROTOCOLS.md has every row with its reference file):
+pre-training captions 50; Kinetics-400 eval 8 frames x (4 temporal x 3 spatial) views; the
+ZERO-SHOT decoding of COCO, Flickr30k, MSVD and MSR-VTT captions with length penalty 2.0
+(configs/BERT_L12_H768_experiments/zeroshot_config/{mscoco,flickr30k,msvd}_caption.yaml; the
+prompt and fine-tune recipes state their own 0.0); zero-shot MSVD / MSR-VTT retrieval captions
+cut at 77 tokens (zeroshot_config/msvd_retrieval.yaml, msrvtt.yaml); the training pools of
+the reference (`split`: train + val views written by the preparers, see uniperceiver/data/fewshot.py);
+vocabulary "corpus" for the mini tasks. `defaults` holds `TaskConfig` fields plus an "options" dict; `task_config` returns every
 option, resolved.
 """
 
@@ -24,7 +29,7 @@ import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.modeling.model_config import ModelConfig
@@ -109,25 +114,30 @@ def _downstream() -> list[TaskSpec]:
         _spec("kinetics400", "kinetics400", "video_cls", "top1",
               "Kinetics-400 video classification, 8 frames x 4 temporal x 3 spatial views at eval",
               batch_size=8, options={**_KINETICS_EVAL, "label_smoothing": 0.1}),
-        _spec("coco-caption", "coco", "caption", "Bleu_4", "COCO captioning (Karpathy test 5k), beam 2",
-              eval_split="test", batch_size=32),
+        # Training pools are the reference's (train + val; one sample per caption for video) and
+        # the decoding options are the zero-shot configs' (length penalty 2.0, retrieval captions
+        # of 77 tokens for video); the prompt / fine-tune recipes state their own values.
+        _spec("coco-caption", "coco", "caption", "Bleu_4", "COCO captioning (Karpathy test 5k), beam 2, length penalty 2.0",
+              split="trainval", eval_split="test", batch_size=32, options={"length_penalty": 2.0}),
         _spec("coco-retrieval", "coco", "retrieval", "rsum", "COCO image-text retrieval (Karpathy test 5k)",
-              eval_split="test", batch_size=64),
-        _spec("flickr30k-caption", "flickr30k", "caption", "Bleu_4", "Flickr30k captioning (Karpathy test 1k), beam 2",
-              eval_split="test", batch_size=32),
+              split="trainval", eval_split="test", batch_size=64),
+        _spec("flickr30k-caption", "flickr30k", "caption", "Bleu_4",
+              "Flickr30k captioning (Karpathy test 1k), beam 2, length penalty 2.0",
+              split="trainval", eval_split="test", batch_size=32, options={"length_penalty": 2.0}),
         _spec("flickr30k-retrieval", "flickr30k", "retrieval", "rsum", "Flickr30k image-text retrieval (test 1k)",
-              eval_split="test", batch_size=64),
+              split="trainval", eval_split="test", batch_size=64),
         _spec("msvd-caption", "msvd", "caption", "Bleu_4",
-              "MSVD video captioning, 4 frames, beam 2, length penalty 2.0 (zero-shot setting)",
-              eval_split="test", batch_size=6, options={"length_penalty": 2.0, "frames": 4, "label_smoothing": 0.1}),
-        _spec("msvd-retrieval", "msvd", "retrieval", "rsum", "MSVD video-text retrieval", eval_split="test",
-              batch_size=16, options={"frames": 4}),
-        _spec("msrvtt-caption", "msrvtt", "caption", "Bleu_4", "MSR-VTT video captioning, beam 2", eval_split="test",
-              batch_size=6, options={"frames": 4}),
+              "MSVD video captioning, 4 frames, beam 2, length penalty 2.0",
+              split="trainval", eval_split="test", batch_size=6,
+              options={"length_penalty": 2.0, "frames": 4, "label_smoothing": 0.1}),
+        _spec("msvd-retrieval", "msvd", "retrieval", "rsum", "MSVD video-text retrieval", split="trainval",
+              eval_split="test", batch_size=16, options={"frames": 4, "max_len": 77}),
+        _spec("msrvtt-caption", "msrvtt", "caption", "Bleu_4", "MSR-VTT video captioning, beam 2, length penalty 2.0",
+              split="trainval", eval_split="test", batch_size=6, options={"frames": 4, "length_penalty": 2.0}),
         _spec("msrvtt-retrieval", "msrvtt", "retrieval", "rsum", "MSR-VTT video-text retrieval (1k-A test)",
-              split="train9k", eval_split="test1k", batch_size=16, options={"frames": 4}),
+              split="trainval9k", eval_split="test1k", batch_size=16, options={"frames": 4, "max_len": 77}),
         _spec("vqav2", "vqav2", "vqa", "accuracy", "VQAv2 over the 3,129-answer list (read at <|spe|>)",
-              batch_size=64, loss_weight=0.1),
+              split="trainval_vg|trainval", batch_size=64, loss_weight=0.1),
     ]
     glue = [
         ("cola", "CoLA acceptability: '<s> This is <|spe|>.' {incorrect, correct}", "matthews_corrcoef"),
@@ -331,7 +341,22 @@ def build_task(cfg: TaskConfig, data_dir: str | Path | None, model_cfg: ModelCon
         raise DataError(f"task {cfg.name!r} needs the dataset {cfg.dataset!r}, which is not prepared under {base}: "
                         f"run `upctl prepare {prepare_name(cfg.dataset)}` first")
     dataset = open_dataset(cfg.dataset, base)
+    cfg = dataclasses.replace(cfg, split=first_present_split(cfg.split, dataset.has_split, cfg.dataset))
     return cls(cfg, dataset, tokenizer if tokenizer is not None else get_tokenizer(), model_cfg)
+
+
+def first_present_split(split: str, has_split: Callable[[str], bool], dataset: str) -> str:
+    """`a|b|c` -> the first of them the prepared dataset has (a split or a view), else `a`.
+
+    Why: a training pool may depend on what was prepared beside it (VQAv2 fine-tunes on
+    `trainval_vg` when Visual Genome QA was prepared, else on `trainval`, as the reference's
+    fallback), and a recipe should say that once instead of failing on half the machines. With
+    none present the first name is returned, so the usual "no split" error names what is missing.
+    """
+    choices = [s.strip() for s in split.split("|") if s.strip()]
+    if not choices:
+        raise ConfigError(f"dataset {dataset!r}: empty split {split!r}")
+    return next((s for s in choices if has_split(s)), choices[0])
 
 
 __all__ = [
@@ -344,6 +369,7 @@ __all__ = [
     "changed_options",
     "family_class",
     "family_options",
+    "first_present_split",
     "prepare_name",
     "resolve_task",
     "resolved_options",

@@ -322,12 +322,9 @@ class ImageClassification(Task):
 
     # -- model -------------------------------------------------------------------------------
     def _logits(self, model: UniPerceiver, pixels: Tensor, targets: Tensor) -> Tensor:
-        feats = model.encode([VisualSegment(pixels.to(model.device))])
-        logits = model.logits(feats, targets.to(feats.device), self.scale)
-        head = getattr(model, "cls_head", None)
-        if head is not None and head.out_features == logits.shape[-1]:
-            logits = model.prompt_logits(logits, feats)
-        return logits
+        # Cosine x temperature, plus the fc prompt head on the un-normalised ln_post + proj features
+        # when the model carries one for this class set (reference: embed_cls_predictor.py).
+        return model.class_logits([VisualSegment(pixels.to(model.device))], targets, self.scale)
 
     def loss(self, model: UniPerceiver, batch: dict[str, Any], targets: Tensor | None) -> tuple[Tensor, dict[str, float]]:
         if targets is None:
