@@ -461,3 +461,30 @@ def test_library_call_for_a_tuned_model_defaults_to_the_newest_tuned_run_and_rep
     assert "tuned_on" not in untuned.extras
     with pytest.raises(ConfigError, match="a custom task has no tuned runs"):
         evaluate_checkpoint(None, photos_yaml, tuned=True, device="cpu")
+
+
+def test_a_tuned_run_is_evaluated_with_its_own_recipes_task_entry(tmp_path: Path, ckpt: Path, mini_data: Path) -> None:
+    """`evaluate_checkpoint(run, task, tuned=True)` takes the task entry of the run's recipe.yaml (the
+    reference decodes zero-shot captions with length penalty 2.0 but tuned ones with the recipe's 0.0);
+    options given with the call still win, and a zero-shot call keeps the catalog's entry."""
+    import shutil
+
+    from uniperceiver.config.loading import recipe_for_task, save_recipe
+    from uniperceiver.evaluation.api import evaluate_checkpoint
+
+    run = tmp_path / "runs" / "finetune-mini-video-20250101-000000"
+    shutil.copytree(ckpt, run / "final")
+    (run / "run.json").write_text(json.dumps({"stage": "finetune", "recipe": "x", "tasks": ["mini-video"]}))
+    recipe = recipe_for_task("mini-video", "finetune")
+    recipe.tasks[0].options["eval_batch_size"] = 3
+    save_recipe(recipe, run / "recipe.yaml")
+    heard: list[str] = []
+    own = evaluate_checkpoint(run, "mini-video", tuned=True, limit=2, data_dir=mini_data, device="cpu",
+                              notify=heard.append)
+    assert own.options["eval_batch_size"] == 3 and own.extras["options_from"] == "run recipe"
+    assert any("eval_batch_size" in line for line in heard)
+    called = evaluate_checkpoint(run, "mini-video", tuned=True, limit=2, data_dir=mini_data, device="cpu",
+                                 options={"eval_batch_size": 2})
+    assert called.options["eval_batch_size"] == 2
+    zero_shot = evaluate_checkpoint(run, "mini-video", limit=2, data_dir=mini_data, device="cpu")
+    assert zero_shot.options["eval_batch_size"] is None and "options_from" not in zero_shot.extras

@@ -144,7 +144,8 @@ RECIPE_PROBES: dict[str, Rec | Elsewhere | Pending] = {
     "train.compile": Elsewhere("tests/test_gpu.py::test_compiled_encoder_equals_eager"),
     "train.gather_features": Rec(None, False, "gathering", ("tasks=[mini-photos-retrieval]",)),
     "train.sharding": Elsewhere("tests/test_fsdp.py::test_fsdp_matches_ddp_and_resumes_exactly"),
-    "train.step_timeout_s": Pending("a hung step ends the job (engine/watchdog.py calls os._exit): a subprocess test"),
+    "train.step_timeout_s": Elsewhere(
+        "tests/reliability/test_hangs.py::test_a_rank_stuck_in_a_read_ends_the_job_naming_each_rank_and_its_phase"),
     "train.collective_timeout_s": Pending("the process group's timeout (init_distributed): a torchrun test"),
     # only the value `stage` implies is allowed ("prompt" with prompt_tune, else "full"): another is refused
     "tune.mode": Rec("full", "prompt", "model"),

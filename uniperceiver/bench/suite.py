@@ -352,7 +352,9 @@ def _served_runs(pairs: list[StepPair], full: Callable[[dict], dict], jobs: int,
 
     Cases that compile the same graph warm up one after another in one slot, the later ones finding
     it in torch.compile's on-disk caches instead of compiling it again. A warm worker hands its
-    cached device memory back while it waits, so that the others can compile beside it.
+    cached device memory back while it waits, so that the others can compile beside it; a warm-up
+    that runs out of device memory anyway is tried again at the end, alone. A worker is closed as
+    soon as its last timed run is done (a CUDA-graph case holds a whole step's activations).
     """
     if jobs < 1:
         raise UpctlError(f"--jobs {jobs}: expected 1 or more")
@@ -369,33 +371,47 @@ def _served_runs(pairs: list[StepPair], full: Callable[[dict], dict], jobs: int,
     total = len(specs) + sum(len(round_order(p)) for p in pairs)
     done = [0]
 
+    retry: list[dict[str, Any]] = []
+
+    def warm_one(spec: dict[str, Any], last_try: bool) -> None:
+        worker = ServedCase([sys.executable, "-m", "uniperceiver.bench.worker", "--serve", json.dumps(full(spec))])
+        try:
+            info = worker.expect("READY", case_timeout)
+        except RuntimeError as exc:
+            tail = worker.stderr_tail()
+            worker.close()
+            if not last_try and "out of memory" in tail.lower():
+                retry.append(spec)
+                if log:
+                    log(f"{case_name(spec)}: out of device memory while warming up beside others; tried again at the end")
+                return
+            errors[_key(spec)] = f"warm-up {exc}"
+            if log:
+                log(f"{case_name(spec)}: warm-up failed ({exc}); its last lines:\n{tail}")
+        else:
+            workers[_key(spec)] = worker
+            if log:
+                log(f"{case_name(spec)}: warmed up in {info['warmup_s']:.1f} s")
+        done[0] += 1
+        if progress:
+            progress(done[0], total, "training steps")
+
     def warm(group: list[dict[str, Any]]) -> None:
         for spec in sorted(group, key=lambda s: (bool(s.get("cuda_graphs")), s.get("optim_state", "fp32") != "fp32")):
-            worker = ServedCase([sys.executable, "-m", "uniperceiver.bench.worker", "--serve", json.dumps(full(spec))])
-            try:
-                info = worker.expect("READY", case_timeout)
-            except RuntimeError as exc:
-                errors[_key(spec)] = f"warm-up {exc}"
-                if log:
-                    log(f"{case_name(spec)}: warm-up failed ({exc}); its last lines:\n{worker.stderr_tail()}")
-                worker.close()
-            else:
-                workers[_key(spec)] = worker
-                if log:
-                    log(f"{case_name(spec)}: warmed up in {info['warmup_s']:.1f} s")
-            done[0] += 1
-            if progress:
-                progress(done[0], total, "training steps")
+            warm_one(spec, last_try=False)
 
+    last_use = {_key(spec): i for i, pair in enumerate(pairs) for spec in (pair.ours, pair.theirs) if spec is not None}
     runs: list[Runs] = []
     try:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(warm, ordered))
+        for spec in retry:  # alone now: the other warm-ups are done and hold no activations
+            warm_one(spec, last_try=True)
         if errors and not keep_going:
             raise UpctlError("benchmark case(s) failed: " + "; ".join(
                 f"{case_name(json.loads(k))}: {msg}" for k, msg in errors.items()))
         peak = before_timing()
-        for pair in pairs:
+        for i, pair in enumerate(pairs):
             run: Runs = {"ours": [], "theirs": []}
             for _, spec in round_order(pair):
                 key = _key(spec)
@@ -418,6 +434,8 @@ def _served_runs(pairs: list[StepPair], full: Callable[[dict], dict], jobs: int,
                 if progress:
                     progress(done[0], total, "training steps")
             runs.append(run)
+            for key in [k for k, last in last_use.items() if last == i and k in workers]:
+                workers.pop(key).close()
     finally:
         for worker in workers.values():
             worker.close()

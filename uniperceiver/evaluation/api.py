@@ -22,7 +22,7 @@ import torch
 
 from uniperceiver.errors import CheckpointError, ConfigError
 from uniperceiver.evaluation.checkpoints import (
-    TUNED_STAGES, newest_pretrained, newest_tuned, resolve_model_dir, run_info_of, run_tasks,
+    TUNED_STAGES, newest_pretrained, newest_tuned, resolve_model_dir, run_info_of, run_tasks, tuned_task_config,
 )
 from uniperceiver.evaluation.harness import EvalOptions, EvalResult, evaluate_task
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
@@ -152,6 +152,20 @@ def _target_labels(task: Task) -> dict[str, Any]:
     return {"target_labels": list(ts.labels)}
 
 
+def _with_run_recipe(plan: _TaskPlan, model_dir: Path, options: Mapping[str, Any] | None,
+                     notify: Callable[[str], None] | None) -> _TaskPlan:
+    """A tuned run is evaluated with its own recipe's task entry (decoding, lengths, eval split),
+    the call's `options` on top; the catalog's zero-shot entry applies to everything else."""
+    own = tuned_task_config(model_dir, plan.config.name) if plan.config is not None else None
+    if own is None:
+        return plan
+    merged = dataclasses.replace(own, options={**own.options, **dict(options or {})})
+    if notify is not None and merged.options != plan.config.options:
+        changed = {k: v for k, v in merged.options.items() if plan.config.options.get(k) != v}
+        notify(f"task options from the run's recipe: {changed}")
+    return _TaskPlan(config=merged, facts={**plan.facts, "options_from": "run recipe"})
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path | None,
     task: TaskSource,
@@ -200,6 +214,8 @@ def evaluate_checkpoint(
     if tuned_on and notify is not None:
         notify(f"warning: {model_dir} was tuned on {', '.join(tuned_on)} (its run.json), not on {task_name}; "
                f"evaluating it on {task_name} anyway")
+    if tuned and task_name is not None and not tuned_on:
+        plan = _with_run_recipe(plan, model_dir, options, notify)
     built = plan.build(read_config(model_dir), data_dir)  # missing data fails before the weights load
     model = load_model(model_dir).to(pick_device(device)).eval()
     if check_head or tuned:

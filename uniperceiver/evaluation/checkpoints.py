@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 from uniperceiver.errors import CheckpointError
 from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME
+from uniperceiver.tasks.options import TaskConfig
 from uniperceiver.utils.files import sha256_file
 
 FINAL_NAME = "final"
@@ -201,6 +202,9 @@ def newest_pretrained(root: Path | None = None) -> Path:
     )
 
 
+#: The fully resolved recipe a run trained with (written by engine/runs.py).
+RECIPE_FILE = "recipe.yaml"
+
 #: Stages whose runs hold a model tuned for their tasks (`upctl evaluate` defaults to one of them).
 TUNED_STAGES = ("prompt_tune", "finetune")
 
@@ -228,17 +232,38 @@ def newest_tuned(task: str, root: Path | None = None) -> Path:
     )
 
 
+def run_dir_of(model_dir: Path) -> Path | None:
+    """The run folder that holds `model_dir` (its final/, a stage's final/ or a step folder), else None."""
+    path = Path(model_dir).absolute()
+    for parent in list(path.parents)[:4]:  # final/ -> run; stage-N/final/ and checkpoints/step-N/ -> 2 up
+        if read_run_info(parent):
+            return parent
+    return None
+
+
 def run_info_of(model_dir: Path) -> dict[str, Any]:
-    """run.json of the run that holds `model_dir` (its final/, a stage's final/ or a step folder), else {}.
+    """run.json of the run that holds `model_dir`, else {}.
 
     Why: a model folder alone does not say what it was tuned for; the run folder around it does.
     """
-    path = Path(model_dir).absolute()
-    for parent in list(path.parents)[:4]:  # final/ -> run; stage-N/final/ and checkpoints/step-N/ -> 2 up
-        info = read_run_info(parent)
-        if info:
-            return info
-    return {}
+    run = run_dir_of(model_dir)
+    return read_run_info(run) if run is not None else {}
+
+
+def tuned_task_config(model_dir: Path, task_name: str) -> TaskConfig | None:
+    """The task entry `task_name` of the recipe a TUNED run trained with (its recipe.yaml), else None.
+
+    Why: a tuned model is evaluated the way its recipe says, not the way the catalog's zero-shot
+    entry says: the reference decodes zero-shot COCO / Flickr30k / MSVD captions with length
+    penalty 2.0 but prompt-tuned and fine-tuned ones with 0.0, and each recipe states its own.
+    """
+    from uniperceiver.config.loading import load_recipe
+
+    run = run_dir_of(model_dir)
+    if run is None or read_run_info(run).get("stage") not in TUNED_STAGES or not (run / RECIPE_FILE).is_file():
+        return None
+    recipe = load_recipe(run / RECIPE_FILE)
+    return next((t for t in recipe.tasks if t.name == task_name), None)
 
 
 def resolve_model_dir(path: str | Path) -> Path:
