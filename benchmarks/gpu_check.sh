@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_check.sh rerun     # the compiled steps and the levers again (a second try, ~4.5 min)
 #   bash benchmarks/gpu_check.sh autotune  # the image step compiled with max-autotune-no-cudagraphs, alone
 #   bash benchmarks/gpu_check.sh summary   # the summary table again, from $OUT/rows.jsonl
+#   bash benchmarks/gpu_check.sh eager     # the earlier runs: the full eager table (video, captioning and
+#   bash benchmarks/gpu_check.sh compiled  #   checkpointing memory too) then the tests; compiled image steps and pairs
 # Results go to $OUT (default ./gpu-out), at most 8 files: gpu.txt (GPU, driver, versions), eager.json,
 # levers.json (autotune.json), rows.jsonl (every row as it is measured: what a step cut short keeps),
 # bench.log (all bench output, a failing case's last lines included), tests.log, summary.txt.
@@ -18,18 +20,20 @@
 #
 # Wall time on an H100-class GPU with 16 CPU cores, estimated step by step (the previous run compiled a
 # base ViT step in 40-90 s per distinct graph; a timed case here is 22 steps of 45-130 ms):
-#   setup, nvidia-smi, versions .......................................   ~10 s   (limit  40 s)
+#   setup, nvidia-smi, versions .......................................   ~10 s   (limit  60 s)
 #   eager: 8 cases (ours/bert text, ours/timm image, ours pairs, and ours under CUDA graphs) start 4 at a
 #     time (~25 s), matmul peak (~5 s), 2 ABBA rounds timed one case at a time (~30 s) .....   ~60 s   (limit 120 s)
 #   levers: 16 cases (compiled: ours/bert text, ours/timm image, ours pairs; then on our step: whole-step
 #     compile, CUDA graphs, bf16 optimizer state (image), chunked contrastive loss (pairs), all stacked)
 #     in 9 compile groups, 6 at a time; a group's later cases find its graph in the compile cache:
-#     ~200-240 s, tests/test_gpu.py beside them; then peak and 1 round timed (~16 x 2.5 s) ..  ~270 s  (limit 400 s)
+#     ~200-240 s, tests/test_gpu.py beside them; then peak and 1 round timed (~16 x 2.5 s) ..  ~270 s  (limit 370 s)
 #   summary .............................................................    ~2 s   (limit  20 s)
-#   all: ~5.7 min expected, at most 9.7 min (the limits). rerun: levers + summary, ~4.6 min, at most 7 min.
+#   all: ~5.7 min expected, at most 9.6 min (the limits). rerun: levers + summary, ~4.6 min, at most 7.6 min.
+#   Every row is appended to rows.jsonl as soon as its case is timed, so a step cut short keeps what it timed.
 # max-autotune is not in `all`: it benchmarks every matmul's candidate kernels on the GPU while it compiles,
 # so it must not share the GPU with other warm-ups, and alone it adds minutes of compilation to the whole
-# step; `autotune` gives it one case (base image, whole step) and a hard 330 s limit (expected 3-5 min).
+# step; `autotune` gives it one case (base image, whole step; 260 s to compile) beside the same step
+# compiled plainly, warmed one after the other (limit 380 s, expected 3-6 min).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
@@ -64,7 +68,7 @@ bench() {  # bench STEP LIMIT ARGS...: one `upctl bench` invocation under its ow
   shift 2
   mark "$step"
   echo "== $step: upctl bench $*" | tee -a "$LOG"
-  timeout -k 10 "$limit" python3 -m upctl bench --device cuda --sections peak,train --sizes base \
+  timeout -k 10 "$limit" python3 -m upctl bench --device cuda --sections "${SECTIONS:-peak,train}" --sizes base \
     --keep-going --jsonl "$ROWS" --json "$OUT/$step.json" "$@" 2>&1 | tee -a "$LOG" || {
     echo "== $step: exit $? (124: hit its ${limit} s limit)" | tee -a "$LOG"; status=1; }
 }
@@ -80,7 +84,7 @@ levers() {  # LEVERS with the compiled baselines; with `tests`, tests/test_gpu.p
     ( timeout -k 10 270 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py > "$OUT/tests.log" 2>&1
       echo "pytest exit $?" >> "$OUT/tests.log"; touch "$done_file" ) &
   fi
-  bench levers 400 --levers "$LEVERS" --kinds text,image,retrieval --rounds 1 --jobs 6 --case-timeout 240 \
+  bench levers 370 --levers "$LEVERS" --kinds text,image,retrieval --rounds 1 --jobs 6 --case-timeout 240 \
     ${done_file:+--wait-for "$done_file"}
   wait
   if [ -n "$done_file" ]; then
@@ -90,8 +94,8 @@ levers() {  # LEVERS with the compiled baselines; with `tests`, tests/test_gpu.p
   fi
 }
 
-autotune() {
-  bench autotune 330 --levers autotune:image --kinds image --rounds 1 --jobs 1 --case-timeout 300
+autotune() {  # the whole image step compiled plainly (cached if `all` ran on this machine) and max-autotuned
+  bench autotune 380 --levers step:image,autotune:image --kinds image --rounds 1 --jobs 1 --case-timeout 260
 }
 
 summary() {
@@ -117,7 +121,7 @@ for step, rows in steps.items():
     peak = peaks[0] if peaks else nan
     print(f"\n== {step}: bf16 matmul peak {peak:.1f} TFLOP/s (the MFU denominator of this step)")
     print(f"{'case':60} {'s/step':>7} {'samples/s':>9} {'MFU':>5} {'pipeMFU':>7} {'syncs':>5} {'peak MB':>7} "
-          f"{'warm s':>6} {'x comp':>6} {'x base':>6}")
+          f"{'rsv MB':>7} {'warm s':>6} {'x comp':>6} {'x base':>6}")
     train = {r["name"]: r for r in rows if r["section"] == "train_step"}
     for name, r in train.items():
         impl, size, kind = name.split(" ")[:3]
@@ -127,7 +131,7 @@ for step, rows in steps.items():
         x_base = base["median_s"] / r["median_s"] if base and impl == "ours" else None
         print(f"{name:60} {r['median_s']:7.4f} {r['samples_per_s']:9.1f} {r['mfu']:5.3f} "
               f"{r.get('pipelined_mfu', nan):7.3f} {r.get('host_syncs', ''):>5} {r['peak_mem_mb']:7.0f} "
-              f"{r.get('warmup_s', nan):6.1f} {'' if x_comp is None else f'{x_comp:.3f}':>6} "
+              f"{r.get('peak_reserved_mb', nan):7.0f} {r.get('warmup_s', nan):6.1f} {'' if x_comp is None else f'{x_comp:.3f}':>6} "
               f"{'' if x_base is None else f'{x_base:.3f}':>6}")
         if impl != "ours" or " compiled" not in name:
             continue
@@ -166,8 +170,12 @@ for mode in "${@:-all}"; do
     all) : > "$ROWS"; info; eager; levers tests; summary ;;
     rerun) : > "$ROWS"; info; levers; summary ;;
     autotune) info; autotune; summary ;;
+    eager) : > "$ROWS"; info; SECTIONS=peak,train,memory bench eager-full 330 --rounds 2
+      timeout -k 10 200 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" || status=1
+      summary ;;
+    compiled) : > "$ROWS"; info; bench compiled 300 --compile --rounds 1 --kinds image,retrieval; summary ;;
     summary) summary ;;
-    *) echo "usage: bash benchmarks/gpu_check.sh all|rerun|autotune|summary" >&2; exit 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh all|rerun|autotune|summary|eager|compiled" >&2; exit 2 ;;
   esac
 done
 exit $status

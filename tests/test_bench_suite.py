@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from uniperceiver.bench.suite import StepPair, median_ratio, round_order, step_pairs
+from uniperceiver.bench.step_runs import round_order
+from uniperceiver.bench.suite import StepPair, median_ratio, step_pairs
 from uniperceiver.bench.train_step import StepCase, run_step_case
 
 
@@ -216,13 +217,14 @@ def test_served_cases_warm_up_side_by_side_and_failures_become_rows() -> None:
     """--jobs: workers warm up in parallel, are timed one at a time; with keep_going a case that
     cannot run (CUDA graphs on a CPU) is an error row and the others still report; the lever table
     compares each of our cases with the compiled encoder where that ran."""
-    from uniperceiver.bench.suite import BenchReport, parse_levers, run_training_steps
+    from uniperceiver.bench.suite import BenchReport, StepOptions, parse_levers, run_training_steps
 
     report = BenchReport({})
     log: list[str] = []
-    run_training_steps(report, torch.device("cpu"), quick=True, sizes=["tiny"], peak=lambda: 1e12,
-                       kinds=["text"], levers=parse_levers("eager,eager-graphs"), baselines=False, jobs=2,
-                       case_timeout=300, keep_going=True, log=log.append)
+    options = StepOptions(kinds=["text"], levers=parse_levers("eager,eager-graphs"), baselines=False, jobs=2,
+                          case_timeout=300, keep_going=True)
+    run_training_steps(report, torch.device("cpu"), quick=True, sizes=["tiny"], peak=lambda: 1e12, options=options,
+                       log=log.append)
     sections = [(r["section"], r["name"]) for r in report.rows]
     assert sections == [("train_step", "ours tiny text"), ("error", "ours tiny text cuda-graphs"),
                         ("lever", "ours tiny text")]

@@ -4,27 +4,64 @@ Sections: matrix-multiply peak (the MFU denominator), training steps of ours vs 
 activation-checkpointing memory, caption decoding with and without the key/value cache, loader
 throughput (images, 8-frame video vs a bare PyAV decode), evaluation with and without the target
 cache, and the growth of retrieval scoring and corpus streaming at 1x / 4x / 16x the work.
+
+Training steps can also be measured lever by lever (`LEVERS`, `--levers`): our step compiled as
+`train.compile` does, then the whole step compiled, CUDA graphs, bf16 optimizer state, the chunked
+contrastive loss, each against the compiled baselines of the same run (a "lever" table). With
+`jobs`, cases compile side by side in long-lived workers and are timed one at a time afterwards.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import sys
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
 
-from uniperceiver.bench.timing import ServedCase, matmul_peak_flops, run_for_result
+from uniperceiver.bench.step_runs import (
+    Runs,
+    add_lever_rows,
+    add_step_row,
+    case_key,
+    case_name,
+    run_case_in_subprocess,
+    run_sequentially,
+    run_served,
+    wait_for_file,
+)
+from uniperceiver.bench.timing import matmul_peak_flops
 from uniperceiver.errors import UpctlError
 
-Progress = Callable[[int, int | None, str], None]
+from uniperceiver.utils.progress import Progress
+
 Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How the training-step cases are chosen and run (`upctl bench` flags; `run_training_steps`).
+
+    rounds: ABBA rounds per pair (default by device); compile: torch.compile on both sides; kinds:
+    a subset of STEP_KINDS; levers: named levers (`parse_levers`) measured one by one; overrides:
+    StepCase fields set on our step; baselines: also time BertModel / timm; jobs: N long-lived
+    workers warm up side by side, then cases are timed one at a time (None: a fresh process per
+    case and round); case_timeout: seconds per case; keep_going: a failing case becomes an error
+    row; wait_for: a file the timed runs wait for (a GPU test run started beside the warm-ups).
+    """
+
+    rounds: int | None = None
+    compile: bool = False
+    kinds: list[str] | None = None
+    levers: list[tuple[str, list[str] | None]] | None = None
+    overrides: dict[str, Any] | None = None
+    baselines: bool = True
+    jobs: int | None = None
+    case_timeout: float = 900.0
+    keep_going: bool = False
+    wait_for: str | None = None
 
 
 @dataclass
@@ -58,14 +95,6 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def run_case_in_subprocess(spec: dict[str, Any], timeout: float = 900,
-                           env: dict[str, str] | None = None) -> dict[str, Any]:
-    """One training-step case in a fresh interpreter (extra environment variables in `env`)."""
-    cmd = [sys.executable, "-m", "uniperceiver.bench.worker", json.dumps(spec)]
-    try:
-        return run_for_result(cmd, timeout, env)
-    except RuntimeError as exc:
-        raise UpctlError(f"benchmark case {spec} failed: {exc}") from None
 
 
 @dataclass
@@ -116,21 +145,6 @@ def parse_levers(text: str) -> list[tuple[str, list[str] | None]]:
     return out
 
 
-def case_name(spec: dict[str, Any]) -> str:
-    """`ours base image`, then one tag per lever in effect: `compiled` (the encoder, as train.compile)
-    or `compiled-step`, the compile mode if not the default, `cuda-graphs`, `bf16-optim`, `chunked-loss`."""
-    tags = [spec["impl"], spec["size"], spec["kind"]]
-    if spec.get("compile"):
-        tags.append("compiled" if spec.get("compile_scope", "encoder") == "encoder" else "compiled-step")
-    if spec.get("compile_mode", "default") != "default":
-        tags.append(spec["compile_mode"])
-    if spec.get("cuda_graphs"):
-        tags.append("cuda-graphs")
-    if spec.get("optim_state", "fp32") != "fp32":
-        tags.append(f"{spec['optim_state']}-optim")
-    if spec.get("loss", "plain") != "plain":
-        tags.append(f"{spec['loss']}-loss")
-    return " ".join(tags)
 
 
 # Batch shapes per device: on a 2-core CPU a step of base must stay near seconds; on a GPU the batch
@@ -203,14 +217,6 @@ def step_pairs(quick: bool, sizes: list[str], device_type: str = "cpu", rounds: 
     return pairs
 
 
-def round_order(pair: StepPair) -> list[tuple[int, dict[str, Any]]]:
-    """(round, spec) in the order to run them: ours/theirs, then theirs/ours, alternately (ABBA), so
-    that a machine slowly getting busier or quieter does not favour one side of the ratio."""
-    order: list[tuple[int, dict[str, Any]]] = []
-    for r in range(pair.rounds):
-        specs = [pair.ours] + ([pair.theirs] if pair.theirs else [])
-        order += [(r, spec) for spec in (specs if r % 2 == 0 else specs[::-1])]
-    return order
 
 
 def median_ratio(ours_s: list[float], theirs_s: list[float]) -> float:
@@ -221,16 +227,11 @@ def median_ratio(ours_s: list[float], theirs_s: list[float]) -> float:
     return statistics.median(t / o for o, t in zip(ours_s, theirs_s))
 
 
-Runs = dict[str, list[dict[str, Any]]]  # "ours" / "theirs" -> one result per round
 
 
 def run_training_steps(report: BenchReport, device: torch.device, quick: bool, sizes: list[str],
                        peak: float | Callable[[], float], progress: Progress | None = None,
-                       rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None, *,
-                       levers: list[tuple[str, list[str] | None]] | None = None,
-                       overrides: dict[str, Any] | None = None, baselines: bool = True, jobs: int | None = None,
-                       case_timeout: float = 900.0, keep_going: bool = False, wait_for: str | None = None,
-                       log: Log | None = None) -> None:
+                       options: StepOptions | None = None, log: Log | None = None) -> None:
     """Time every pair of `step_pairs` and add a row per case, a ratio per pair with a baseline and,
     with `levers`, a lever table (each compiled case against our compiled encoder and the compiled baseline).
 
@@ -243,7 +244,10 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
     the warm-ups. `keep_going`: a case that fails or times out becomes an "error" row instead of
     stopping the run.
     """
-    pairs = step_pairs(quick, sizes, device.type, rounds, compile, kinds, levers, overrides, baselines)
+    o = options or StepOptions()
+    rounds, compile, kinds, levers, overrides = o.rounds, o.compile, o.kinds, o.levers, o.overrides
+    jobs, case_timeout, keep_going, wait_for = o.jobs, o.case_timeout, o.keep_going, o.wait_for
+    pairs = step_pairs(quick, sizes, device.type, rounds, compile, kinds, levers, overrides, o.baselines)
     # A GPU step takes milliseconds: more repeats cost little and steady the median; its warm-up also
     # covers the cuBLAS / cuDNN heuristics. A compiled case compiles in its first forward and backward.
     repeats = 10 if device.type == "cuda" else (2 if quick else 3)
@@ -257,242 +261,52 @@ def run_training_steps(report: BenchReport, device: torch.device, quick: bool, s
 
     def before_timing() -> float:
         if wait_for:
-            _wait_for_file(wait_for, case_timeout, log)
+            wait_for_file(wait_for, case_timeout, log)
         return peak() if callable(peak) else peak
 
     errors: dict[str, str] = {}
-    if jobs:
-        runs, peak_value = _served_runs(pairs, full, jobs, case_timeout, keep_going, errors, before_timing,
-                                        progress, log)
-    else:
-        runs, peak_value = _sequential_runs(pairs, full, case_timeout, keep_going, errors, before_timing,
-                                            progress, log)
-    for pair, run in zip(pairs, runs):
+    peak_value: list[float] = []
+
+    def timing_starts() -> None:
+        peak_value.append(before_timing())
+
+    def pair_done(pair: StepPair, run: Runs) -> None:
+        """Rows as soon as a pair is timed (a sink keeps them if the run is cut short later)."""
         for side, spec in (("ours", pair.ours), ("theirs", pair.theirs)):
             if spec is None:
                 continue
-            if _key(spec) in errors:
-                report.add("error", case_name(spec), lever=pair.lever, error=errors[_key(spec)])
+            if case_key(spec) in errors:
+                report.add("error", case_name(spec), lever=pair.lever, error=errors[case_key(spec)])
             else:
-                _add_step_row(report, spec, run[side], peak_value, pair.lever)
-        if pair.theirs is not None and not ({_key(pair.ours), _key(pair.theirs)} & errors.keys()):
+                add_step_row(report, spec, run[side], peak_value[0], pair.lever)
+        if pair.theirs is not None and not ({case_key(pair.ours), case_key(pair.theirs)} & errors.keys()):
             ours_s, theirs_s = [r["median_s"] for r in run["ours"]], [r["median_s"] for r in run["theirs"]]
             report.add("ratio", f"ours/{pair.theirs['impl']} " + case_name(pair.ours).split(" ", 1)[1],
                        ratio=round(median_ratio(ours_s, theirs_s), 3), rounds=pair.rounds,
                        per_round=" ".join(f"{t / o:.3f}" for o, t in zip(ours_s, theirs_s)))
+
+    if jobs:
+        run_served(pairs, full, jobs, case_timeout, keep_going, errors, timing_starts, pair_done, progress, log)
+    else:
+        run_sequentially(pairs, full, case_timeout, keep_going, errors, timing_starts, pair_done, progress, log)
     if levers is not None:
-        _add_lever_rows(report)
+        add_lever_rows(report)
 
 
-def _key(spec: dict[str, Any]) -> str:
-    return json.dumps(spec, sort_keys=True)
 
 
-def _wait_for_file(path: str, timeout: float, log: Log | None) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            if log:
-                log(f"{path} did not appear within {timeout:.0f} s; timing anyway")
-            return
-        time.sleep(1.0)
 
 
-def _sequential_runs(pairs: list[StepPair], full: Callable[[dict], dict], case_timeout: float, keep_going: bool,
-                     errors: dict[str, str], before_timing: Callable[[], float], progress: Progress | None,
-                     log: Log | None) -> tuple[list[Runs], float]:
-    """Each (round, case) in a fresh process, one after another (a process's memory figures its own)."""
-    peak = before_timing()
-    runs: list[Runs] = []
-    total = sum(len(round_order(p)) for p in pairs)
-    done = 0
-    for pair in pairs:
-        run: Runs = {"ours": [], "theirs": []}
-        for _, spec in round_order(pair):
-            if progress:
-                progress(done, total, "training steps")
-            done += 1
-            if _key(spec) in errors:
-                continue
-            try:
-                res = run_case_in_subprocess(full(spec), timeout=case_timeout)
-            except UpctlError as exc:
-                if not keep_going:
-                    raise
-                errors[_key(spec)] = str(exc)
-                if log:
-                    log(f"{case_name(spec)}: {exc}")
-                continue
-            if log:
-                log(f"{case_name(spec)}: {res['median_s']:.4f} s/step")
-            run["ours" if spec is pair.ours else "theirs"].append(res)
-        runs.append(run)
-    if progress:
-        progress(total, total, "training steps")
-    return runs, peak
 
 
-def _graph_group(spec: dict[str, Any]) -> str:
-    """Cases that compile the same model graph (they differ only in CUDA graphs or optimizer state)."""
-    return _key({k: v for k, v in spec.items() if k not in ("cuda_graphs", "optim_state")})
 
 
-def _warm_cost(spec: dict[str, Any]) -> float:
-    """A rough relative compile time, to start the longest warm-ups first."""
-    cost = 1.0 if spec.get("compile") else 0.1
-    cost *= 2.0 if spec["kind"] == "retrieval" else 1.0  # two sequence shapes (two graphs with the encoder alone)
-    cost *= 4.0 if "autotune" in spec.get("compile_mode", "") else 1.0
-    return cost + (0.5 if spec.get("optim_state", "fp32") != "fp32" else 0.0)
 
 
-def _served_runs(pairs: list[StepPair], full: Callable[[dict], dict], jobs: int, case_timeout: float,
-                 keep_going: bool, errors: dict[str, str], before_timing: Callable[[], float],
-                 progress: Progress | None, log: Log | None) -> tuple[list[Runs], float]:
-    """Warm every distinct case up in a long-lived worker, `jobs` at a time, then time them one by one.
-
-    Cases that compile the same graph warm up one after another in one slot, the later ones finding
-    it in torch.compile's on-disk caches instead of compiling it again. A warm worker hands its
-    cached device memory back while it waits, so that the others can compile beside it; a warm-up
-    that runs out of device memory anyway is tried again at the end, alone. A worker is closed as
-    soon as its last timed run is done (a CUDA-graph case holds a whole step's activations).
-    """
-    if jobs < 1:
-        raise UpctlError(f"--jobs {jobs}: expected 1 or more")
-    specs: dict[str, dict[str, Any]] = {}
-    for pair in pairs:
-        for spec in (pair.ours, pair.theirs):
-            if spec is not None:
-                specs.setdefault(_key(spec), spec)
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for spec in specs.values():
-        groups.setdefault(_graph_group(spec), []).append(spec)
-    ordered = sorted(groups.values(), key=lambda g: -sum(_warm_cost(s) for s in g))
-    workers: dict[str, ServedCase] = {}
-    total = len(specs) + sum(len(round_order(p)) for p in pairs)
-    done = [0]
-
-    retry: list[dict[str, Any]] = []
-
-    def warm_one(spec: dict[str, Any], last_try: bool) -> None:
-        worker = ServedCase([sys.executable, "-m", "uniperceiver.bench.worker", "--serve", json.dumps(full(spec))])
-        try:
-            info = worker.expect("READY", case_timeout)
-        except RuntimeError as exc:
-            tail = worker.stderr_tail()
-            worker.close()
-            if not last_try and "out of memory" in tail.lower():
-                retry.append(spec)
-                if log:
-                    log(f"{case_name(spec)}: out of device memory while warming up beside others; tried again at the end")
-                return
-            errors[_key(spec)] = f"warm-up {exc}"
-            if log:
-                log(f"{case_name(spec)}: warm-up failed ({exc}); its last lines:\n{tail}")
-        else:
-            workers[_key(spec)] = worker
-            if log:
-                log(f"{case_name(spec)}: warmed up in {info['warmup_s']:.1f} s")
-        done[0] += 1
-        if progress:
-            progress(done[0], total, "training steps")
-
-    def warm(group: list[dict[str, Any]]) -> None:
-        for spec in sorted(group, key=lambda s: (bool(s.get("cuda_graphs")), s.get("optim_state", "fp32") != "fp32")):
-            warm_one(spec, last_try=False)
-
-    last_use = {_key(spec): i for i, pair in enumerate(pairs) for spec in (pair.ours, pair.theirs) if spec is not None}
-    runs: list[Runs] = []
-    try:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(warm, ordered))
-        for spec in retry:  # alone now: the other warm-ups are done and hold no activations
-            warm_one(spec, last_try=True)
-        if errors and not keep_going:
-            raise UpctlError("benchmark case(s) failed: " + "; ".join(
-                f"{case_name(json.loads(k))}: {msg}" for k, msg in errors.items()))
-        peak = before_timing()
-        for i, pair in enumerate(pairs):
-            run: Runs = {"ours": [], "theirs": []}
-            for _, spec in round_order(pair):
-                key = _key(spec)
-                if key in workers and key not in errors:
-                    worker = workers[key]
-                    try:
-                        worker.send("time")
-                        res = worker.expect("RESULT", case_timeout)
-                    except (OSError, RuntimeError) as exc:
-                        errors[key] = f"timed run {exc}"
-                        if log:
-                            log(f"{case_name(spec)}: timed run failed ({exc}); its last lines:\n{worker.stderr_tail()}")
-                        if not keep_going:
-                            raise UpctlError(f"benchmark case {case_name(spec)} failed: {exc}") from None
-                    else:
-                        run["ours" if spec is pair.ours else "theirs"].append(res)
-                        if log:
-                            log(f"{case_name(spec)}: {res['median_s']:.4f} s/step")
-                done[0] += 1
-                if progress:
-                    progress(done[0], total, "training steps")
-            runs.append(run)
-            for key in [k for k, last in last_use.items() if last == i and k in workers]:
-                workers.pop(key).close()
-    finally:
-        for worker in workers.values():
-            worker.close()
-    return runs, peak
 
 
-def _add_step_row(report: BenchReport, spec: dict[str, Any], results: list[dict], peak: float, lever: str = "") -> None:
-    """One row per case: the median over rounds of each round's median step time. On CUDA also the
-    step issued back to back (`pipelined_*`) and the host syncs in one step; warm-up seconds (which
-    hold the compilation) for every case."""
-    median_s = statistics.median(r["median_s"] for r in results)
-    first = results[0]
-    values: dict[str, Any] = dict(
-        batch=spec["batch"],
-        median_s=round(median_s, 4),
-        samples_per_s=round(spec["batch"] / median_s, 3),
-        tokens_per_s=round(first["tokens_per_s"] * first["median_s"] / median_s, 1),
-        gflops_per_s=round(first["flops_per_step"] / median_s / 1e9, 2),
-        mfu=round(first["flops_per_step"] / median_s / peak, 3),
-        peak_mem_mb=round(max(r["peak_mem_bytes"] for r in results) / 2**20, 1),
-    )
-    pipelined = [r["pipelined_s"] for r in results if r.get("pipelined_s")]
-    if pipelined:
-        p_s = statistics.median(pipelined)
-        values.update(pipelined_s=round(p_s, 4), pipelined_samples_per_s=round(spec["batch"] / p_s, 3),
-                      pipelined_mfu=round(first["flops_per_step"] / p_s / peak, 3))
-    if first.get("host_syncs", -1) >= 0:
-        values["host_syncs"] = max(r["host_syncs"] for r in results)
-    if "warmup_s" in first:
-        values["warmup_s"] = round(first["warmup_s"], 1)
-    if spec.get("compile") and "graph_breaks" in first:
-        values["graph_breaks"] = first["graph_breaks"]
-    if lever:
-        values["lever"] = lever
-    report.add("train_step", case_name(spec), **values)
 
 
-def _add_lever_rows(report: BenchReport) -> None:
-    """The lever table: each of our compiled cases against our compiled encoder (`train.compile`,
-    the figure a lever must beat) and against the compiled baseline of its kind, from this run."""
-    rows = [r for r in report.rows if r["section"] == "train_step"]
-    by_name = {r["name"]: r for r in rows}
-    for row in rows:
-        impl, size, kind, *tags = row["name"].split(" ")
-        if impl != "ours":
-            continue
-        values: dict[str, Any] = {"lever": row.get("lever", ""), "samples_per_s": row["samples_per_s"],
-                                  "mfu": row["mfu"]}
-        if "pipelined_mfu" in row:
-            values.update(pipelined_samples_per_s=row["pipelined_samples_per_s"], pipelined_mfu=row["pipelined_mfu"])
-        compiled = by_name.get(f"ours {size} {kind} compiled")
-        if compiled:
-            values["speedup_vs_compiled"] = round(compiled["median_s"] / row["median_s"], 3)
-        baseline = by_name.get(f"{'bert' if kind == 'text' else 'timm-vit'} {size} {kind} compiled")
-        if baseline and kind in ("text", "image"):
-            values["vs_baseline_compiled"] = round(baseline["median_s"] / row["median_s"], 3)
-        report.add("lever", row["name"], **values)
 
 
 def run_checkpointing_memory(report: BenchReport, device: torch.device, size: str, quick: bool) -> None:
@@ -529,12 +343,9 @@ def run_checkpointing_memory(report: BenchReport, device: torch.device, size: st
 
 def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None = None,
               sections: list[str] | None = None, progress: Progress | None = None,
-              rounds: int | None = None, compile: bool = False, kinds: list[str] | None = None, *,
-              levers: list[tuple[str, list[str] | None]] | None = None, overrides: dict[str, Any] | None = None,
-              baselines: bool = True, jobs: int | None = None, case_timeout: float = 900.0,
-              keep_going: bool = False, wait_for: str | None = None, sink: str | None = None,
-              log: Log | None = None) -> BenchReport:
+              steps: StepOptions | None = None, sink: str | None = None, log: Log | None = None) -> BenchReport:
     """The sections asked for, in order; the training-step options are `run_training_steps`'s."""
+    steps = steps or StepOptions()
     sizes = sizes or (["base"] if quick else ["tiny", "small", "base"])
     sections = sections or ["peak", "train", "memory", "decode", "loader", "eval", "scale"]
     report = BenchReport(machine_info(device), sink=sink)
@@ -554,14 +365,13 @@ def run_suite(device: torch.device, quick: bool = True, sizes: list[str] | None 
 
     if "train" in sections:
         # With parallel warm-ups the peak waits for them (and for `wait_for`): a busy device reads low.
-        run_training_steps(report, device, quick, sizes, peak if jobs else peak(), progress, rounds, compile, kinds,
-                           levers=levers, overrides=overrides, baselines=baselines, jobs=jobs,
-                           case_timeout=case_timeout, keep_going=keep_going, wait_for=wait_for, log=log)
+        run_training_steps(report, device, quick, sizes, peak if steps.jobs else peak(), progress, steps, log)
     peak()
     if "memory" in sections:
         run_checkpointing_memory(report, device, "base", quick)
     extra = _optional_sections()
-    for name, section in extra.items():  # decode, loader, eval, scale and any section registered there
+    known = ["decode", "loader", "eval", "scale"]  # their historical order, then any section registered later
+    for name, section in sorted(extra.items(), key=lambda kv: known.index(kv[0]) if kv[0] in known else len(known)):
         if name == "checkpoint" and name in sections:  # per model size (--sizes), old writer vs new
             section(report, device, quick, sizes)
         elif name in sections:

@@ -90,6 +90,7 @@ class StepResult:
     host_syncs: int = -1  # synchronising CUDA calls in one step (-1: not measured, off CUDA)
     warmup_s: float = 0.0  # wall time of the optimizer-state step and the warm-up steps: compilation included
     compiled_graphs: int = 0  # graphs torch.compile produced in this process (graph breaks add graphs)
+    peak_reserved_bytes: int = 0  # CUDA: the caching allocator's peak, a CUDA graph's memory pool included
     graph_breaks: int = 0
 
 
@@ -445,11 +446,13 @@ def time_step_case(prep: PreparedStep, repeats: int = 3, warmup: int = 0) -> Ste
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-    pipelined_s, host_syncs = 0.0, -1
+    pipelined_s, host_syncs, reserved = 0.0, -1, 0
     if repeats > 0:
         timing = time_fn(prep.step, warmup=0, repeats=repeats, device=device)
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_rss_bytes()
         if device.type == "cuda":
+            # A graph's activations live in its private pool: reserved, not allocated, between replays.
+            reserved = torch.cuda.max_memory_reserved(device)
             pipelined_s = time_pipelined(prep.step, repeats, device)
             host_syncs = count_host_syncs(prep.step, device)
     else:  # memory only: the one forward + backward pass stands for the step's time
@@ -473,6 +476,7 @@ def time_step_case(prep: PreparedStep, repeats: int = 3, warmup: int = 0) -> Ste
         warmup_s=prep.warmup_s,
         compiled_graphs=graphs,
         graph_breaks=breaks,
+        peak_reserved_bytes=reserved,
     )
 
 

@@ -14,12 +14,14 @@ from rich.table import Table
 from upctl.common import err_console, fail_on_error, progress_callback, report_console, write_json
 
 SECTIONS = ["peak", "train", "memory", "decode", "loader", "eval", "scale", "checkpoint"]
+#: Run when --sections is not given: `checkpoint` (minutes per model size) only when asked for.
+DEFAULT_SECTIONS = [s for s in SECTIONS if s != "checkpoint"]
 
 
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small shapes, base only, one round of 2 timed steps per case (under 3 minutes on a 2-core CPU)."),
-    sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step section (default: base quick; tiny,small,base full)."),
-    sections: str = typer.Option(",".join(SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)}."),
+    sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step and checkpoint sections (default: base quick; tiny,small,base full)."),
+    sections: str = typer.Option(",".join(DEFAULT_SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)} (checkpoint: save / resume per --sizes, only when named)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     rounds: int = typer.Option(None, "--rounds", help="ABBA rounds per training-step pair (default: 3 full, 1 quick)."),
     kinds: str = typer.Option("", "--kinds", help="Comma-separated training-step kinds to run (default all): text, image, video, caption, retrieval."),
@@ -50,11 +52,13 @@ def bench(
 
       upctl bench --sections train --sizes base --json bench.json
 
+      upctl bench --sections checkpoint --sizes base
+
       upctl bench --device cuda --sections train --sizes base --kinds image,retrieval --levers compiled,step,graphs:image --jobs 4 --keep-going
     """
     import torch
 
-    from uniperceiver.bench.suite import parse_levers, run_suite
+    from uniperceiver.bench.suite import StepOptions, parse_levers, run_suite
     from uniperceiver.errors import UpctlError
 
     console = report_console(json_path)
@@ -89,12 +93,12 @@ def bench(
         if overrides and not compile and {"compile_scope", "compile_mode"} & overrides.keys():
             raise UpctlError("--compile-scope and --compile-mode need --compile")
         with progress_callback("bench") as progress:
-            report = run_suite(dev, quick=quick, sizes=size_list, sections=chosen, progress=progress,
-                               rounds=rounds, compile=compile,
-                               kinds=[k.strip() for k in kinds.split(",") if k.strip()] or None,
-                               levers=lever_list, overrides=overrides or None, baselines=baselines, jobs=jobs,
-                               case_timeout=case_timeout, keep_going=keep_going,
-                               wait_for=str(wait_for) if wait_for else None,
+            steps = StepOptions(rounds=rounds, compile=compile,
+                                kinds=[k.strip() for k in kinds.split(",") if k.strip()] or None,
+                                levers=lever_list, overrides=overrides or None, baselines=baselines, jobs=jobs,
+                                case_timeout=case_timeout, keep_going=keep_going,
+                                wait_for=str(wait_for) if wait_for else None)
+            report = run_suite(dev, quick=quick, sizes=size_list, sections=chosen, progress=progress, steps=steps,
                                sink=str(jsonl_path) if jsonl_path else None,
                                log=lambda line: err_console.print(line, markup=False, highlight=False))
     _print(report.rows, console)
