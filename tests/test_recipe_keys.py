@@ -153,7 +153,9 @@ RECIPE_PROBES: dict[str, Rec | Elsewhere | Pending] = {
     "tune.share_deep_prompt": Rec(True, False, "model", ("stage=prompt_tune",)),
     "tune.fraction": Rec(None, 0.5, "training_tasks"),
     "tune.fraction_seed": Rec(0, 1, "training_tasks", ("tune.fraction=0.1",)),
-    "eval.split": Rec("val", "train", "evaluation"),
+    # The task trains on val here, so eval.split=val is refused as training data (no evaluation) and
+    # eval.split=train is scored: periodic evaluation never scores a split the task trains on.
+    "eval.split": Rec("val", "train", "evaluation", ('tasks=[{name: mini-faces, batch_size: 4, split: val}]',)),
     "eval.limit": Rec(2, 3, "evaluation"),
     "stages[].name": Rec("one", "two", "stages", ('stages=[{name: one, set: {}}]',)),
     "stages[].set": Rec({}, {"optim.lr": 5e-4}, "stages", ('stages=[{name: one, set: {}}]',)),
