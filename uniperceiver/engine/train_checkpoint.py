@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
+from uniperceiver.engine.checkpoint_io import read_safetensors_into, torch_save_hashed, write_hashed, write_safetensors
 # The RNG helpers are part of the TrainState now; re-exported for callers of this module.
 from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state
 from uniperceiver.errors import CheckpointError, StorageError
@@ -59,9 +60,8 @@ from uniperceiver.errors import CheckpointError, StorageError
 from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
     FORMAT, LATEST_NAME, META_NAME, STEP_RE, Warn, find_valid_checkpoint, list_checkpoints, verify_checkpoint,
 )
-from uniperceiver.engine.checkpoint_io import read_safetensors_into, torch_save_hashed, write_hashed, write_safetensors
-from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, read_config, save_model
 from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, read_config, save_model
 from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
