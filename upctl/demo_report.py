@@ -30,6 +30,9 @@ REGIME_LABELS = {"zeroshot": "zero-shot", "prompt": "prompt tuning", "finetune":
 RESULT_KEYS = ("demo", "pretrain", "stages", "tasks")
 
 
+#: The checks of every held-out task, in the order the table states them.
+CHECKS = ("zeroshot_above_chance_beyond_spread", "prompt_above_zeroshot", "finetune_at_least_prompt")
+
 def read_record(path: Path) -> dict[str, Any]:
     """One command's `--json` record, or a DemoError naming the file."""
     try:
@@ -197,8 +200,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += [f"- `{t['task']}`: {t['new_in_this_task']}." for t in results["tasks"]]
     lines += ["", "Checks (mean over seeds; zero-shot must clear chance by more than its spread):", ""]
     for t in results["tasks"]:
-        c = t["checks"]
-        marks = ", ".join(f"{name.replace('_', ' ')}: {'yes' if ok else 'NO'}" for name, ok in c.items())
+        c = t["checks"]  # in CHECKS order: a results.json written with sorted keys renders the same
+        marks = ", ".join(f"{name.replace('_', ' ')}: {'yes' if c[name] else 'NO'}" for name in CHECKS if name in c)
         lines.append(f"- `{t['task']}`: {marks}")
     lines += ["", "Stages (wall-clock seconds):", "", "| stage | commands | seconds |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['commands']} | {s['seconds']:.0f} |" for s in results["stages"]]
