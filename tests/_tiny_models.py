@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
 from uniperceiver.modeling.model import build_model
+
+
+def save_tiny_checkpoint(out_dir: Path) -> Path:
+    """The tiny model as a model folder, seeded; LayerScale 1.0 (not the reference 1e-3) so that a
+    randomly initialised model's features depend on its input and rankings differ between samples."""
+    from uniperceiver.modeling.model_dir import save_model
+
+    torch.manual_seed(0)
+    return save_model(build_model("tiny", layer_scale_init=1.0), out_dir)
 
 
 def digits(n: int, size: int = 64) -> torch.Tensor:

@@ -24,7 +24,7 @@ for _mod in ("sklearn", "skimage"):
 
 from uniperceiver.tasks.custom import build_custom_task, load_custom_spec  # noqa: E402
 from uniperceiver.evaluation.harness import evaluate_task, join_predictions, split_predictions  # noqa: E402
-from uniperceiver.modeling import build_model, save_model  # noqa: E402
+from _tiny_models import save_tiny_checkpoint  # noqa: E402
 from uniperceiver.modeling.model_dir import load_model  # noqa: E402
 from uniperceiver.tokenizers.text import get_tokenizer  # noqa: E402
 
@@ -78,10 +78,8 @@ dist.destroy_process_group()
 
 @pytest.fixture(scope="session")
 def ckpt(tmp_path_factory) -> Path:
-    """The tiny model as a checkpoint. LayerScale 1.0 (not the reference 1e-3) so that a randomly
-    initialised model's features depend on its input and rankings differ between samples."""
-    torch.manual_seed(0)
-    return save_model(build_model("tiny", layer_scale_init=1.0), tmp_path_factory.mktemp("ckpt") / "tiny")
+    """The tiny model as a checkpoint (tests/_tiny_models.py)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="session")

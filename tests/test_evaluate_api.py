@@ -24,13 +24,13 @@ from uniperceiver.evaluation.api import evaluate_checkpoint  # noqa: E402
 from uniperceiver.evaluation.checkpoints import resolve_model_dir  # noqa: E402
 from uniperceiver.evaluation.harness import EvalOptions, evaluate_task  # noqa: E402
 from uniperceiver.modeling import build_model, save_model  # noqa: E402
+from _tiny_models import save_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model (LayerScale 1.0, so random features still depend on the input) as a model folder."""
-    torch.manual_seed(0)
-    return save_model(build_model("tiny", layer_scale_init=1.0), tmp_path_factory.mktemp("ckpt") / "tiny")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

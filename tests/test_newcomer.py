@@ -30,12 +30,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
+    from _tiny_models import save_tiny_checkpoint
 
-    from uniperceiver.modeling import build_model, save_model
-
-    torch.manual_seed(0)
-    return save_model(build_model("tiny", layer_scale_init=1.0), tmp_path_factory.mktemp("ckpt") / "tiny")
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")

@@ -294,9 +294,9 @@ def _table_rows(markdown: str, header_start: str) -> list[str]:
 def test_the_readme_demo_table_is_the_recorded_runs_own_table() -> None:
     """README's "Measured results" table = the table `upctl demo` wrote for the recorded run (docs/demo/results.md),
     and that file is what the demo's own renderer makes of the run's results.json (not edited by hand)."""
-    if not (RECORDED_DEMO / "results.md").is_file():
-        pytest.skip("no recorded demo run under docs/demo/: copy a run's results.md and results.json there "
-                    "(`upctl demo` writes them to demo-out/)")
+    assert (RECORDED_DEMO / "results.md").is_file(), (
+        "no recorded demo run under docs/demo/: copy a run's results.md and results.json there "
+        "(`upctl demo` writes them to demo-out/)")
     import json
 
     from upctl.demo_report import HEADER, render_markdown

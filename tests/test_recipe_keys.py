@@ -60,6 +60,7 @@ from uniperceiver.tasks import FAMILIES, build_task, task_config
 from uniperceiver.tasks.catalog import family_options
 from uniperceiver.tasks.options import FieldError, TaskConfig
 from upctl.main import app
+from _trainer_fixtures import one_thread  # noqa: E402,F401  (shared fixture: one intra-op thread)
 
 REPO = Path(__file__).resolve().parents[1]
 #: A model small enough that a probe costs milliseconds.
@@ -322,14 +323,6 @@ def test_decoding_keys_of_the_eval_section_are_refused_and_point_to_the_caption_
 
 
 # -- shared inputs ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

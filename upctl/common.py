@@ -156,8 +156,10 @@ def _no_flag_placeholder(param: object) -> None:
         param.metavar = ""
 
 
-class UpctlCommand(typer.core.TyperCommand):
-    """A subcommand whose help shows no value placeholder for flags (`--quick`, not `--quick <bool>`)."""
+class _FlagsWithoutPlaceholders:
+    """Help shows no value placeholder for flags (`--quick`, not `--quick <bool>`), `--help` included."""
+
+    params: list[Any]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -165,23 +167,17 @@ class UpctlCommand(typer.core.TyperCommand):
             _no_flag_placeholder(param)
 
     def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
+        option = super().get_help_option(ctx)  # type: ignore[misc]
         _no_flag_placeholder(option)
         return option
 
 
-class UpctlGroup(typer.core.TyperGroup):
-    """The `upctl` group: flags without placeholders, and usage errors of any subcommand as one line."""
+class UpctlCommand(_FlagsWithoutPlaceholders, typer.core.TyperCommand):
+    """A subcommand of `upctl`."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            _no_flag_placeholder(param)
 
-    def get_help_option(self, ctx: Any) -> Any:
-        option = super().get_help_option(ctx)
-        _no_flag_placeholder(option)
-        return option
+class UpctlGroup(_FlagsWithoutPlaceholders, typer.core.TyperGroup):
+    """The `upctl` group: usage errors of any subcommand as one line."""
 
     def make_context(self, *args: Any, **kwargs: Any) -> Any:
         with one_line_usage_errors():  # `upctl --nosuch`, `upctl evalute`

@@ -7,6 +7,8 @@ torch are imported inside the command bodies (tests/test_cli_fast.py checks it).
 
 from __future__ import annotations
 
+import importlib
+
 import typer
 
 from uniperceiver import __version__
@@ -54,39 +56,23 @@ def main(
     set_debug(ctx, debug)
 
 
-from upctl.commands.convert import convert  # noqa: E402
+#: name -> (module, function) of every command. The command modules import the library inside
+#: their bodies, so registering them here costs no torch import (`upctl --help` stays fast).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("convert", "convert"),
+    "prepare": ("prepare", "prepare"),
+    "zeroshot": ("evaluate", "zeroshot"),
+    "evaluate": ("evaluate", "evaluate"),
+    "predict": ("evaluate", "predict"),
+    "tasks": ("tasks", "tasks"),
+    "validate": ("recipes", "validate"),
+    "recipes": ("recipes", "recipes"),
+    "pretrain": ("train", "pretrain"),
+    "prompt-tune": ("train", "prompt_tune"),
+    "finetune": ("train", "finetune"),
+    "bench": ("bench", "bench"),
+    "demo": ("demo", "demo"),
+}
 
-app.command("convert", cls=UpctlCommand)(convert)
-
-from upctl.commands.prepare import prepare  # noqa: E402
-
-app.command("prepare", cls=UpctlCommand)(prepare)
-
-from upctl.commands.evaluate import evaluate, predict, zeroshot  # noqa: E402
-
-app.command("zeroshot", cls=UpctlCommand)(zeroshot)
-app.command("evaluate", cls=UpctlCommand)(evaluate)
-app.command("predict", cls=UpctlCommand)(predict)
-
-from upctl.commands.tasks import tasks  # noqa: E402
-
-app.command("tasks", cls=UpctlCommand)(tasks)
-
-from upctl.commands.recipes import recipes, validate  # noqa: E402
-
-app.command("validate", cls=UpctlCommand)(validate)
-app.command("recipes", cls=UpctlCommand)(recipes)
-
-from upctl.commands.train import finetune, pretrain, prompt_tune  # noqa: E402
-
-app.command("pretrain", cls=UpctlCommand)(pretrain)
-app.command("prompt-tune", cls=UpctlCommand)(prompt_tune)
-app.command("finetune", cls=UpctlCommand)(finetune)
-
-from upctl.commands.bench import bench  # noqa: E402
-
-app.command("bench", cls=UpctlCommand)(bench)
-
-from upctl.commands.demo import demo  # noqa: E402
-
-app.command("demo", cls=UpctlCommand)(demo)
+for _name, (_module, _function) in COMMANDS.items():
+    app.command(_name, cls=UpctlCommand)(getattr(importlib.import_module(f"upctl.commands.{_module}"), _function))

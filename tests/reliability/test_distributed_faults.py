@@ -22,6 +22,7 @@ import pytest
 from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.runs import iter_step_losses
 
+from ._blocking import alive, children
 from .conftest import LAUNCHER_SOURCE, SMALL_MODEL_SETS, TINY_RECIPE, rank_state, subprocess_env, trainer_state
 
 STEPS = 12
@@ -31,28 +32,13 @@ SETS = SMALL_MODEL_SETS + [f"train.max_steps={STEPS}", "train.ckpt_every=2", "tr
 END_WITHIN_S = 90
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(entry.name))
-    return out
-
-
 def _workers(root: int, launcher: Path) -> dict[int, int]:
     """rank -> pid of the torchrun workers running `launcher` (any depth below `root`)."""
     found: dict[int, int] = {}
     todo = [root]
     while todo:
         pid = todo.pop()
-        for child in _children(pid):
+        for child in children(pid):
             todo.append(child)
             try:
                 cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes()
@@ -65,14 +51,6 @@ def _workers(root: int, launcher: Path) -> dict[int, int]:
                 if item.startswith(b"RANK="):
                     found[int(item[5:])] = child
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.slow
@@ -115,7 +93,7 @@ def test_a_dead_rank_ends_the_job_with_a_clear_message_and_the_job_resumes(mini_
     assert rc != 0, text[-3000:]
     # the failure names the rank and how it died (torchrun's failure report)
     assert re.search(r"rank\s*:\s*1\b", text) and ("SIGKILL" in text or "Signal 9" in text), text[-3000:]
-    assert not _alive(workers[0]), "rank 0 outlived the job"
+    assert not alive(workers[0]), "rank 0 outlived the job"
     print(f"job ended {took:.1f} s after rank 1 was killed")
 
     last = ckpt.find_valid_checkpoint(out / "checkpoints")
