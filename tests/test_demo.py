@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from uniperceiver.engine.runs import MetricsLog
 from upctl.demo import HELD_OUT, Layout, build_stages, default_plan, last_logged_step
-from upctl.demo_report import REGIMES, RESULT_KEYS, fmt, spread
+from upctl.demo_baselines import compute_baseline
+from upctl.demo_report import GOALS, REGIMES, RESULT_KEYS, fmt, spread
 from upctl.main import app
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,9 +162,23 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
     for row, task in zip(rows, results["tasks"]):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[2] == f"{task['chance']:.1f}"
-        assert cells[3] == f"{task['regimes']['zeroshot']['mean']:.1f}"
-        assert cells[4].startswith(f"{task['regimes']['prompt']['mean']:.1f} (")
-    assert "QUICK run" in md
+        assert cells[3].startswith(f"{task['baseline']['value']:.1f} (")  # the classic baseline column
+        assert cells[4] == f"{task['regimes']['zeroshot']['mean']:.1f}"
+        assert cells[5].startswith(f"{task['regimes']['prompt']['mean']:.1f} (")
+    assert "QUICK run" in md and "classic baseline" in md.splitlines()[next(
+        i for i, ln in enumerate(md.splitlines()) if ln.startswith("| held-out task"))]
+    assert sum(ln.startswith("- goal ") for ln in md.splitlines()) == len(GOALS)
+    # The baseline column is scikit-learn fitted on the same prepared train split, scored on the same samples.
+    for held, task in zip(HELD_OUT, results["tasks"]):
+        b = task["baseline"]
+        assert b["method"] == held.baseline and b["eval_split"] == "val" and b["train_split"] == "train"
+        assert b["eval_samples"] == task["regimes"]["zeroshot"]["eval_samples"][0]
+        again = compute_baseline(held.baseline, task["dataset"], data, "train", "val")
+        assert b["value"] == pytest.approx(again.value) and 0.0 < b["value"] <= 100.0
+        assert task["checks"]["finetune_within_5_of_baseline"] == (
+            task["regimes"]["finetune"]["mean"] >= b["value"] - 5.0)
+    assert results["demo"]["command"].startswith("upctl demo --quick") or "demo --quick" in results["demo"]["command"]
+    assert results["demo"]["machine"]["cores"] == os.cpu_count() and results["demo"]["threads_per_command"] == 1
 
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -182,3 +197,36 @@ def test_quick_demo_end_to_end(tmp_path: Path) -> None:
             assert any(row["phase"] == "train" for row in csv.DictReader(fh)), stage
     assert len(list((out / "logs").glob("*.log"))) == 2 + len(tasks) * 5
     assert (out / "logs" / "pretrain-s0.log").read_text().startswith("$ upctl pretrain ")
+
+
+@pytest.mark.slow
+def test_demo_commands_reproduce_exactly_on_one_machine_with_one_thread(tmp_path: Path) -> None:
+    """What the demo promises: the same commands, seed and thread count on one machine give identical numbers.
+
+    The demo runs every command with one BLAS/OpenMP thread (`child_env(1)`), so the core count of the
+    machine does not change the arithmetic; another CPU model may (other vector kernels round differently).
+    """
+    from upctl.demo import Job, Runner, Stage
+
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-m", "upctl", "prepare", "mini", "--data-dir", str(data), "--option",
+                    "only=digits,photos,video,news"], check=True, capture_output=True, cwd=tmp_path, timeout=600)
+    chains = []
+    for copy in ("a", "b"):
+        run, rec = tmp_path / f"pt-{copy}", tmp_path / f"zs-{copy}.json"
+        chains.append([
+            Job(f"pretrain-{copy}", ["pretrain", str(ROOT / "recipes" / "mini" / "pretrain.yaml"), "--data-dir", str(data),
+                                     "--output", str(run), "--max-steps", "12", "--set", "train.seed=3"],
+                tmp_path / f"pretrain-{copy}.log"),
+            Job(f"zeroshot-{copy}", ["zeroshot", "--task", "mini-digits", "--checkpoint", str(run), "--data-dir", str(data),
+                                     "--json", str(rec), "--no-cache"], tmp_path / f"zeroshot-{copy}.log"),
+        ])
+    Runner(jobs=2, threads=1).run(Stage("repro", "twice the same commands side by side", chains))
+    a, b = (json.loads((tmp_path / f"zs-{c}.json").read_text()) for c in ("a", "b"))
+    assert a["metrics"] == b["metrics"] and a["num_samples"] == b["num_samples"] == 269
+    assert [(p["pred"], p["scores"]) for p in a["predictions"]] == [(p["pred"], p["scores"]) for p in b["predictions"]]
+    weights = [(tmp_path / f"pt-{c}" / "final" / "model.safetensors").read_bytes() for c in ("a", "b")]
+    assert weights[0] == weights[1]
+    with open(tmp_path / "pt-a" / "metrics.csv", newline="") as fh:
+        losses = [row["value"] for row in csv.DictReader(fh) if row["name"] == "loss"]
+    assert len(set(losses)) > 1  # the runs trained: identical files are not two untouched initialisations

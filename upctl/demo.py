@@ -49,12 +49,16 @@ class HeldOut:
     chance_kind: str
     #: What pre-training never showed the model (why this is zero-shot transfer).
     new: str
+    #: The classic baseline beside the regimes (a key of `upctl.demo_baselines.BASELINES`).
+    baseline: str
     #: Few-shot share for prompt tuning (the paper uses 0.01; see `fraction_note`).
     prompt_fraction: float
     fraction_note: str = ""
     #: Extra `--set` overrides of `upctl prompt-tune` / `upctl finetune` (e.g. a batch size).
     prompt_sets: tuple[str, ...] = ()
     finetune_sets: tuple[str, ...] = ()
+    #: Steps of this task's fine-tuning when not the recipe's (a quick plan's override wins).
+    finetune_steps: int | None = None
 
 
 @dataclass(frozen=True)
@@ -75,23 +79,25 @@ HELD_OUT: tuple[HeldOut, ...] = (
         task="mini-digits", metric="top1", metric_label="top-1 accuracy", chance_kind="accuracy",
         new="classification against the bare class names 'zero'..'nine' (pre-training saw these images only "
             "as image-caption pairs 'a handwritten digit ...')",
-        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 125) + 1 = 2 images per digit",
+        baseline="pixels_logreg", prompt_fraction=0.01, fraction_note="1% = int(0.01 x 125) + 1 = 2 images per digit",
+        # 1,258 training images: the template's 40 steps x 16 are half an epoch; 800 x 32 are about 20 epochs.
+        finetune_sets=("tasks.0.batch_size=32",), finetune_steps=800,
     ),
     HeldOut(
         task="mini-faces", metric="top1", metric_label="top-1 accuracy", chance_kind="accuracy",
         new="face / not-a-face images and both class names (no faces, no word 'face' as a class in pre-training)",
-        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 image per class",
+        baseline="pixels_logreg", prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 image per class",
     ),
     HeldOut(
         task="mini-video-retrieval", metric="i2t_R@1", metric_label="video-to-text R@1", chance_kind="retrieval_r1",
         new="video-text retrieval with free captions (pre-training saw these clips only as 3-way classification)",
-        prompt_fraction=0.01, prompt_sets=("tasks.0.batch_size=3",), finetune_sets=("tasks.0.batch_size=4",),
+        baseline="video_nn", prompt_fraction=0.01, prompt_sets=("tasks.0.batch_size=3",), finetune_sets=("tasks.0.batch_size=4",),
         fraction_note="1% = int(0.01 x n) + 1 = 1 window per clip class (3 windows), one batch of 3",
     ),
     HeldOut(
         task="mini-sentiment", metric="accuracy", metric_label="accuracy", chance_kind="accuracy",
         new="sentiment as the SST-2 cloze {bad, wonderful} (the only text task in pre-training is masked LM on news)",
-        prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 sentence per label",
+        baseline="tfidf_logreg", prompt_fraction=0.01, fraction_note="1% = int(0.01 x 50) + 1 = 1 sentence per label",
     ),
 )
 
@@ -358,7 +364,7 @@ def build_stages(plan: DemoPlan, lay: Layout, device: str | None = None) -> list
         for s in plan.seeds:
             for t in plan.tasks:
                 run = lay.tuned_run(regime, t.task, s)
-                steps = (plan.prompt_steps if regime == "prompt" else plan.finetune_steps)
+                steps = plan.prompt_steps if regime == "prompt" else (plan.finetune_steps or t.finetune_steps)
                 units = steps or task_recipe_steps(t.task, "prompt_tune" if regime == "prompt" else "finetune")
                 frac = fraction_of(t)
                 train_args = [command, "--task", t.task, "--checkpoint", str(lay.pretrain_run(s)), "--seed", str(s),

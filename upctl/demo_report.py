@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +27,7 @@ from typing import Any, Sequence
 
 from uniperceiver.utils.files import atomic_write, atomic_write_json, atomic_write_text
 from upctl.demo import DemoError, DemoPlan, Layout, Stage
+from upctl.demo_baselines import compute_baseline
 
 REGIMES = ("zeroshot", "prompt", "finetune")
 REGIME_LABELS = {"zeroshot": "zero-shot", "prompt": "prompt tuning", "finetune": "fine-tuning"}
@@ -31,7 +35,13 @@ RESULT_KEYS = ("demo", "pretrain", "stages", "tasks")
 
 
 #: The checks of every held-out task, in the order the table states them.
-CHECKS = ("zeroshot_above_chance_beyond_spread", "prompt_above_zeroshot", "finetune_at_least_prompt")
+CHECKS = ("zeroshot_above_chance_beyond_spread", "prompt_above_zeroshot", "finetune_at_least_prompt",
+          "finetune_within_5_of_baseline")
+#: Points fine-tuning may trail the classic baseline and still count as "trained properly".
+BASELINE_MARGIN = 5.0
+#: The benchmark's goals over all held-out tasks: (check, how many tasks must pass; None = all).
+GOALS = (("zeroshot_above_chance_beyond_spread", 3), ("prompt_above_zeroshot", None),
+         ("finetune_within_5_of_baseline", None))
 
 def read_record(path: Path) -> dict[str, Any]:
     """One command's `--json` record, or a DemoError naming the file."""
@@ -72,6 +82,28 @@ def retrieval_chance(record: dict[str, Any], data_dir: Path) -> float:
     return 100.0 * sum(len(o) / len(distinct) for o in own) / len(own)
 
 
+def command_line() -> str:
+    """How this run was started (recorded so a results.json says which command made it)."""
+    return " ".join(["upctl", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("upctl", "__main__.py") else " ".join(sys.argv)
+
+
+def machine_summary() -> dict[str, Any]:
+    """CPU model, core count and library versions: what exact reproduction of the numbers depends on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import numpy
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__}
+
+
 def spread(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample standard deviation); the deviation is 0 for a single value."""
     mean = statistics.fmean(values)
@@ -98,7 +130,7 @@ def _model_summary(plan: DemoPlan) -> dict[str, Any]:
 
 
 def collect(plan: DemoPlan, lay: Layout, stages: Sequence[Stage], started: float, total_s: float,
-            pretrain_steps: int) -> dict[str, Any]:
+            pretrain_steps: int, threads: int = 1) -> dict[str, Any]:
     """The results document (what results.json holds) from the commands' records."""
     prep = read_record(lay.prepare_record)
     split_counts = {str(k): int(v) for k, v in (prep.get("splits") or {}).items()}
@@ -128,19 +160,23 @@ def collect(plan: DemoPlan, lay: Layout, stages: Sequence[Stage], started: float
                                "fraction": t.prompt_fraction if regime == "prompt" else (1.0 if regime == "finetune" else 0.0)}
         assert first is not None
         chance = accuracy_chance(first) if t.chance_kind == "accuracy" else retrieval_chance(first, lay.data_dir)
+        baseline = compute_baseline(t.baseline, str(first["dataset"]), lay.data_dir, "train", str(first["split"]))
         zs, pt, ft = (regimes[r] for r in REGIMES)
         tasks.append({
             "task": t.task, "family": first.get("family"), "dataset": first.get("dataset"), "split": first.get("split"),
             "metric": t.metric, "metric_label": t.metric_label, "chance": chance, "chance_kind": t.chance_kind,
             "new_in_this_task": t.new, "prompt_fraction_note": t.fraction_note, "regimes": regimes,
+            "baseline": baseline.as_dict(),
             "checks": {
                 "zeroshot_above_chance_beyond_spread": zs["mean"] - zs["std"] > chance,
                 "prompt_above_zeroshot": pt["mean"] > zs["mean"],
                 "finetune_at_least_prompt": ft["mean"] >= pt["mean"],
+                "finetune_within_5_of_baseline": ft["mean"] >= baseline.value - BASELINE_MARGIN,
             },
         })
     return {
         "demo": {"quick": plan.quick, "seeds": list(plan.seeds), "data_dir": str(lay.data_dir), "out": str(lay.out),
+                 "command": command_line(), "machine": machine_summary(), "threads_per_command": threads,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                  "total_seconds": round(total_s, 1), "spread": "sample standard deviation over seeds"},
         "pretrain": {"recipe": str(plan.pretrain_recipe), "steps": pretrain_steps, "model": _model_summary(plan),
@@ -164,18 +200,34 @@ def _cells(task: dict[str, Any]) -> list[str]:
     pt_n = sorted(set(r["prompt"]["train_samples"]))
     pt_share = f"{100 * r['prompt']['fraction']:g}%: {'/'.join(map(str, pt_n))} samples"
     ft_n = sorted(set(r["finetune"]["train_samples"]))
+    b = task["baseline"]
     return [
         f"{task['task']}",
         f"{task['metric_label']} ({task['split']}, n={r['zeroshot']['eval_samples'][0]})",
         f"{task['chance']:.1f}",
+        f"{b['value']:.1f} ({BASELINE_SHORT.get(b['method'], b['method'])})",
         fmt(r["zeroshot"]["mean"], r["zeroshot"]["std"], n),
         f"{fmt(r['prompt']['mean'], r['prompt']['std'], n)} ({pt_share})",
         f"{fmt(r['finetune']['mean'], r['finetune']['std'], n)} (100%: {'/'.join(map(str, ft_n))} samples)",
     ]
 
 
-HEADER = ["held-out task", "metric (eval split, n)", "chance", "zero-shot", "prompt tuning (train share)",
-          "fine-tuning (train share)"]
+HEADER = ["held-out task", "metric (eval split, n)", "chance", "classic baseline (100%)", "zero-shot",
+          "prompt tuning (train share)", "fine-tuning (train share)"]
+BASELINE_SHORT = {"pixels_logreg": "pixels + logreg", "tfidf_logreg": "TF-IDF + logreg", "video_nn": "pixel NN"}
+
+
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    """One line per goal of the benchmark (GOALS): how many held-out tasks pass it, and whether that is enough."""
+    tasks = results["tasks"]
+    lines = []
+    for check, need in GOALS:
+        passed = [t["task"] for t in tasks if t["checks"].get(check)]
+        want = len(tasks) if need is None else need
+        verdict = "holds" if len(passed) >= want else "does NOT hold"
+        lines.append(f"goal {check.replace('_', ' ')} on {'all' if need is None else f'at least {need} of'} "
+                     f"{len(tasks)} tasks: {len(passed)} of {len(tasks)}, {verdict}")
+    return lines
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -198,11 +250,17 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(_cells(t)) + " |" for t in results["tasks"]]
     lines += ["", "What each held-out task adds that pre-training never showed:", ""]
     lines += [f"- `{t['task']}`: {t['new_in_this_task']}." for t in results["tasks"]]
-    lines += ["", "Checks (mean over seeds; zero-shot must clear chance by more than its spread):", ""]
+    lines += ["", "Classic baselines (scikit-learn on the same training split, scored on the same samples; deterministic, "
+              "no seed spread):", ""]
+    lines += [f"- `{t['task']}`: {t['baseline']['description']}, trained on {t['baseline']['train_split']} "
+              f"(n={t['baseline']['train_samples']})." for t in results["tasks"]]
+    lines += ["", f"Checks (mean over seeds; zero-shot must clear chance by more than its spread; fine-tuning may trail "
+              f"the baseline by at most {BASELINE_MARGIN:g} points):", ""]
     for t in results["tasks"]:
         c = t["checks"]  # in CHECKS order: a results.json written with sorted keys renders the same
         marks = ", ".join(f"{name.replace('_', ' ')}: {'yes' if c[name] else 'NO'}" for name in CHECKS if name in c)
         lines.append(f"- `{t['task']}`: {marks}")
+    lines += ["", *[f"- {line}" for line in goal_lines(results)]]
     lines += ["", "Stages (wall-clock seconds):", "", "| stage | commands | seconds |", "|---|---|---|"]
     lines += [f"| {s['stage']} | {s['commands']} | {s['seconds']:.0f} |" for s in results["stages"]]
     lines += [f"| total | {sum(s['commands'] for s in results['stages'])} | {d['total_seconds']:.0f} |", ""]
@@ -218,25 +276,28 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
 
     tasks = results["tasks"]
     fig, ax = plt.subplots(figsize=(2.6 + 2.4 * len(tasks), 4.2), dpi=110)
-    width = 0.26
-    colours = {"zeroshot": "#8da0cb", "prompt": "#fc8d62", "finetune": "#66c2a5"}
-    for k, regime in enumerate(REGIMES):
-        xs = [i + (k - 1) * width for i in range(len(tasks))]
-        means = [t["regimes"][regime]["mean"] for t in tasks]
-        stds = [t["regimes"][regime]["std"] for t in tasks]
-        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, color=colours[regime], label=REGIME_LABELS[regime])
+    width = 0.2
+    colours = {"zeroshot": "#8da0cb", "prompt": "#fc8d62", "finetune": "#66c2a5", "baseline": "#bbbbbb"}
+    series = [(REGIME_LABELS[r], colours[r], [t["regimes"][r]["mean"] for t in tasks],
+               [t["regimes"][r]["std"] for t in tasks]) for r in REGIMES]
+    series.append(("classic baseline", colours["baseline"], [t["baseline"]["value"] for t in tasks], None))
+    for k, (label, colour, means, stds) in enumerate(series):
+        xs = [i + (k - 1.5) * width for i in range(len(tasks))]
+        bars = ax.bar(xs, means, width, yerr=stds, capsize=3, color=colour, label=label,
+                      hatch="//" if stds is None else None, edgecolor="white" if stds is None else None)
         for b, m in zip(bars, means):
             ax.text(b.get_x() + b.get_width() / 2, m + 1.5, f"{m:.0f}", ha="center", va="bottom", fontsize=7)
     for i, t in enumerate(tasks):
-        ax.hlines(t["chance"], i - 1.6 * width, i + 1.6 * width, colors="black", linestyles="dashed", linewidth=1,
+        ax.hlines(t["chance"], i - 2.1 * width, i + 2.1 * width, colors="black", linestyles="dashed", linewidth=1,
                   label="chance" if i == 0 else None)
     ax.set_xticks(range(len(tasks)))
-    ax.set_xticklabels([f"{t['task']}\n{t['metric_label']}" for t in tasks], fontsize=8)
+    ax.set_xticklabels([f"{t['task']}\n{t['metric_label']}\nchecks held: {sum(1 for c in CHECKS if t['checks'].get(c))}"
+                        f"/{len(CHECKS)}" for t in tasks], fontsize=8)
     ax.set_ylim(0, 112)
     ax.set_ylabel("percent")
     n = len(results["demo"]["seeds"])
     ax.set_title(f"held-out tasks: mean over {n} seed(s)" + (", error bars = std" if n > 1 else ""), fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", ncol=4)
+    ax.legend(fontsize=7, loc="upper left", ncol=5)
     fig.tight_layout()
     buf = __import__("io").BytesIO()
     fig.savefig(buf, format="png")
@@ -253,5 +314,5 @@ def write_results(results: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["HEADER", "REGIMES", "RESULT_KEYS", "accuracy_chance", "collect", "read_record", "render_chart",
+__all__ = ["BASELINE_MARGIN", "CHECKS", "GOALS", "HEADER", "REGIMES", "goal_lines", "RESULT_KEYS", "accuracy_chance", "collect", "read_record", "render_chart",
            "render_markdown", "retrieval_chance", "spread", "write_results"]

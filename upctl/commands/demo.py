@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from upctl.common import console, err_console, fail_on_error
-from upctl.demo_report import fmt
+from upctl.demo_report import fmt, goal_lines
 
 
 def _print_table(results: dict) -> None:
@@ -25,12 +25,12 @@ def _print_table(results: dict) -> None:
     n = len(results["demo"]["seeds"])
     table = Table(title=f"held-out tasks, percent ({'mean ± std over ' + str(n) + ' seeds' if n > 1 else '1 seed'})",
                   title_justify="left")
-    for name in ("task", "metric", "chance", "zero-shot", "prompt", "fine-tune"):
+    for name in ("task", "metric", "chance", "baseline", "zero-shot", "prompt", "fine-tune"):
         table.add_column(name, justify="left" if name in ("task", "metric") else "right", overflow="fold")
     for task in results["tasks"]:
         r = task["regimes"]
         cells = [fmt(r[k]["mean"], r[k]["std"], n) for k in ("zeroshot", "prompt", "finetune")]
-        table.add_row(task["task"], task["metric"], f"{task['chance']:.1f}", *cells)
+        table.add_row(task["task"], task["metric"], f"{task['chance']:.1f}", f"{task['baseline']['value']:.1f}", *cells)
     console.print(table)
     shares = ", ".join(f"{t['task']} {'/'.join(map(str, sorted(set(t['regimes']['prompt']['train_samples']))))}"
                        for t in results["tasks"])
@@ -38,6 +38,8 @@ def _print_table(results: dict) -> None:
     for task in results["tasks"]:
         marks = "  ".join(f"{'✓' if ok else '✗'} {name.replace('_', ' ')}" for name, ok in task["checks"].items())
         console.print(f"  {task['task']}: {marks}", highlight=False)
+    for line in goal_lines(results):
+        console.print(f"  {line}", highlight=False)
 
 
 def demo(
@@ -111,7 +113,7 @@ def demo(
             console.print(f"    {len(stage.jobs)} command(s) in {stage.seconds:.0f} s", highlight=False)
         total_s = time.perf_counter() - began
         pt_steps = plan.pretrain_steps or stages[1].jobs[0].units
-        results = collect(plan, lay, stages, started, total_s, pt_steps)
+        results = collect(plan, lay, stages, started, total_s, pt_steps, threads=1)
         paths = write_results(results, lay.out)
         _print_table(results)
         console.print(f"total {total_s / 60:.1f} min; wrote {paths['md']}, {paths['json']} and {paths['png']}",
