@@ -5,7 +5,8 @@ downloaded them (`meta["raw_root"]`); manifests hold paths relative to that root
 folder is small, can be re-created at any time, and never duplicates images or videos.
 
 Write side: `ManifestWriter` (one split, atomic) and `write_meta`. Read side: `open_dataset` ->
-`PreparedDataset` (streams manifests, refuses media paths that escape the raw root) and
+`PreparedDataset` (streams manifests, refuses media paths that escape the raw root; `rows(split)`
+reads them by index from a memory-mapped Arrow copy, data/arrow_manifest.py) and
 `iter_corpus_lines` (huge text corpora, streamed line by line). `prepare_dataset` runs a preparer.
 
 Views (`meta["views"]`, e.g. {"trainval": {"parts": ["train", "val"], "exclude": "minval", "unit":
@@ -26,7 +27,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator, Iterable, cast
+from typing import IO, Any, Iterator, Iterable, Sequence, cast
 
 from uniperceiver.errors import StorageError, DataError
 from uniperceiver.utils.files import atomic_write_json, sha256_file
@@ -74,6 +75,26 @@ def check_relative_media(media: Any, where: str) -> str:
 
 # --------------------------------------------------------------------------------------------
 # read side
+
+
+def read_manifest(path: Path, dataset: str) -> Iterator[tuple[str, dict]]:
+    """(line, sample) for each non-blank line of a JSONL manifest, checked: a JSON object with an
+    "id", a media path inside the raw root; anything else is a DataError naming file:line."""
+    if not path.is_file():
+        raise DataError(f"{path}: manifest missing; run `upctl prepare {dataset}` again")
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
+            if not isinstance(sample, dict) or "id" not in sample:
+                raise DataError(f"{path}:{lineno}: expected a JSON object with an 'id' key")
+            if "media" in sample:
+                check_relative_media(sample["media"], f"{path}:{lineno}")
+            yield line.strip(), sample
 
 
 class PreparedDataset:
@@ -163,22 +184,20 @@ class PreparedDataset:
         if split in self.views:
             yield from self._view_samples(split)
             return
-        path = self.manifest_path(split)
-        if not path.is_file():
-            raise DataError(f"{path}: manifest missing; run `upctl prepare {self.name}` again")
-        with open(path, "r", encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    sample = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-                if not isinstance(sample, dict) or "id" not in sample:
-                    raise DataError(f"{path}:{lineno}: expected a JSON object with an 'id' key")
-                if "media" in sample:
-                    check_relative_media(sample["media"], f"{path}:{lineno}")
-                yield sample
+        for _line, sample in read_manifest(self.manifest_path(split), self.name):
+            yield sample
+
+    def rows(self, split: str) -> Sequence[dict]:
+        """One split's (or view's) samples by index, `rows[i]` == the i-th of `samples(split)`.
+
+        Read from the memory-mapped `<split>.arrow` beside the JSONL (converted from it on first
+        use, atomically), so a million rows cost every rank and loader worker almost nothing;
+        where the folder cannot be written, the JSONL is read into a list instead.
+        """
+        from uniperceiver.data.arrow_manifest import split_rows
+
+        self._check_split(split)
+        return split_rows(self, split)
 
     def _view_samples(self, split: str) -> Iterator[dict]:
         view = self.views[split]
@@ -202,6 +221,7 @@ class PreparedDataset:
                     yield {**sample, "id": f"{sid}#{k}", "texts": [text], "parent_id": sid}
 
     def load_split(self, split: str) -> list[dict]:
+        """The whole split as a list in memory; for large splits `rows(split)` reads by index instead."""
         return list(self.samples(split))
 
     def media_path(self, sample: dict) -> Path:
@@ -484,7 +504,21 @@ def prepare_dataset(
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.out_dir = summary.out_dir or str(out_dir)
     _remove_stale_manifests(out_dir)
+    _convert_written(base, name, since=time.time() - summary.seconds - 1.0)
     return summary
+
+
+def _convert_written(base: Path, name: str, since: float) -> None:
+    """Write the Arrow copies (data/arrow_manifest.py) of every dataset folder this run wrote
+    (`mini` writes `mini-*` siblings), so that the first training run need not convert them."""
+    from uniperceiver.data.arrow_manifest import convert_dataset
+
+    for folder in sorted(base.glob(f"{name}*")):
+        if folder.name != name and not folder.name.startswith(f"{name}-"):
+            continue
+        meta = folder / META_FILE
+        if meta.is_file() and meta.stat().st_mtime >= since:
+            convert_dataset(open_dataset(folder.name, base))
 
 
 def _remove_stale_manifests(out_dir: Path) -> None:
@@ -493,6 +527,6 @@ def _remove_stale_manifests(out_dir: Path) -> None:
     if not meta_path.is_file():
         return
     splits = set(json.loads(meta_path.read_text(encoding="utf-8")).get("splits", {}))
-    for path in out_dir.glob("*.jsonl"):
+    for path in [*out_dir.glob("*.jsonl"), *out_dir.glob("*.arrow")]:
         if path.stem not in splits:
             path.unlink()

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from uniperceiver.errors import DataError, MediaError, UpctlError
+from uniperceiver.errors import DataError, UpctlError
+from uniperceiver.evaluation.sample_loading import iter_loaded
 from uniperceiver.evaluation.target_cache import TargetCache, model_key_for
 from uniperceiver.tasks.base import Task
 from uniperceiver.utils.progress import Progress
@@ -105,7 +106,8 @@ class EvalOptions:
     weights for the target cache (default: `state_digest`). `samples` replaces
     `task.examples(split)` (custom tasks, tests). `rank` / `world_size` default to
     torch.distributed's; given explicitly without a process group, only that shard is evaluated
-    and scored (manual sharding across separate jobs).
+    and scored (manual sharding across separate jobs). `num_workers` > 0 decodes samples in that
+    many DataLoader workers (evaluation/sample_loading.py): same predictions, same order.
     """
 
     split: str = "val"
@@ -117,6 +119,7 @@ class EvalOptions:
     rank: int | None = None
     world_size: int | None = None
     samples: Sequence[dict] | None = None
+    num_workers: int = 0
 
 
 def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
@@ -168,16 +171,12 @@ def _to_cpu(value: Any) -> Any:
     return value
 
 
-def _skip_reason(exc: MediaError) -> str:
-    return f"{exc.kind}_media"
-
-
 def evaluate_task(model: torch.nn.Module, task: Task, options: EvalOptions | None = None, **fields: Any) -> EvalResult:
     """Evaluate `task` on a split and return metrics plus per-sample predictions.
 
     Settings come as an `EvalOptions` or as its fields by keyword (`split="val", limit=100,
     batch_size=8, progress=..., target_cache=..., model_key=..., rank=..., world_size=...,
-    samples=...`), which the trainer's periodic evaluation and the tests use.
+    samples=..., num_workers=...`), which the trainer's periodic evaluation and the tests use.
     Raises DataError when the split is empty or no sample could be loaded.
     """
     opts = dataclasses.replace(options, **fields) if options is not None else EvalOptions(**fields)
@@ -209,19 +208,25 @@ def evaluate_task(model: torch.nn.Module, task: Task, options: EvalOptions | Non
     )
 
 
-def _examples(task: Task, opts: EvalOptions) -> list[dict]:
-    """The split's samples (or `opts.samples`), cut to `opts.limit`; an empty result is an error."""
+def _examples(task: Task, opts: EvalOptions) -> Sequence[dict]:
+    """The split's samples (or `opts.samples`), cut to `opts.limit`; an empty result is an error.
+
+    Kept as the task gives them (a memory-mapped manifest reads one row per index): never
+    copied into a list per rank and per loader worker.
+    """
     if opts.limit is not None and opts.limit < 1:
         raise UpctlError(f"--limit must be a positive number of samples, got {opts.limit}")
-    examples = list(task.examples(opts.split) if opts.samples is None else opts.samples)
-    if opts.limit is not None:
+    if opts.num_workers < 0:
+        raise UpctlError(f"--workers must be 0 or more, got {opts.num_workers}")
+    examples = task.examples(opts.split) if opts.samples is None else opts.samples
+    if opts.limit is not None and opts.limit < len(examples):
         examples = examples[: opts.limit]
     if not examples:
         raise DataError(f"task {task.cfg.name!r}: split {opts.split!r} has no samples to evaluate")
     return examples
 
 
-def _predict(model: torch.nn.Module, task: Task, examples: list[dict], opts: EvalOptions, rank: int, world: int,
+def _predict(model: torch.nn.Module, task: Task, examples: Sequence[dict], opts: EvalOptions, rank: int, world: int,
              bs: int) -> tuple[list[tuple[int, dict]], dict[str, int]]:
     """This rank's predictions in eval mode without gradients; the model's mode is restored after."""
     was_training = model.training
@@ -232,7 +237,7 @@ def _predict(model: torch.nn.Module, task: Task, examples: list[dict], opts: Eva
             if opts.target_cache is not None and model_key is None:
                 model_key = model_key_for(model)
             targets = target_features(model, task, opts.target_cache, model_key)
-            return _run_shard(model, task, examples, rank, world, bs, targets, opts.progress, opts.split)
+            return _run_shard(model, task, examples, (rank, world), bs, targets, opts)
     finally:
         model.train(was_training)
 
@@ -269,18 +274,17 @@ def _in_split_order(task: Task, merged: list[tuple[int, dict]], skipped: dict[st
 def _run_shard(
     model: torch.nn.Module,
     task: Task,
-    examples: list[dict],
-    rank: int,
-    world: int,
+    examples: Sequence[dict],
+    shard: tuple[int, int],
     bs: int,
     targets: Tensor | None,
-    progress: Progress | None,
-    split: str,
+    opts: EvalOptions,
 ) -> tuple[list[tuple[int, dict]], dict[str, int]]:
-    """Evaluate this rank's strided shard; returns ([(split index, prediction)], skipped counts)."""
-    indices = list(range(rank, len(examples), world))
-    desc = f"evaluating {task.cfg.name} ({split})"
-    report = progress if rank == 0 else None
+    """Evaluate this rank's strided shard (rank, world); returns ([(split index, prediction)], skipped counts)."""
+    rank, world = shard
+    indices = range(rank, len(examples), world)
+    desc = f"evaluating {task.cfg.name} ({opts.split})"
+    report = opts.progress if rank == 0 else None
     out: list[tuple[int, dict]] = []
     skipped: dict[str, int] = {}
     pending: list[tuple[int, dict]] = []
@@ -300,12 +304,9 @@ def _run_shard(
         out.extend((idx, _to_cpu(pred)) for (idx, _), pred in zip(pending, preds, strict=True))
         pending.clear()
 
-    for idx in indices:
-        try:
-            item = task.load(examples[idx], train=False, rng=np.random.default_rng([0, idx]))
-        except MediaError as exc:
-            reason = _skip_reason(exc)
-            skipped[reason] = skipped.get(reason, 0) + 1
+    for idx, item, reason in iter_loaded(task, examples, indices, bs, opts.num_workers):
+        if item is None:
+            skipped[str(reason)] = skipped.get(str(reason), 0) + 1
         else:
             pending.append((idx, item))
             if len(pending) >= bs:

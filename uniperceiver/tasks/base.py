@@ -51,7 +51,7 @@ from __future__ import annotations
 import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -146,9 +146,10 @@ class Task(ABC):
         self.opts = cfg.typed_options(type(self).Options, model_cfg)
 
     # -- data ------------------------------------------------------------------------------------
-    def examples(self, split: str) -> list[dict]:
-        """The manifest samples of a split (subclasses may expand, e.g. one row per caption)."""
-        return self.dataset.load_split(split)
+    def examples(self, split: str) -> Sequence[dict]:
+        """The manifest samples of a split by index, memory-mapped (`PreparedDataset.rows`): no copy
+        per rank or loader worker. Subclasses may expand (one row per caption) or return a list."""
+        return self.dataset.rows(split)
 
     @abstractmethod
     def load(self, sample: dict, *, train: bool, rng: np.random.Generator) -> dict:
