@@ -21,6 +21,7 @@ Conventions:
 from __future__ import annotations
 
 import bisect
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from typing import Literal, Sequence
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from uniperceiver.data.shards import read_member
 from uniperceiver.errors import MediaError
 
 MAX_SAMPLED_FRAMES = 1024
@@ -84,17 +86,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | os.PathLike[str]) -> Image.Image:
+def load_image(path: str | os.PathLike[str], span: tuple[int, int] | None = None) -> Image.Image:
     """Read an image file as an RGB PIL image with its EXIF orientation applied.
+
+    `span` = (offset, size): the image is a member of a webdataset tar shard and `path` its
+    reference "<shard>.tar#<member>" (data/shards.py); those bytes are read and decoded alike.
 
     Raises MediaError: "missing" / "empty" for absent or zero-byte files, "bad_format" for files
     Pillow does not recognise or that exceed Pillow's decompression-bomb limit
     (`Image.MAX_IMAGE_PIXELS`), "unreadable" for truncated or corrupt image data.
     """
     p = Path(path)
-    _check_file(p)
+    source: Path | io.BytesIO = p
+    if span is None:
+        _check_file(p)
+    else:
+        source = io.BytesIO(read_member(p, *span))
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             limit = Image.MAX_IMAGE_PIXELS
             if limit is not None and img.width * img.height > limit:
                 raise MediaError(p, "bad_format", f"{img.width}x{img.height} pixels exceeds the limit of {limit}")

@@ -43,6 +43,7 @@ from torch import Tensor
 
 from uniperceiver.data.format import PreparedDataset
 from uniperceiver.data.media import load_image, probe_video, read_frames_at
+from uniperceiver.data.shards import member_span
 from uniperceiver.errors import ConfigError, MediaError
 from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.family_options import MediaOptions, parse_views  # noqa: F401 (parse_views: re-exported)
@@ -117,9 +118,12 @@ def pair_train_transform(img: Image.Image, size: int, rng: torch.Generator, hfli
     return _normalise(pil_to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
 
 
-def image_pixels(path: str | Path, opts: VisionOptions, *, train: bool, rng: np.random.Generator) -> Tensor:
-    """One image -> float [3, S, S] (train: the family's augmentation; eval: the reference transform)."""
-    img = load_image(path)
+def image_pixels(path: str | Path, opts: VisionOptions, *, train: bool, rng: np.random.Generator,
+                 span: tuple[int, int] | None = None) -> Tensor:
+    """One image -> float [3, S, S] (train: the family's augmentation; eval: the reference transform).
+
+    `span`: (offset, size) of a webdataset shard member (`load_image`)."""
+    img = load_image(path, span)
     if not train:
         return image_eval_transform(img, opts.image_size, opts.eval_resize)
     gen = torch_generator(rng)
@@ -217,7 +221,7 @@ def load_visual(
     """
     path = dataset.media_path(sample)
     if sample_media_type(dataset, sample) == "image":
-        return image_pixels(path, opts, train=train, rng=rng)
+        return image_pixels(path, opts, train=train, rng=rng, span=member_span(sample))
     return video_pixels(path, opts, train=train, rng=rng, start=sample.get("start"), end=sample.get("end"))
 
 
