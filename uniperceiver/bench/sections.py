@@ -112,6 +112,61 @@ def _corpus_worker(lines: int, batches: int = 20, batch_size: int = 64) -> dict[
                 "extra_peak_mb": (peak_rss_bytes() - base) / 2**20}
 
 
+def _corpus_token_worker(repeats: int, windows: int = 3000) -> dict[str, Any]:
+    """Windows/s on one core, text path vs pre-tokenised path, on a real corpus in the bookswiki layout:
+    the sentences of gensim's Lee news corpus, one per line, written `repeats` times. Each window is read
+    (`examples[i]`) and masked (`load`) with its own seeded generator, as the trainer's loader does; CPU
+    time is counted (one thread), so other work on the machine does not lower the figure. The token
+    cache is built (timed) on first use."""
+    import re
+
+    import gensim.test.utils as gensim_data
+
+    from uniperceiver.data.format import prepare_dataset
+    from uniperceiver.modeling.model_config import model_config
+    from uniperceiver.tasks.catalog import build_task, task_config
+    from uniperceiver.tasks.mlm import CorpusWindows
+
+    torch.set_num_threads(1)
+    lee = Path(gensim_data.datapath("lee_background.cor")).read_text(encoding="utf-8")
+    sentences = [s for s in re.split(r"(?<=[.!?])\s+", lee) if s.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        raw.mkdir()
+        for r in range(repeats):
+            (raw / f"part{r}.txt").write_text("\n".join(sentences) + "\n", encoding="utf-8")
+        prepare_dataset("bookswiki", raw, Path(tmp) / "data")
+        task = build_task(task_config("bookswiki-mlm", options={"vocab": "full", "max_len": 128}),
+                          Path(tmp) / "data", model_config("tiny"))
+        start = time.perf_counter()
+        fast = task.examples("train")  # builds the line index and the token cache
+        build_s = time.perf_counter() - start
+        text = CorpusWindows(fast.index, "train", task._words, task.min_words)
+        order = np.random.default_rng(0).permutation(len(fast))
+
+        def rate(rows, count: int) -> float:
+            begin = time.process_time()
+            for k in range(count):
+                i = int(order[k % order.size])
+                task.load(rows[i], train=True, rng=np.random.default_rng([0, 0, i]))
+            return count / (time.process_time() - begin)
+
+        text_rate = rate(text, max(windows // 10, 1))
+        token_rate = rate(fast, windows)
+        cache = sum(p.stat().st_size for p in (Path(tmp) / "data" / "bookswiki" / "index").glob("train.tok*"))
+        return {"lines": len(fast), "build_s": build_s, "text_per_s": text_rate, "token_per_s": token_rate,
+                "cache_mb": cache / 2**20}
+
+
+def corpus_token_row(report, quick: bool) -> None:
+    """The "pre-tokenised corpus" row of the scale section (see `_corpus_token_worker`)."""
+    r = _in_subprocess("_corpus_token_worker", 2 if quick else 8, 2000 if quick else 6000)
+    report.add("scale", f"MLM windows/s per core: text vs pre-tokenised ({r['lines']} lines of real sentences)",
+               text_windows_per_s=round(r["text_per_s"], 1), token_windows_per_s=round(r["token_per_s"], 1),
+               speedup=round(r["token_per_s"] / r["text_per_s"], 1), tokenise_s=round(r["build_s"], 2),
+               cache_mb=round(r["cache_mb"], 2))
+
+
 def _in_subprocess(fn: str, *args: Any) -> dict[str, Any]:
     code = f"import json; from uniperceiver.bench.sections import {fn} as f; print('RESULT ' + json.dumps(f(*{list(args)!r})))"
     return run_for_result([sys.executable, "-c", code])
@@ -129,6 +184,11 @@ def scale_section(report, device: torch.device, quick: bool) -> None:
         report.add("scale", f"MLM corpus {mult}x ({r['windows']} lines: index, then 20 loader batches of 64)",
                    seconds=round(r["index_s"], 3), batches_per_s=round(r["batches_per_s"], 2),
                    extra_peak_mb=round(r["extra_peak_mb"], 1))
+    from uniperceiver.bench.data_section import eval_workers_rows, manifest_rows
+
+    manifest_rows(report, quick)  # list[dict] vs memory-mapped Arrow at 1x / 4x / 16x (16x: 1M rows)
+    eval_workers_rows(report, device, quick)  # evaluation items/s, main process vs 2 loader workers
+    corpus_token_row(report, quick)  # MLM windows/s per core: text path vs pre-tokenised
 
 
 SECTIONS: dict[str, Callable[..., None]] = {"loader": loader_section, "scale": scale_section}

@@ -70,12 +70,16 @@ def _scan_file(path: Path) -> np.ndarray:
 class CorpusIndex:
     """The non-blank lines of one split of a text-file corpus, addressable by global line number."""
 
-    def __init__(self, files: list[Path], file_starts: np.ndarray, npy: Path, sizes: list[int]) -> None:
+    def __init__(self, files: list[Path], file_starts: np.ndarray, npy: Path, sizes: list[int],
+                 stamps: list | None = None) -> None:
         self.files = files
         self.file_starts = file_starts  # [F + 1] cumulative line counts
         self.npy = npy
         self.offsets = np.load(npy, mmap_mode="r")  # [N] byte offsets, memory-mapped
+        self._starts = np.asarray(self.offsets)  # the same pages as a plain array: indexing a np.memmap costs more
         self.sizes = sizes
+        #: [path, size, mtime_ns] per file: what the index was built from (caches derived from it compare these)
+        self.stamps = stamps if stamps is not None else []
         self._fds: OrderedDict[int, int] = OrderedDict()
 
     # -- building / opening --------------------------------------------------------------------------
@@ -104,7 +108,7 @@ class CorpusIndex:
         if meta is None or meta.get("files") != stamps:
             meta = cls._build(files, [int(s.get("lines", 0)) for s in entries], stamps, npy, meta_path)
         starts = np.asarray(meta["file_starts"], dtype=np.int64)
-        index = cls(files, starts, npy, [s[1] for s in stamps])
+        index = cls(files, starts, npy, [s[1] for s in stamps], stamps)
         if index.offsets.shape != (int(starts[-1]),):
             raise DataError(f"{npy}: holds {index.offsets.shape[0]:,} offsets, its metadata {int(starts[-1]):,}; "
                             f"delete {where} to rebuild it")
@@ -142,6 +146,33 @@ class CorpusIndex:
         data = os.pread(self._fd(f), end - start, start)
         return data.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
 
+    def read_lines(self, start: int, count: int) -> list[str]:
+        """Non-blank lines start .. start + count - 1 (no wrap), stripped, with one read per file.
+
+        Why not `line()` in a loop: a window or a tokenising pass wants runs of neighbouring lines,
+        and one `pread` of their byte range costs about what one line does.
+        """
+        n = len(self)
+        if count < 0 or not 0 <= start <= start + count <= n:
+            raise IndexError(f"lines {start}..{start + count - 1} outside the corpus's {n:,} non-blank lines")
+        out: list[str] = []
+        i, stop = start, start + count
+        while i < stop:
+            f = int(self.file_starts.searchsorted(i, side="right")) - 1
+            last = min(stop, int(self.file_starts[f + 1])) - 1  # the last wanted line in this file
+            begin = int(self._starts[i])
+            end = int(self._starts[last + 1]) if last + 1 < int(self.file_starts[f + 1]) else self.sizes[f]
+            data = os.pread(self._fd(f), end - begin, begin)
+            want = last - i + 1
+            # One decode for the run: "\n" never sits inside a UTF-8 sequence, so this equals decoding per line.
+            found = [t for t in map(str.strip, data.decode("utf-8", errors="replace").split("\n")) if t]
+            if len(found) != want:
+                raise DataError(f"{self.files[f]}: found {len(found):,} non-blank lines where lines {i:,}..{last:,} "
+                                "were indexed; the file changed since: prepare the dataset again")
+            out += found
+            i = last + 1
+        return out
+
     def lines_from(self, i: int) -> Iterator[str]:
         """Lines i, i + 1, ... to the end of the split, then from line 0 again (the corpus wraps)."""
         n = len(self)
@@ -165,12 +196,13 @@ class CorpusIndex:
     def __getstate__(self) -> dict:  # for spawned workers: neither descriptors nor the mapping travel
         state = dict(self.__dict__)
         state["_fds"] = OrderedDict()
-        state["offsets"] = None
+        state["offsets"] = state["_starts"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.offsets = np.load(self.npy, mmap_mode="r")
+        self._starts = np.asarray(self.offsets)
 
     def __del__(self) -> None:
         for fd in getattr(self, "_fds", {}).values():

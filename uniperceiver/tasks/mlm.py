@@ -21,12 +21,15 @@ in any split of the dataset, plus `<|endoftext|>` (a documented deviation that m
 affordable; labels are then indices into that sorted subset, and a label outside it is ignored).
 
 Streamed corpora (bookswiki: manifest lines {"text_file", "lines"}): `examples()` is a lazy
-sequence (`CorpusWindows`) over a memory-mapped line index (`data/corpus_index.py`, built once beside
-the manifest): window i is read from disk when the loader asks for it, so the trainer samples a
-BooksWiki-size corpus with the usual per-epoch permutation and exact resume, in memory that does not
-grow with the corpus. `MaskedLM.iter_examples(split, start_line)` streams the same windows in order
-(one pass, for tools that read the corpus sequentially). The corpus vocabulary of a streamed corpus is
-read once by streaming as well.
+sequence (`TokenWindows`) over a memory-mapped line index (`data/corpus_index.py`) and the corpus
+tokenised once (`data/token_corpus.py`), both built on first use beside the manifest: window i is
+sliced from the memory-mapped ids when the loader asks for it and masked in numpy
+(`masking.whole_word_mask_array`), with the same windows, masks and labels as tokenising its text
+(`CorpusWindows` + `whole_word_mask`, kept as the reference path), about ten times faster. The trainer
+samples a BooksWiki-size corpus with the usual per-epoch permutation and exact resume, in memory that
+does not grow with the corpus. `MaskedLM.iter_examples(split, start_line)` streams the same windows as
+text in order (one pass, for tools that read the corpus sequentially). The corpus vocabulary of a
+streamed corpus is counted from the stored ids.
 
 Evaluation: masked-token accuracy (percent) with a masking that depends only on the sample id
 and option `eval_seed` (default 0), so every evaluation of a split masks the same tokens.
@@ -43,47 +46,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from uniperceiver.data.corpus_index import CorpusIndex
 from uniperceiver.data.format import iter_corpus_lines
+from uniperceiver.data.token_corpus import TokenCorpus, TokenWindow
 from uniperceiver.errors import ConfigError
 from uniperceiver.modeling.model import TextSegment, UniPerceiver
 from uniperceiver.tasks.base import TargetSet, Task, vocab_target_set
 from uniperceiver.tasks.family_options import MLMOptions
-from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, SPE_ID, VOCAB_SIZE
+from uniperceiver.tasks.masking import (
+    truncate_keep_last,
+    truncate_keep_last_array,
+    whole_word_mask,
+    whole_word_mask_array,
+)
+from uniperceiver.tokenizers.text import EOT_ID, PAD_ID, VOCAB_SIZE
 
 IGNORE = -100
-MASK_ID = SPE_ID  # the reference masks with <|spe|>, not <|mask|>
-
-
-def whole_word_mask(
-    words: list[list[int]], rng: np.random.Generator, mask_prob: float = 0.15, vocab_size: int = VOCAB_SIZE
-) -> tuple[list[int], list[int], list[int]]:
-    """Mask whole words (reference `random_word_wwm`) -> (input ids, labels (-1 = none), word index per id)."""
-    ids: list[int] = []
-    labels: list[int] = []
-    word_index: list[int] = []
-    for w, pieces in enumerate(words):
-        p = float(rng.random())
-        if p < mask_prob:
-            p /= mask_prob
-            if p < 0.8:
-                ids.extend([MASK_ID] * len(pieces))
-            elif p < 0.9:
-                ids.extend(int(v) for v in rng.integers(0, vocab_size, size=len(pieces)))
-            else:
-                ids.extend(pieces)
-            labels.extend(pieces)
-        else:
-            ids.extend(pieces)
-            labels.extend([-1] * len(pieces))
-        word_index.extend([w] * len(pieces))
-    return ids, labels, word_index
-
-
-def truncate_keep_last(seq: list[int], max_len: int) -> list[int]:
-    """The reference truncation: the first max_len - 1 items and the last one."""
-    return seq if len(seq) <= max_len else seq[: max_len - 1] + [seq[-1]]
 
 
 class CorpusWindows(Sequence):
@@ -124,6 +104,42 @@ class CorpusWindows(Sequence):
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
             yield self[i]
+
+
+class TokenizedWindow(dict):
+    """A window of a pre-tokenised corpus: the text path's {"id", "lines"} (so both paths give equal
+    samples) plus its ids and word ends in the attribute `tokens`, which `MaskedLM.load` masks directly."""
+
+    tokens: TokenWindow
+
+
+class TokenWindows(CorpusWindows):
+    """`CorpusWindows` over a pre-tokenised corpus (`data/token_corpus.py`): a window's lines are found
+    from the stored word counts and its ids sliced from the memory-mapped array, so nothing is tokenised
+    on access; the lines' text is read back (one read per file) for the sample's "lines"."""
+
+    def __init__(self, index: CorpusIndex, split: str, tokens: TokenCorpus, min_words: int) -> None:
+        super().__init__(index, split, None, min_words)  # words are counted from the stored ids, not the text
+        self.tokens = tokens
+
+    def __len__(self) -> int:
+        return self.tokens.n
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        i = int(i)
+        n = self.tokens.n
+        if i < 0:
+            i += n
+        window = self.tokens.window(i, self.min_words)  # raises IndexError outside the split
+        first, count = window.first_line, window.line_count
+        lines = self.index.read_lines(first, min(count, n - first))
+        if first + count > n:
+            lines += self.index.read_lines(0, first + count - n)
+        sample = TokenizedWindow(id=f"{self.split}:{i}", lines=lines)
+        sample.tokens = window
+        return sample
 
 
 def _seed_for(key: str, seed: int) -> np.random.Generator:
@@ -172,11 +188,16 @@ class MaskedLM(Task):
         """
         if split not in self._examples:
             if self.streaming(split):
-                self._examples[split] = CorpusWindows(CorpusIndex.open(self.dataset, split), split, self._words,
-                                                      self.min_words)
+                index, tokens = self._token_corpus(split)
+                self._examples[split] = TokenWindows(index, split, tokens, self.min_words)
             else:
                 self._examples[split] = list(self.iter_examples(split))
         return self._examples[split]
+
+    def _token_corpus(self, split: str) -> tuple[CorpusIndex, TokenCorpus]:
+        """The line index and the pre-tokenised lines of a streamed split (each built once, then reused)."""
+        index = CorpusIndex.open(self.dataset, split)
+        return index, TokenCorpus.open(index, split, self.tokenizer)
 
     def iter_examples(self, split: str, start_line: int = 0) -> Iterator[dict]:
         """Stream the packed windows of a split (manifest "text" lines or text files) from line `start_line`.
@@ -235,41 +256,37 @@ class MaskedLM(Task):
     def load(self, sample: dict, *, train: bool, rng: np.random.Generator) -> dict:
         if not train:
             rng = _seed_for(str(sample["id"]), self.eval_seed)
-        words = self.tokens_of(sample)
-        ids, labels, word_index = whole_word_mask(words, rng, self.mask_prob)
-        ids = truncate_keep_last(ids, self.max_len)
-        labels = truncate_keep_last(labels, self.max_len)
-        word_index = truncate_keep_last(word_index, self.max_len)
-        return {
-            "id": str(sample["id"]),
-            "ids": torch.tensor(ids, dtype=torch.long),
-            "labels": torch.tensor(labels, dtype=torch.long),
-            "word_index": torch.tensor(word_index, dtype=torch.long),
-        }
+        if isinstance(sample, TokenizedWindow):  # pre-tokenised: the same masks, drawn in numpy
+            window = sample.tokens
+            rows = truncate_keep_last_array(whole_word_mask_array(window.ids, window.word_end, rng, self.mask_prob),
+                                            self.max_len)
+            ids, labels, word_index = torch.from_numpy(rows[0]), torch.from_numpy(rows[1]), torch.from_numpy(rows[2])
+        else:
+            words = self.tokens_of(sample)
+            lists = whole_word_mask(words, rng, self.mask_prob)
+            ids, labels, word_index = (torch.tensor(truncate_keep_last(a, self.max_len), dtype=torch.long)
+                                       for a in lists)
+        return {"id": str(sample["id"]), "ids": ids, "labels": labels, "word_index": word_index}
 
     def collate(self, items: list[dict], *, train: bool, rng: np.random.Generator) -> dict[str, Any]:
         if not items:
             raise ConfigError(f"task {self.cfg.name!r}: cannot collate an empty batch")
-        width = max(len(it["ids"]) for it in items)
+        # Vectorised (one op per field, not per row): the loader collates every batch in the training loop.
         b = len(items)
-        ids = torch.full((b, width), PAD_ID, dtype=torch.long)
-        valid = torch.zeros((b, width), dtype=torch.bool)
-        labels = torch.full((b, width), -1, dtype=torch.long)
-        for i, it in enumerate(items):
-            n = len(it["ids"])
-            ids[i, :n] = it["ids"]
-            valid[i, :n] = True
-            labels[i, :n] = it["labels"]
+        lengths = torch.tensor([len(it["ids"]) for it in items], dtype=torch.long)
+        ids = pad_sequence([it["ids"] for it in items], batch_first=True, padding_value=PAD_ID)
+        labels = pad_sequence([it["labels"] for it in items], batch_first=True, padding_value=-1)
+        valid = torch.arange(ids.shape[1]).unsqueeze(0) < lengths.unsqueeze(1)
         has = labels.ge(0)
         k = max(int(has.sum(1).max()), 1)
         read = torch.zeros((b, k), dtype=torch.long)
         read_mask = torch.zeros((b, k), dtype=torch.bool)
         token_targets = torch.full((b, k), -1, dtype=torch.long)
-        for i in range(b):
-            pos = torch.nonzero(has[i]).flatten()
-            read[i, : len(pos)] = pos + 1  # fused position: after the SPE prefix
-            read_mask[i, : len(pos)] = True
-            token_targets[i, : len(pos)] = labels[i, pos]
+        rows, cols = has.nonzero(as_tuple=True)  # row by row, positions ascending
+        slot = has.cumsum(1)[rows, cols] - 1  # the label's rank within its row
+        read[rows, slot] = cols + 1  # fused position: after the SPE prefix
+        read_mask[rows, slot] = True
+        token_targets[rows, slot] = labels[rows, cols]
         lookup = self._label_lookup()
         targets = torch.where(token_targets.ge(0), lookup[token_targets.clamp(min=0)], torch.full_like(token_targets, IGNORE))
         return {
@@ -282,6 +299,9 @@ class MaskedLM(Task):
         """Sorted ids used anywhere in the dataset (all splits) plus <|endoftext|>."""
         seen: set[int] = {EOT_ID}
         for split in self.dataset.splits:
+            if self.streaming(split):  # counted from the pre-tokenised ids: no text pass
+                seen.update(np.flatnonzero(self._token_corpus(split)[1].token_counts()).tolist())
+                continue
             for text in iter_corpus_lines(self.dataset, split):
                 seen.update(self.tokenizer.encode(text))
         return sorted(seen)
