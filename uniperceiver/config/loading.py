@@ -415,7 +415,7 @@ def _shipped_candidates(spec: TaskSpec, stage: str) -> list[Path]:
     return cands
 
 
-def recipe_for_task(task_name: str, stage: str, overrides: Sequence[str] = ()) -> Recipe:
+def recipe_for_task(task_name: str, stage: str, overrides: Sequence[str] = (), data_dir: str | Path | None = None) -> Recipe:
     """The prompt-tune or fine-tune recipe of one task.
 
     Order: the shipped recipe (the catalog's `prompt_recipe` / `finetune_recipe`, else
@@ -426,11 +426,12 @@ def recipe_for_task(task_name: str, stage: str, overrides: Sequence[str] = ()) -
         raise ConfigError(f"stage {stage!r} has no per-task recipes{suggest(stage, _STAGE_ALIASES)} "
                           "(allowed: prompt_tune, finetune)")
     stage = _STAGE_ALIASES[stage]
-    canonical = canonical_task_name(task_name)
-    if canonical is None:
+    try:
+        spec = catalog.resolve_task(task_name, data_dir)  # a user's prepared dataset when not in the catalog
+    except ConfigError:
         known = sorted(catalog.CATALOG)
-        raise ConfigError(f"unknown task {task_name!r}{suggest(task_name, known)}; known tasks: {', '.join(known)}")
-    spec = catalog.CATALOG[canonical]
+        raise ConfigError(f"unknown task {task_name!r}{suggest(task_name, known)}; known tasks: {', '.join(known)}") from None
+    canonical = spec.name
     for cand in _shipped_candidates(spec, stage):
         if cand.is_file():
             recipe = load_recipe(cand, overrides)
@@ -452,6 +453,12 @@ def recipe_for_task(task_name: str, stage: str, overrides: Sequence[str] = ()) -
                    description=f"{stage} of {canonical} (from the {template.name} template)")
         return _build(raw, f"{template} (template for {canonical})", overrides)
     raw = copy.deepcopy(STAGE_DEFAULTS[stage])
-    raw.update(name=f"{sub}-{canonical}", stage=stage, tasks=[{"name": canonical}],
+    entry = {"name": canonical}
+    if spec.kind == "user":
+        # Written out whole, so the recipe (and the run's saved copy) loads without the data dir; and no
+        # reference resolution applies to a user's data: the checkpoint's own image size is kept.
+        entry = dataclasses.asdict(catalog.task_config(canonical, data_dir=data_dir))
+        raw["model"]["overrides"].pop("image_size", None)
+    raw.update(name=f"{sub}-{canonical}", stage=stage, tasks=[entry],
                description=f"{stage} of {canonical} (default hyper-parameters; no recipe shipped)")
     return _build(raw, f"<default {stage} recipe for {canonical}>", overrides)

@@ -114,8 +114,10 @@ def _custom_plan(spec: CustomSpec, options: Mapping[str, Any]) -> _TaskPlan:
     return _TaskPlan(spec=spec, facts={"candidates": list(spec.classes), "top_k": spec.top_k})
 
 
-def plan_task(task: TaskSource, options: Mapping[str, Any] | None = None) -> _TaskPlan:
-    """Check a task request without loading anything heavy: unknown names and bad files fail here."""
+def plan_task(task: TaskSource, options: Mapping[str, Any] | None = None,
+              data_dir: str | Path | None = None) -> _TaskPlan:
+    """Check a task request without loading anything heavy: unknown names and bad files fail here.
+    A name not in the catalog may be a user's dataset prepared under `data_dir`."""
     options = dict(options or {})
     if isinstance(task, CustomSpec):
         return _custom_plan(task, options)
@@ -128,8 +130,8 @@ def plan_task(task: TaskSource, options: Mapping[str, Any] | None = None) -> _Ta
         return plan
     from uniperceiver.tasks.catalog import resolve_task, task_config
 
-    resolved = resolve_task(str(task))  # a clear error for unknown names, with suggestions
-    cfg = task_config(resolved.name, **({"options": options} if options else {}))
+    resolved = resolve_task(str(task), data_dir)  # a clear error for unknown names, with suggestions
+    cfg = task_config(resolved.name, data_dir=data_dir, **({"options": options} if options else {}))
     return _TaskPlan(config=cfg, facts={"task_requested": str(task)})
 
 
@@ -181,6 +183,7 @@ def evaluate_checkpoint(
     tuned: bool = False,
     progress: Progress | None = None,
     notify: Callable[[str], None] | None = None,
+    num_workers: int = 0,
 ) -> EvalResult:
     """Load the weights at `checkpoint`, build `task` on its prepared data and evaluate it.
 
@@ -195,6 +198,7 @@ def evaluate_checkpoint(
     tuned: evaluate a model tuned for this catalog task (`upctl evaluate`): implies check_head;
         checkpoint None picks the newest prompt-tuning or fine-tuning run of the task, and a run
         tuned for other tasks is reported through `notify` (and as `tuned_on` in the extras).
+    num_workers: DataLoader workers that decode samples (0: the main process); same results.
     Returns the harness's `EvalResult` with `checkpoint`, `target_cache` and `extras` (the task's
     `evaluation_extras()`, the target labels, the request's facts) filled in.
     """
@@ -202,7 +206,9 @@ def evaluate_checkpoint(
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit must be a positive number of samples, got {limit}")
-    plan = plan_task(task, options)
+    if num_workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {num_workers}")
+    plan = plan_task(task, options, data_dir)
     task_name = plan.config.name if plan.config is not None else None
     if tuned and checkpoint is None and task_name is None:
         raise ConfigError("a custom task has no tuned runs to default to: pass --checkpoint DIR")
@@ -223,7 +229,7 @@ def evaluate_checkpoint(
     cache = TargetCache(cache_dir)
     result = evaluate_task(model, built, EvalOptions(
         split=split or built.cfg.eval_split, limit=limit, batch_size=batch_size, progress=progress,
-        target_cache=cache, model_key=model_key_for(model, model_dir),
+        target_cache=cache, model_key=model_key_for(model, model_dir), num_workers=num_workers,
     ))
     result.checkpoint, result.checkpoint_default = model_dir, defaulted
     result.target_cache = {"dir": None if cache.dir is None else str(cache.dir), "hits": cache.hits,

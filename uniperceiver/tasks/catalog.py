@@ -18,6 +18,11 @@ cut at 77 tokens (zeroshot_config/msvd_retrieval.yaml, msrvtt.yaml); the trainin
 the reference (`split`: train + val views written by the preparers, see uniperceiver/data/fewshot.py);
 vocabulary "corpus" for the mini tasks. `defaults` holds `TaskConfig` fields plus an "options" dict; `task_config` returns every
 option, resolved.
+
+A name that is not in the catalog may be a user's own dataset (`upctl prepare imagefolder|captions|textcls
+--name NAME`): its meta.json lists its tasks ("user_tasks", docs/DATA-FORMAT.md), which `resolve_task`
+turns into TaskSpecs of kind "user" by looking in the data dir. The catalog always wins a name clash
+(`upctl prepare` refuses such names), so a catalog task never changes meaning with the data dir.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ class TaskSpec:
     prompt_recipe: str | None = None
     finetune_recipe: str | None = None
     held_out: bool = False
-    #: "downstream", "pretrain" or "mini": where the task belongs (table grouping, recipe naming).
+    #: "downstream", "pretrain", "mini" or "user" (a user's prepared dataset): where the task belongs.
     kind: str = "downstream"
 
     def to_dict(self) -> dict[str, Any]:
@@ -237,11 +242,12 @@ def _normalise(name: str) -> str:
     return str(name).strip().lower().replace("_", "-")
 
 
-def resolve_task(name: str) -> TaskSpec:
-    """A catalog entry by name or alias (case-insensitive, '_' = '-'); ConfigError with the closest names."""
+def resolve_task(name: str, data_dir: str | Path | None = None) -> TaskSpec:
+    """A catalog entry by name or alias (case-insensitive, '_' = '-'), else the task of a user's dataset
+    prepared under `data_dir` (default $UPCTL_DATA, else ./data); ConfigError with the closest names."""
     key = _normalise(name)
     key = ALIASES.get(key, key)
-    spec = CATALOG.get(key)
+    spec = CATALOG.get(key) or user_task_spec(key, data_dir)
     if spec is None:
         close = difflib.get_close_matches(key, list(CATALOG) + list(ALIASES), n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
@@ -250,18 +256,87 @@ def resolve_task(name: str) -> TaskSpec:
     return spec
 
 
+# -- a user's own datasets (`upctl prepare imagefolder|captions|textcls --name NAME`) ------------------------
+
+
+def _user_meta(folder: Path) -> dict[str, Any] | None:
+    """meta.json of a user's prepared dataset (one with "user_tasks"), None for anything else."""
+    import json
+
+    path = folder / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not readable JSON ({exc}); run `upctl prepare` for it again") from None
+    tasks = meta.get("user_tasks") if isinstance(meta, dict) else None
+    return meta if isinstance(tasks, dict) and tasks else None
+
+
+def _user_spec(task: str, dataset: str, record: Any, where: Path) -> TaskSpec:
+    """The TaskSpec of one meta["user_tasks"] entry (written by data/preparers/_own.py)."""
+    if not isinstance(record, dict) or record.get("family") not in FAMILIES:
+        raise DataError(f"{where}: user_tasks.{task} needs a 'family', one of {', '.join(FAMILIES)}; "
+                        "run `upctl prepare` for it again")
+    defaults = copy.deepcopy(record.get("defaults") or {})
+    if not isinstance(defaults, dict):
+        raise DataError(f"{where}: user_tasks.{task}.defaults must be a mapping")
+    defaults = {k: v for k, v in defaults.items() if k in _FIELDS or k == "options"}
+    return TaskSpec(name=task, dataset=dataset, family=str(record["family"]), metric=str(record.get("metric", "")),
+                    description=str(record.get("description", "")), defaults=defaults, kind="user")
+
+
+def user_task_spec(key: str, data_dir: str | Path | None = None) -> TaskSpec | None:
+    """The task `key` of a user's dataset: `<data_dir>/<key>` (its first task) or `<data_dir>/<prefix>` whose
+    meta.json lists `key` (captions data serve NAME-caption and NAME-retrieval); None when there is none."""
+    from uniperceiver.data.format import resolve_data_dir
+
+    if not key or "/" in key or key.startswith("."):
+        return None
+    base = resolve_data_dir(data_dir)
+    cuts = [i for i, ch in enumerate(key) if ch == "-"]
+    for dataset in [key, *(key[:i] for i in reversed(cuts))]:
+        meta = _user_meta(base / dataset)
+        if meta is None:
+            continue
+        tasks = meta["user_tasks"]
+        task = key if key in tasks else (next(iter(tasks)) if dataset == key else None)
+        if task is not None:
+            return _user_spec(task, dataset, tasks[task], base / dataset / "meta.json")
+    return None
+
+
+def user_task_specs(data_dir: str | Path | None = None) -> list[TaskSpec]:
+    """Every task of the user datasets prepared under `data_dir`, by dataset name (unreadable folders skipped)."""
+    from uniperceiver.data.format import resolve_data_dir
+
+    base = resolve_data_dir(data_dir)
+    if not base.is_dir():
+        return []
+    out: list[TaskSpec] = []
+    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            meta = _user_meta(folder)
+            if meta is not None:
+                out += [_user_spec(t, folder.name, r, folder / "meta.json") for t, r in meta["user_tasks"].items()]
+        except DataError:
+            continue  # a damaged folder is reported when it is used, not while listing the others
+    return out
+
+
 _FIELDS = {f.name for f in dataclasses.fields(TaskConfig)} - {"name", "family", "dataset", "options"}
 
 
-def task_config(name: str, **overrides: Any) -> TaskConfig:
-    """The TaskConfig of a catalog task with its defaults, then `overrides`.
+def task_config(name: str, *, data_dir: str | Path | None = None, **overrides: Any) -> TaskConfig:
+    """The TaskConfig of a catalog task (or of a user's dataset under `data_dir`) with its defaults, then `overrides`.
 
     TaskConfig fields (split, eval_split, batch_size, sample_weight, loss_weight) are set directly;
     `options={...}` is merged key by key over the default options; any other keyword is an option.
     `dataset=` points the task at another prepared dataset of the same shape. The options are
     checked by the family's `Options` and returned complete (every key, resolved).
     """
-    spec = resolve_task(name)
+    spec = resolve_task(name, data_dir)
     defaults = copy.deepcopy(spec.defaults)
     options = dict(defaults.pop("options", {}))
     fields = {k: v for k, v in defaults.items() if k in _FIELDS}
@@ -374,4 +449,6 @@ __all__ = [
     "resolve_task",
     "resolved_options",
     "task_config",
+    "user_task_spec",
+    "user_task_specs",
 ]

@@ -200,6 +200,7 @@ def zeroshot(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the task's)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Task option key=value, repeatable (e.g. beam_size=1)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="Custom tasks: how many ranked candidates to report."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers decoding media (0: the main process)."),
     cache_dir: Optional[Path] = typer.Option(
         None, "--cache-dir", help="Target-feature cache (default: $UPCTL_CACHE, else ~/.cache/upctl/targets)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the on-disk target cache."),
@@ -219,6 +220,8 @@ def zeroshot(
 
       upctl zeroshot --task msvd --limit 100 --set beam_size=1
 
+      upctl zeroshot --task imagenet --workers 8 --device cuda
+
       upctl zeroshot --task my-task.yaml --top-k 3
 
       upctl zeroshot --task mini-digits --limit 20 --json - | python -m json.tool
@@ -233,7 +236,8 @@ def zeroshot(
                 raise ConfigError(f"--top-k applies to a custom task file (my-task.yaml), not to catalog task {task!r}")
             options["top_k"] = top_k
         _run("zeroshot", task, checkpoint, json_file, split=split, limit=limit, batch_size=batch_size,
-             options=options, data_dir=data_dir, device=device, cache_dir=_cache_dir(cache_dir, no_cache))
+             options=options, data_dir=data_dir, device=device, cache_dir=_cache_dir(cache_dir, no_cache),
+             num_workers=workers)
 
 
 def evaluate(
@@ -247,6 +251,7 @@ def evaluate(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Prepared-data folder (default: $UPCTL_DATA, else ./data)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Evaluation batch size (default: the task's)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="Task option key=value, repeatable."),
+    workers: int = typer.Option(0, "--workers", help="DataLoader workers decoding media (0: the main process)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Target-feature cache folder."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the on-disk target cache."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -269,7 +274,7 @@ def evaluate(
 
         _run("evaluate", task, checkpoint, json_file, split=split, limit=limit, batch_size=batch_size,
              options=parse_overrides(set_, "--set"), data_dir=data_dir, device=device,
-             cache_dir=_cache_dir(cache_dir, no_cache), tuned=True)
+             cache_dir=_cache_dir(cache_dir, no_cache), tuned=True, num_workers=workers)
 
 
 def predict(

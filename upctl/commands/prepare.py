@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from uniperceiver.data.preparers import PREPARERS, UnknownDatasetError
+from uniperceiver.data.preparers import OWN_DATA, PREPARERS, UnknownDatasetError
+from uniperceiver.errors import ConfigError
 from upctl.common import fail_on_error, progress_callback, report_console, write_json
 
 
@@ -36,6 +37,25 @@ def _check_dataset_name(dataset: str) -> None:
     raise UnknownDatasetError(f"unknown dataset {dataset!r}{hint}; known datasets: {', '.join(sorted(PREPARERS))}")
 
 
+def _own_options(dataset: str, name: str | None, options: dict) -> dict:
+    """`--name` goes to the preparers of a user's own files as the option `name`; a name that a catalog
+    task or alias already uses would be shadowed by it, so it is refused here (the catalog lives above data)."""
+    if name is None:
+        if dataset in OWN_DATA and not options.get("name"):
+            raise ConfigError(f"upctl prepare {dataset} needs --name NAME: the name your dataset (and its task) gets")
+        if dataset not in OWN_DATA:
+            return options
+        name = str(options["name"])
+    if dataset not in OWN_DATA:
+        raise ConfigError(f"--name applies to your own data ({', '.join(OWN_DATA)}), not to {dataset!r}")
+    from uniperceiver.tasks.catalog import ALIASES, CATALOG
+
+    taken = [t for t in (name, f"{name}-caption", f"{name}-retrieval") if t in CATALOG or t in ALIASES]
+    if taken:
+        raise ConfigError(f"--name {name!r}: the catalog task {taken[0]!r} has that name; choose another name")
+    return {**options, "name": name}
+
+
 def prepare(
     dataset: str = typer.Argument(..., help=f"Dataset to prepare: {', '.join(sorted(PREPARERS))}."),
     root: Optional[Path] = typer.Option(
@@ -52,6 +72,8 @@ def prepare(
         help="Fetch the public files first (COCO images, VQAv2, GLUE, MSVD, MSR-VTT, VG, K400 annotations).",
     ),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Also write the summary as JSON to this file ('-': standard output)."),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="imagefolder, captions, textcls: the name of the prepared dataset and of its task(s)."),
     option: Optional[list[str]] = typer.Option(
         None,
         "--option",
@@ -79,6 +101,12 @@ def prepare(
       upctl prepare imagenet --root /data/imagenet --option check=verify --option workers=16
 
       upctl prepare msvd --download --data-dir ~/upctl-data
+
+      upctl prepare imagefolder --root ~/photos/flowers --name my-flowers
+
+      upctl prepare captions --root ~/clips --name my-clips --option file=captions.csv
+
+      upctl prepare textcls --root ~/reviews --name my-reviews --option file=reviews.jsonl
     """
     from uniperceiver.config.loading import parse_key_values
     from uniperceiver.data.format import prepare_dataset
@@ -87,6 +115,7 @@ def prepare(
     with fail_on_error():
         options = parse_key_values(option, "--option")
         _check_dataset_name(dataset)  # unknown name: suggestions and the known ones, before any work
+        options = _own_options(dataset, name, options)
         get_preparer(dataset)
         with progress_callback(f"prepare {dataset}") as progress:
             summary = prepare_dataset(dataset, root, data_dir, download=download, progress=progress, options=options)

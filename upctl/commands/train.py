@@ -163,7 +163,8 @@ def pretrain(
         _run(rec, what="pre-training", output=output, resume=resume, max_steps=max_steps, data_dir=data_dir, device=device)
 
 
-def _task_recipe(task: str, stage: str, fraction: float | None, seed: int | None, sets: list[str] | None) -> Any:
+def _task_recipe(task: str, stage: str, fraction: float | None, seed: int | None, sets: list[str] | None,
+                 data_dir: Path | None = None) -> Any:
     from uniperceiver.config import recipe_for_task
 
     pre: list[str] = []
@@ -171,11 +172,11 @@ def _task_recipe(task: str, stage: str, fraction: float | None, seed: int | None
         pre.append(f"tune.fraction={fraction}")
     if seed is not None:
         pre += [f"tune.fraction_seed={seed}", f"train.seed={seed}"]
-    return recipe_for_task(task, stage, pre + list(sets or []))
+    return recipe_for_task(task, stage, pre + list(sets or []), data_dir=data_dir)
 
 
 def prompt_tune(
-    task: str = typer.Option(..., "--task", help="Catalog task (e.g. mini-faces, imagenet, coco-caption); see `upctl tasks`."),
+    task: str = typer.Option(..., "--task", help="Catalog task (e.g. mini-faces, imagenet, coco-caption) or your prepared dataset; see `upctl tasks`."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Seeded few-shot share of the training split (paper: 0.01; default: the recipe's)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Model folder or run (default: the newest pre-training run under ./runs)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the few-shot subset and of training."),
@@ -199,7 +200,7 @@ def prompt_tune(
       upctl prompt-tune --task coco-caption --seed 1 --set optim.lr=5e-4
     """
     with fail_on_error():
-        rec = _task_recipe(task, "prompt_tune", fraction, seed, set_)
+        rec = _task_recipe(task, "prompt_tune", fraction, seed, set_, data_dir)
         _with_checkpoint(rec, checkpoint)
         share = f"{rec.tune.fraction:g} of" if rec.tune.fraction else "all of"
         _run(rec, what=f"prompt tuning on {share} {rec.tasks[0].name} from {rec.model.checkpoint}", output=output,
@@ -207,7 +208,7 @@ def prompt_tune(
 
 
 def finetune(
-    task: str = typer.Option(..., "--task", help="Catalog task (e.g. mini-faces, imagenet, msvd); see `upctl tasks`."),
+    task: str = typer.Option(..., "--task", help="Catalog task (e.g. mini-faces, imagenet, msvd) or your prepared dataset; see `upctl tasks`."),
     fraction: Optional[float] = typer.Option(None, "--fraction", help="Seeded share of the training split (default: all of it)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Model folder or run (default: the newest pre-training run under ./runs)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the subset and of training."),
@@ -229,7 +230,7 @@ def finetune(
       upctl finetune --task msvd --fraction 0.1 --set optim.lr=1e-5
     """
     with fail_on_error():
-        rec = _task_recipe(task, "finetune", fraction, seed, set_)
+        rec = _task_recipe(task, "finetune", fraction, seed, set_, data_dir)
         _with_checkpoint(rec, checkpoint)
         _run(rec, what=f"fine-tuning {rec.tasks[0].name} from {rec.model.checkpoint}", output=output, resume=resume,
              max_steps=max_steps, data_dir=data_dir, device=device)

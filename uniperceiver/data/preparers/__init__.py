@@ -51,7 +51,14 @@ PREPARERS: dict[str, tuple[str, str | None]] = {
     "glue-qnli": ("_glue", "qnli"),
     "glue-rte": ("_glue", "rte"),
     "glue-wnli": ("_glue", "wnli"),
+    # a user's own data (`--name NAME` names the prepared dataset and its task; see _own.py)
+    "imagefolder": ("own_imagefolder", None),
+    "captions": ("own_captions", None),
+    "textcls": ("own_textcls", None),
 }
+
+#: The preparers of a user's own files: they need `--name`, and write `<data_dir>/NAME`.
+OWN_DATA: tuple[str, ...] = ("imagefolder", "captions", "textcls")
 
 PrepareFn = Callable[..., object]  # (raw_root, out_dir, *, download, progress, options) -> PrepareSummary
 
@@ -76,4 +83,4 @@ def get_preparer(name: str) -> PrepareFn:
     return module.prepare if variant is None else partial(module.prepare, variant)
 
 
-__all__ = ["PREPARERS", "PrepareFn", "UnknownDatasetError", "get_preparer", "preparer_module"]
+__all__ = ["OWN_DATA", "PREPARERS", "PrepareFn", "UnknownDatasetError", "get_preparer", "preparer_module"]

@@ -1,10 +1,14 @@
-"""Class-folder image datasets (ImageNet-1k, ImageNet-21k): class lists, names, synonyms, samples."""
+"""Class-folder datasets: class lists, names, synonyms, samples.
+
+ImageNet-1k / -21k name their folders by WordNet id (`wnid_dirs`); a user's folder (`upctl prepare
+imagefolder`) names them freely (`class_dirs`); both are read by `folder_samples`.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from uniperceiver.data.preparers._common import Builder, Skip, walk_files
 from uniperceiver.errors import DataError
@@ -13,11 +17,17 @@ WNID_RE = re.compile(r"^n\d{8}$")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
-def wnid_dirs(folder: Path) -> list[str]:
-    """Sorted class folder names (WordNet ids like n01440764) directly under `folder`."""
+def class_dirs(folder: Path, pattern: re.Pattern[str] | None = None) -> list[str]:
+    """Sorted names of the (non-hidden) class folders directly under `folder`, those matching `pattern`."""
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and WNID_RE.match(p.name))
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (pattern is None or pattern.match(p.name)))
+
+
+def wnid_dirs(folder: Path) -> list[str]:
+    """Sorted class folder names (WordNet ids like n01440764) directly under `folder`."""
+    return class_dirs(folder, WNID_RE)
 
 
 def read_synset_words(path: Path) -> dict[str, list[str]]:
@@ -89,11 +99,24 @@ def class_names(root: Path, wnids: list[str], b: Builder) -> tuple[list[str], li
     return [s[0] for s in synonyms], synonyms
 
 
-def folder_samples(b: Builder, folder: Path, index: dict[str, int]) -> Iterator[dict | Skip]:
-    """One sample per image in `folder/<wnid>/`; unknown class folders are counted, not dropped."""
-    for wnid in wnid_dirs(folder):
-        for path in walk_files(folder / wnid, IMAGE_SUFFIXES):
-            if wnid not in index:
+def folder_samples(
+    b: Builder,
+    folder: Path,
+    index: dict[str, int],
+    *,
+    dirs: Callable[[Path], list[str]] = wnid_dirs,
+    suffixes: tuple[str, ...] = IMAGE_SUFFIXES,
+    media_type: str = "image",
+    sample_id: Callable[[Path], str] = lambda path: path.stem,
+) -> Iterator[dict | Skip]:
+    """One sample per file in `folder/<class>/`; unknown class folders are counted, not dropped.
+
+    ImageNet ids are file stems (unique there); a user's folders may repeat a file name in every
+    class, so they pass a `sample_id` that keeps the class folder.
+    """
+    for name in dirs(folder):
+        for path in walk_files(folder / name, suffixes):
+            if name not in index:
                 yield Skip("unknown_label", b.rel(path))
                 continue
-            yield {"id": path.stem, "media": b.rel(path), "media_type": "image", "label": index[wnid]}
+            yield {"id": sample_id(path), "media": b.rel(path), "media_type": media_type, "label": index[name]}
