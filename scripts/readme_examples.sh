@@ -16,6 +16,8 @@
 #                       manifest (50 images)
 #   examples/<class>/   digits-by-example candidates: the first 3 images of each class in its training manifest
 #   digits-by-example.yaml
+#   my-digits/, my-photos/, my-reviews/   "your own data": 300 training digits in class folders, the photos
+#                       with an open_clip-style captions.csv, the review sentences as JSONL with label words
 # Logs of the building steps go to OUT/logs/; the examples (and a few mistakes, each answered with one
 # error line and a non-zero exit status) print to the terminal.
 set -euo pipefail
@@ -111,6 +113,48 @@ spec = {"name": "digits-by-example", "inputs": {"images": "inputs"}, "candidates
 Path("digits-by-example.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
 EOF
 
+build own-data python - <<'EOF'
+"""Your own data, made from files you have: my-digits/<class>/*.png (mini-digits' training images by
+class), my-photos/img/* with an open_clip-style captions.csv (mini-photos), my-reviews/reviews.jsonl
+(mini-sentiment's sentences with their label words)."""
+import csv
+import json
+import shutil
+from pathlib import Path
+
+
+def rows(name, split):
+    return [json.loads(line) for line in Path(f"data/{name}/{split}.jsonl").read_text().splitlines()]
+
+
+def meta(name):
+    return json.loads(Path(f"data/{name}/meta.json").read_text())
+
+
+digits = meta("mini-digits")
+shutil.rmtree("my-digits", ignore_errors=True)
+for row in rows("mini-digits", "train")[:300]:
+    dest = Path("my-digits") / digits["targets"]["classes"][row["label"]] / Path(row["media"]).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(digits["raw_root"]) / row["media"], dest)
+shutil.rmtree("my-photos", ignore_errors=True)
+(Path("my-photos") / "img").mkdir(parents=True)
+with open("my-photos/captions.csv", "w", newline="", encoding="utf-8") as fh:
+    writer = csv.writer(fh)
+    writer.writerow(["filepath", "title"])
+    for split in ("train", "val"):
+        for row in rows("mini-photos", split):
+            name = Path(row["media"]).name
+            shutil.copyfile(Path(meta("mini-photos")["raw_root"]) / row["media"], Path("my-photos/img") / name)
+            writer.writerows([f"img/{name}", text] for text in row["texts"])
+words = meta("mini-sentiment")["targets"]["classes"]
+Path("my-reviews").mkdir(exist_ok=True)
+with open("my-reviews/reviews.jsonl", "w", encoding="utf-8") as fh:
+    for split in ("train", "val"):
+        fh.writelines(json.dumps({"text": r["text"], "label": words[r["label"]]}) + "\n" for r in rows("mini-sentiment", split))
+print("my-digits, my-photos, my-reviews written")
+EOF
+
 if [ -f runs/pretrain-s1/final/model.safetensors ]; then
   echo "building: runs/pretrain-s1 exists, reused"
 else
@@ -124,11 +168,20 @@ example upctl prepare vqav2 --root coco --option min_count=1
 example upctl zeroshot --task vqa --checkpoint tiny-random --json vqa.json
 example upctl zeroshot --task digits-by-example.yaml --checkpoint runs/pretrain-s1 --json custom.json
 example upctl predict --image data/raw/mini/photos/chelsea.png --targets "a cat,a dog,a car" --checkpoint runs/pretrain-s1
+example upctl prepare imagefolder --root my-digits --name my-digits
+example upctl prepare captions --root my-photos --name my-photos --option file=captions.csv
+example upctl prepare textcls --root my-reviews --name my-reviews --option file=reviews.jsonl
+example upctl tasks --kind user
+example upctl zeroshot --task my-digits --checkpoint runs/pretrain-s1
+example upctl zeroshot --task my-reviews --checkpoint runs/pretrain-s1
+example upctl prompt-tune --task my-reviews --fraction 0.1 --checkpoint runs/pretrain-s1 --max-steps 40 --output runs/prompt-my-reviews
+example upctl evaluate --task my-reviews --checkpoint runs/prompt-my-reviews
 
 # ---------------------------------------------------------------------------------------- mistakes: one line each
 
 mistake upctl evaluate --task mini-face
 mistake upctl prepare cocoo
+mistake upctl prepare captions --root my-photos --name my-photos --option file=captions.csv --option text_key=caption
 mistake upctl predict --image data/raw/mini/video/bikes.mp4 --targets "cooking,dancing,surfing"
 mistake upctl evaluate --checkpoint tiny-random
 mistake upctl pretrain recipes/base.yaml
