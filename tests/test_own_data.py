@@ -155,6 +155,8 @@ def test_imagefolder_prepare_zeroshot_prompt_tune_and_evaluate(cli, ckpt: Path, 
     assert meta["splits"] == {"train": 18, "val": 6} and meta["fewshot_rule"] == "per_class"
     val = [json.loads(ln) for ln in (data / "my-digits" / "val.jsonl").read_text().splitlines()]
     assert sorted(s["label"] for s in val) == [0, 0, 1, 1, 2, 2]  # 2 of 8 per class, seeded
+    # The memory-mapped Arrow copies are written at prepare time, as for every dataset (not on first use).
+    assert (data / "my-digits" / "train.arrow").is_file() and (data / "my-digits" / "val.arrow").is_file()
 
     _ok(cli("tasks", "--kind", "user", "--data-dir", data, "--json", tmp_path / "tasks.json"))
     listed = _record(tmp_path / "tasks.json")

@@ -504,17 +504,21 @@ def prepare_dataset(
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.out_dir = summary.out_dir or str(out_dir)
     _remove_stale_manifests(out_dir)
-    _convert_written(base, name, since=time.time() - summary.seconds - 1.0)
+    _convert_written(base, name, since=time.time() - summary.seconds - 1.0, written=Path(summary.out_dir))
     return summary
 
 
-def _convert_written(base: Path, name: str, since: float) -> None:
+def _convert_written(base: Path, name: str, since: float, written: Path | None = None) -> None:
     """Write the Arrow copies (data/arrow_manifest.py) of every dataset folder this run wrote
-    (`mini` writes `mini-*` siblings), so that the first training run need not convert them."""
+    (`mini` writes `mini-*` siblings; `imagefolder --name NAME` writes NAME), so that the first
+    training run need not convert them."""
     from uniperceiver.data.arrow_manifest import convert_dataset
 
-    for folder in sorted(base.glob(f"{name}*")):
-        if folder.name != name and not folder.name.startswith(f"{name}-"):
+    folders = set(base.glob(f"{name}*"))
+    if written is not None and written.parent == base:
+        folders.add(written)
+    for folder in sorted(folders):
+        if folder != written and folder.name != name and not folder.name.startswith(f"{name}-"):
             continue
         meta = folder / META_FILE
         if meta.is_file() and meta.stat().st_mtime >= since:
