@@ -37,6 +37,9 @@ RESULT_KEYS = ("demo", "pretrain", "stages", "tasks")
 #: The checks of every held-out task, in the order the table states them.
 CHECKS = ("zeroshot_above_chance_beyond_spread", "prompt_above_zeroshot", "finetune_at_least_prompt",
           "finetune_within_5_of_baseline")
+#: Short names of the checks for the terminal table.
+CHECK_SHORT = {"zeroshot_above_chance_beyond_spread": "zs>chance", "prompt_above_zeroshot": "prompt>zs",
+               "finetune_at_least_prompt": "ft>=prompt", "finetune_within_5_of_baseline": "ft>=base-5"}
 #: Points fine-tuning may trail the classic baseline and still count as "trained properly".
 BASELINE_MARGIN = 5.0
 #: The benchmark's goals over all held-out tasks: (check, how many tasks must pass; None = all).
@@ -314,5 +317,5 @@ def write_results(results: dict[str, Any], out: Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["BASELINE_MARGIN", "CHECKS", "GOALS", "HEADER", "REGIMES", "goal_lines", "RESULT_KEYS", "accuracy_chance", "collect", "read_record", "render_chart",
+__all__ = ["BASELINE_MARGIN", "CHECK_SHORT", "CHECKS", "GOALS", "HEADER", "REGIMES", "goal_lines", "RESULT_KEYS", "accuracy_chance", "collect", "read_record", "render_chart",
            "render_markdown", "retrieval_chance", "spread", "write_results"]

@@ -13,31 +13,35 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from upctl.common import console, err_console, fail_on_error
-from upctl.demo_report import fmt, goal_lines
+from upctl.demo_report import CHECK_SHORT, CHECKS, fmt, goal_lines
 
 
 def _print_table(results: dict) -> None:
     """The results as a rich table narrow enough for an 80-column terminal (results.md has every detail)."""
     n = len(results["demo"]["seeds"])
-    table = Table(title=f"held-out tasks, percent ({'mean ± std over ' + str(n) + ' seeds' if n > 1 else '1 seed'})",
-                  title_justify="left")
-    for name in ("task", "metric", "chance", "baseline", "zero-shot", "prompt", "fine-tune"):
-        table.add_column(name, justify="left" if name in ("task", "metric") else "right", overflow="fold")
+    table = Table(title=f"held-out tasks, percent ({'mean±std over ' + str(n) + ' seeds' if n > 1 else '1 seed'}; "
+                        "metrics in results.md)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for name in ("task", "chance", "baseline", "zero-shot", "prompt", "fine-tune"):
+        table.add_column(name, justify="left" if name == "task" else "right", no_wrap=True)
     for task in results["tasks"]:
         r = task["regimes"]
-        cells = [fmt(r[k]["mean"], r[k]["std"], n) for k in ("zeroshot", "prompt", "finetune")]
-        table.add_row(task["task"], task["metric"], f"{task['chance']:.1f}", f"{task['baseline']['value']:.1f}", *cells)
+        cells = [fmt(r[k]["mean"], r[k]["std"], n).replace(" ± ", "±") for k in ("zeroshot", "prompt", "finetune")]
+        table.add_row(task["task"], f"{task['chance']:.1f}", f"{task['baseline']['value']:.1f}", *cells)
     console.print(table)
     shares = ", ".join(f"{t['task']} {'/'.join(map(str, sorted(set(t['regimes']['prompt']['train_samples']))))}"
                        for t in results["tasks"])
     console.print(f"prompt tuning trained on (samples): {shares}", highlight=False)
+    console.print("checks: zs>chance = zero-shot above chance beyond its spread, ft>=base-5 = fine-tuning at most "
+                  "5 points under the baseline", highlight=False)
+    width = max(len(t["task"]) for t in results["tasks"])
     for task in results["tasks"]:
-        marks = "  ".join(f"{'✓' if ok else '✗'} {name.replace('_', ' ')}" for name, ok in task["checks"].items())
-        console.print(f"  {task['task']}: {marks}", highlight=False)
+        marks = "  ".join(f"{'✓' if task['checks'].get(name) else '✗'} {CHECK_SHORT[name]}" for name in CHECKS)
+        console.print(f"  {task['task']:<{width}}  {marks}", highlight=False)
     for line in goal_lines(results):
         console.print(f"  {line}", highlight=False)
 
