@@ -188,8 +188,26 @@ def test_a_2_rank_run_resumes_on_1_rank_and_back_with_every_sample_read_once(min
         counts = Counter(i for e, i in seen if e == epoch)
         assert sorted(counts) == list(range(n)) and max(counts.values()) == 1, f"epoch {epoch}: {counts}"
 
-    # one rank's shard of the newest checkpoint damaged: the previous one is used, the warning names both
+    # every step folder holds the optimizer state through DCP, written by the ranks of its run
     from uniperceiver.engine import train_checkpoint as ckpt
+
+    for name, world in (("step-000003", 2), ("step-000006", 1), ("step-000009", 2)):
+        meta = ckpt.verify_checkpoint(root / name)
+        assert meta["format"] == ckpt.FORMAT, name
+        writers = {n.split("/")[1].split("_")[2] for n in meta["files"] if n.endswith(".distcp")}
+        assert writers == {str(r) for r in range(world)}, (name, sorted(meta["files"]))
+
+    # one rank's DCP shard of the newest checkpoint damaged: the previous one is used, the warning names both
+    shard = sorted((root / "step-000009" / ckpt.SHARDED_DIR).glob("__1_*.distcp"))[0]
+    good = shard.read_bytes()
+    _flip_middle(shard)
+    warnings: list[str] = []
+    assert ckpt.find_valid_checkpoint(root, warn=warnings.append) == root / "step-000006"
+    assert len(warnings) == 1 and "step-000009" in warnings[0] and shard.name in warnings[0], warnings
+    assert "step-000006" in warnings[0]
+    shard.write_bytes(good)
+
+    # one rank's state file of the newest checkpoint damaged: the same
 
     shard = root / "step-000009" / "rng-rank1.pt"
     data = bytearray(shard.read_bytes())
@@ -199,6 +217,12 @@ def test_a_2_rank_run_resumes_on_1_rank_and_back_with_every_sample_read_once(min
     assert ckpt.find_valid_checkpoint(root, warn=warnings.append) == root / "step-000006"
     assert len(warnings) == 1 and "step-000009" in warnings[0] and "rng-rank1.pt" in warnings[0], warnings
     assert "step-000006" in warnings[0]
+
+
+def _flip_middle(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
 
 
 def test_too_few_samples_for_the_ranks_is_refused_in_one_line(mini_data):

@@ -1,6 +1,6 @@
-"""`upctl bench --sections checkpoint`: saving and resuming a training checkpoint, old writer vs new.
+"""`upctl bench --sections checkpoint`: saving and resuming a training checkpoint, old paths vs DCP.
 
-Both paths write the same step-folder format, so the comparison is of the code path alone:
+Three paths, the same model and optimizer state:
 
 - old ("buffered"): every file built as bytes in memory (a full copy of model and optimizer
   state), written, then every file read back to hash it; resuming verified every file, verified
@@ -8,7 +8,11 @@ Both paths write the same step-folder format, so the comparison is of the code p
   full weights into a state dict beside the model;
 - new ("streamed"): files streamed from the live tensors and hashed on their way to disk; on
   resume every file is hashed once (files side by side), the weights are read straight into the
-  parameters.
+  parameters (format v1: the whole optimizer state in optimizer.pt);
+- dcp (today's): the weights streamed as above, the optimizer's tensors through
+  torch.distributed.checkpoint (every rank writes and reads its own part; here one process, two
+  writer threads), hashed while written; on resume every file is hashed once, the optimizer state
+  read by DCP straight into new state tensors.
 
 Each measurement runs in a fresh process (a process's resident high-water mark only grows), on a
 model of the named size with a full AdamW state, three times; rows give medians. `extra_peak_mb`
@@ -31,7 +35,7 @@ import torch
 
 from uniperceiver.bench.timing import current_rss_bytes, peak_rss_bytes, reset_peak_rss, run_for_result
 
-METHODS = ("buffered", "streamed")
+METHODS = ("buffered", "streamed", "dcp")
 
 
 def _trainables(size: str) -> tuple[Any, Any, Any]:
@@ -59,11 +63,16 @@ def _save(root: Path, method: str, model: Any, optimizer: Any, scheduler: Any) -
     from uniperceiver.engine import train_checkpoint as ckpt
     from uniperceiver.engine.train_state import TrainState, capture_rng_state
 
+    from uniperceiver.engine import dcp_state
+
     buffered = method == "buffered"
     state = TrainState(step=1, data={"draw": 1, "samplers": {}, "skipped": {}}, rng=capture_rng_state())
     parts = ckpt.Trainables(model, optimizer, scheduler, None, None)  # type: ignore[arg-type]
     tmp = ckpt.begin_checkpoint(root, state.step)
-    digests = ckpt.write_main_state(tmp, parts, state.shared_dict(), buffered=buffered)
+    tensors, rest = dcp_state.split_optimizer_state(model, optimizer) if method == "dcp" else ({}, None)
+    digests = ckpt.write_main_state(tmp, parts, state.shared_dict(), buffered=buffered, optimizer_rest=rest)
+    if method == "dcp":
+        digests.update(dcp_state.save_tensors(tmp / ckpt.SHARDED_DIR, tensors, thread_count=2))
     digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered))
     return ckpt.commit_checkpoint(root, state.step, keep=1, extra_meta={}, digests=digests)
 
@@ -84,7 +93,7 @@ def _resume(root: Path, method: str, model: Any, optimizer: Any, scheduler: Any)
         assert path is not None
         saved = ckpt.load_checkpoint(path, verified=True)
         ckpt.read_weights_into(model, path)
-    ckpt.load_optimizer_state(model, optimizer, saved.optimizer, str(path))
+    ckpt.restore_optimizer(saved, model, optimizer)
     scheduler.load_state_dict(saved.scheduler)
 
 
@@ -147,19 +156,22 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def checkpoint_section(report: Any, device: torch.device, quick: bool, sizes: list[str] | None = None) -> None:
-    """Rows per size: old and new save / resume (median seconds, extra peak MB) and the speed-ups."""
+    """Rows per size: old (buffered), streamed and DCP save / resume (median seconds, extra peak MB)
+    and the DCP path's speed-up over the old one."""
     import os
 
     for size in sizes or ["base"]:
         load = os.getloadavg()
         results = measure(size, repeats=3)
         for phase in ("save", "resume"):
-            old, new = results["buffered"][phase], results["streamed"][phase]
-            report.add("checkpoint", f"{size} {phase}: old (buffered) vs new (streamed)",
-                       seconds_old=round(_median(old, "seconds"), 2), seconds_new=round(_median(new, "seconds"), 2),
+            old, mid, new = results["buffered"][phase], results["streamed"][phase], results["dcp"][phase]
+            report.add("checkpoint", f"{size} {phase}: old (buffered) vs streamed vs dcp",
+                       seconds_old=round(_median(old, "seconds"), 2), seconds_streamed=round(_median(mid, "seconds"), 2),
+                       seconds_dcp=round(_median(new, "seconds"), 2),
                        speedup=round(_median(old, "seconds") / max(_median(new, "seconds"), 1e-9), 2),
                        extra_peak_mb_old=round(_median(old, "extra_peak_mb")),
-                       extra_peak_mb_new=round(_median(new, "extra_peak_mb")),
+                       extra_peak_mb_streamed=round(_median(mid, "extra_peak_mb")),
+                       extra_peak_mb_dcp=round(_median(new, "extra_peak_mb")),
                        optimizer_state_mb=round(_median(new, "state_mb")),
                        checkpoint_mb=round(_median(new, "bytes_on_disk") / 2**20),
                        load_avg_1m=round(load[0], 2))

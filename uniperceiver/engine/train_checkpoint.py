@@ -3,14 +3,19 @@
 Layout of `<run>/checkpoints/`:
     step-000123/
         model.safetensors, config.json   the weights (a model directory: `load_model` reads it)
-        optimizer.pt, scheduler.pt       torch.save of tensors and plain containers only
+        optim.dcp/                       the optimizer's tensors through torch.distributed.checkpoint:
+                                         `__<rank>_<n>.distcp` written by each rank, `.metadata`
+        optimizer.pt                     the rest of the optimizer state: parameter groups, each
+                                         parameter index's name and state keys (no tensors)
+        scheduler.pt                     torch.save of plain containers only
         trainer.pt                       the TrainState every rank shares (rank 0): step, skipped
                                          steps, world size, fp16 loss scale, open logging window,
                                          periodic-eval scores, state version
         rng-rank0.pt, rng-rank1.pt ...   each rank's part of the TrainState: its data cursors (draw,
                                          per-task epoch / cursor / pending positions, skipped media)
                                          + python / numpy / torch / cuda RNG states
-        meta.json                        step, time, sha256 of every file above
+        meta.json                        format, step, time, sha256 of every file above (the DCP
+                                         files included, each hashed by the rank that wrote it)
     latest                               the name of the newest complete folder (atomic pointer)
 
 The TrainState (`train_state.py`) is written and read as one unit: `save_training_checkpoint`
@@ -22,20 +27,38 @@ A folder is written under a temporary name and renamed into place only when comp
 and falls back to the previous checkpoint, with a warning naming both, when one is corrupt.
 Everything is read back with `torch.load(weights_only=True)`: a checkpoint cannot run code.
 
+The optimizer state (the bulk: AdamW keeps two tensors per parameter) goes through DCP
+(`dcp_state.py`): every rank writes its part of it in parallel, hashing its files as they are
+written, and reads back the parts it needs, for any number of ranks; nobody gathers it. Its
+`.metadata` pickle is read by a restricted unpickler. Integrity is checked once per resume: rank 0
+verifies every sum while choosing the checkpoint (`find_valid_checkpoint`), the others are handed
+the verified folder. Format v1 folders (the whole optimizer state in optimizer.pt) still resume.
+
+Asynchronous saves (`wants_async`: when the state lives on a GPU): DCP copies the optimizer state to
+host memory and writes it from a background thread; the folder stays staged until the next save,
+the end of the stage or SIGTERM publishes it (`finish_pending`: every rank's write joined and its
+sums collected, then the usual commit). A failed background write publishes nothing; after an
+error the trainer waits for it and drops it (`abandon_pending`). The weights, the small state
+files and the commit are never asynchronous.
+
+Reading lives in `checkpoint_load.py`, the FSDP full-state collectives in `full_state.py`; both are
+re-exported here.
+
 Cost (`checkpoint_io.py`): every file is streamed from the live tensors into its atomic file and
 hashed on the way (the sums in meta.json), never built as bytes in memory nor read back; a resume
 hashes each file once (`find_valid_checkpoint`, files side by side), then `load_checkpoint(...,
 verified=True)` and `read_weights_into` read the weights straight into the model's parameters.
-The first writer (`buffered=True`) stays callable for `upctl bench --sections checkpoint`.
+The earlier writers (`layout="buffered"`: bytes in memory; `"streamed"`: format v1, one process
+writes everything) stay callable for `upctl bench --sections checkpoint`.
 
 World size: resuming on another number of ranks reads every rank's part (`load_checkpoint(...,
 world_size=)`) and re-derives this rank's data cursors so that no sample is repeated or skipped
 (`TrainState.restore`); a per-rank batch size change needs nothing (cursors count samples).
 
-FSDP runs (`train.sharding: fsdp`) write the SAME files: the full, unsharded model and optimizer
-state, gathered with torch.distributed.checkpoint's state-dict API and written by rank 0, with the
-optimizer state keyed by parameter index exactly like `optimizer.state_dict()`. So a checkpoint
-resumes under DDP, FSDP or one process, whichever wrote it, on any number of ranks.
+FSDP runs (`train.sharding: fsdp`) write the SAME files: the full, unsharded weights (gathered by
+torch.distributed.checkpoint's state-dict API, written by rank 0) and the optimizer state through
+DCP, each rank its own shards, keyed by parameter name. So a checkpoint resumes under DDP, FSDP or
+one process, whichever wrote it, on any number of ranks.
 """
 
 from __future__ import annotations
@@ -45,24 +68,64 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
-from uniperceiver.engine.checkpoint_io import read_safetensors_into, torch_save_hashed, write_hashed, write_safetensors
+from uniperceiver.engine import dcp_state
+from uniperceiver.engine.checkpoint_io import (
+    torch_save_hashed,
+    write_hashed,
+    write_safetensors,
+)
+from uniperceiver.engine.checkpoint_load import (
+    TrainingCheckpoint,
+    load_checkpoint,
+    load_weights_into,
+    read_weights_into,
+    resolve_checkpoint_path,
+    restore_optimizer,
+)
+from uniperceiver.engine.full_state import (  # noqa: F401 - re-exported
+    check_groups,
+    gather_full_model,
+    gather_full_state,
+    load_optimizer_state,
+    plain_model,
+    unsharded_copy,
+)
+
 # The RNG helpers are part of the TrainState now; re-exported for callers of this module.
-from uniperceiver.engine.train_state import TrainState, capture_rng_state, restore_rng_state
+from uniperceiver.engine.train_state import (
+    TrainState,
+    capture_rng_state,
+    restore_rng_state,
+)
 from uniperceiver.errors import CheckpointError, StorageError
+
 # The read-only side of the step-folder format (find, verify) is shared with evaluation, below the engine.
 from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
-    FORMAT, LATEST_NAME, META_NAME, STEP_RE, Warn, find_valid_checkpoint, list_checkpoints, verify_checkpoint,
+    FORMAT,
+    FORMAT_V1,
+    LATEST_NAME,
+    META_NAME,
+    SHARDED_DIR,
+    STEP_RE,
+    Warn,
+    find_valid_checkpoint,
+    list_checkpoints,
+    verify_checkpoint,
 )
 from uniperceiver.modeling.model import UniPerceiver
-from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, check_state_fits, read_config, save_model
-from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, save_model
+from uniperceiver.utils.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from uniperceiver.engine.distributed import DistEnv
@@ -83,13 +146,6 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors, truncated zip files
-        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from None
 
 
 # -- writing ------------------------------------------------------------------------------------
@@ -122,6 +178,10 @@ class Trainables:
     scheduler: WarmupSchedule
     scaler: torch.amp.GradScaler
     loader: MultiTaskLoader
+    #: The checkpoint whose optimizer files a background thread is still writing (asynchronous saves).
+    pending: PendingCheckpoint | None = None
+    #: The gloo group asynchronous saves coordinate over (never the training's groups: another thread).
+    checkpoint_group: Any = None
 
 
 def write_rank_state(tmp: Path, rank: int, state: dict[str, Any], *, buffered: bool = False) -> dict[str, str]:
@@ -142,20 +202,24 @@ def write_main_state(
     full_state: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
     *,
     buffered: bool = False,
+    optimizer_rest: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """The replicated state (identical on every rank): written by rank 0; returns {file: sha256}.
 
     `shared` is `TrainState.shared_dict()`. `full_state` = (model state, optimizer state) already
-    gathered from a sharded (FSDP) model by `gather_full_state`; None reads both from `parts`.
+    gathered from a sharded (FSDP) model (`gather_full_state`; the optimizer part unused with
+    `optimizer_rest`); None reads both from `parts`. `optimizer_rest`: the optimizer state's
+    non-tensor part (`dcp_state.split_optimizer_state`) whose tensors go through DCP; None writes
+    the whole optimizer state into optimizer.pt (format v1).
     Every file is streamed from the live tensors and hashed on its way to disk. `buffered` keeps
     the first writer (each file built as bytes in memory, hashed by re-reading at commit) callable
     for the checkpoint benchmark; it returns {}.
     """
     if full_state is None:
         model_state = {k: v.detach() for k, v in parts.model.state_dict().items()}
-        optim_state = parts.optimizer.state_dict()
+        optim_state = optimizer_rest if optimizer_rest is not None else parts.optimizer.state_dict()
     else:
-        model_state, optim_state = full_state
+        model_state, optim_state = full_state[0], optimizer_rest if optimizer_rest is not None else full_state[1]
     if buffered:
         save_model(parts.model if full_state is None else plain_model(parts.model.cfg, model_state), tmp)
         for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", parts.scheduler.state_dict()),
@@ -177,14 +241,20 @@ def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[st
                       digests: dict[str, str] | None = None) -> Path:
     """Write meta.json with every staged file's sha256, rename into place, move `latest`, prune old ones.
 
-    `digests`: the sums already computed while writing; only files missing from it are read to
-    be hashed (another rank's small state file, or everything for the buffered writer)."""
+    `digests`: the sums already computed while writing (every rank's, DCP files as
+    "optim.dcp/<file>"); only files missing from it are read to be hashed (the buffered writer's)."""
     ckpt_root = Path(ckpt_root)
     tmp = staging_dir(ckpt_root, step)
     known = digests or {}
-    files = {p.name: known.get(p.name) or sha256_file(p)
-             for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")}
-    meta = {"format": FORMAT, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    staged = [p for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    if (tmp / SHARDED_DIR).is_dir():
+        staged += [p for p in sorted((tmp / SHARDED_DIR).iterdir()) if p.is_file() and not p.name.endswith(".tmp")]
+    files = {}
+    for p in staged:
+        name = p.relative_to(tmp).as_posix()
+        files[name] = known.get(name) or sha256_file(p)
+    fmt = FORMAT if (tmp / SHARDED_DIR).is_dir() else FORMAT_V1  # v1: the earlier writers (benchmarks)
+    meta = {"format": fmt, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
     if extra_meta:
         meta.update(extra_meta)
     atomic_write_json(tmp / META_NAME, meta)
@@ -229,248 +299,181 @@ def prune_checkpoints(ckpt_root: Path, keep: int, protect: str | None = None) ->
     return removed
 
 
+@dataclass
+class PendingCheckpoint:
+    """A staged checkpoint not yet published: its optimizer files may still be in writing (`save`)."""
+
+    root: Path
+    step: int
+    keep: int
+    meta: dict[str, Any]
+    final: Path
+    digests: dict[str, str]
+    save: dcp_state.DcpSave | None
+
+
+def wants_async(model: torch.nn.Module) -> bool:
+    """Write the optimizer state in the background only when it lives on an accelerator: staging
+    copies it to host memory, the copy a GPU save makes anyway. A CPU state would be copied whole
+    (a second full state in memory), so it is written synchronously."""
+    return any(p.device.type == "cuda" for p in model.parameters())
+
+
 def save_training_checkpoint(
     root: Path, state: TrainState, parts: Trainables, env: DistEnv, *, keep: int, meta: dict[str, Any],
-    buffered: bool = False,
+    layout: str = "dcp", asynchronous: bool | None = None,
 ) -> Path:
     """Save `state` (as one unit) and `parts` as the step folder of `state.step` under `root`; a collective.
 
-    The state is first brought up to date from the live objects (`TrainState.snapshot`: cursors,
-    RNG, loss scale). Rank 0 stages the replicated files, every rank adds its own part, rank 0
-    commits (checksums, rename, `latest`, pruning to the `keep` newest); `meta` goes into meta.json.
-    A write that fails (full disk, I/O error) removes the staging folder and raises one CheckpointError
-    naming the checkpoint; the previous checkpoint and the `latest` pointer are untouched.
-    Files are streamed and hashed while written; `buffered` selects the first writer (benchmarks).
+    The previous asynchronous save is published first (`finish_pending`). The state is brought up
+    to date from the live objects (`TrainState.snapshot`). Rank 0 stages the replicated files,
+    every rank writes its part of the optimizer state through DCP and its own state file, each
+    hashing what it wrote; rank 0 collects the sums and commits (meta.json, rename, `latest`,
+    pruning to the `keep` newest). `asynchronous` (default `wants_async`): the optimizer files are
+    written in the background and the checkpoint is published by the next save or `finish_pending`,
+    which the trainer calls before final/ and on the way out. A write that fails on any rank (full
+    disk, I/O error) removes the staging folder and raises one CheckpointError naming the
+    checkpoint; nothing is published, the previous checkpoint and `latest` are untouched.
+    `layout` "streamed" / "buffered" selects the earlier format-v1 writers (benchmarks).
     """
     from uniperceiver.engine.distributed import barrier, is_sharded
 
+    finish_pending(parts, env)
     step = state.step
     final = root / step_dir_name(step)
     state.snapshot(parts.loader, parts.scaler, env.world_size)
-    # Sharded (FSDP) state is gathered by every rank together; rank 0 receives the full tensors.
-    full = gather_full_state(parts.model, parts.optimizer) if is_sharded(parts.model) else None
+    background = layout == "dcp" and (wants_async(parts.model) if asynchronous is None else asynchronous)
+    tensors, rest = dcp_state.split_optimizer_state(parts.model, parts.optimizer) if layout == "dcp" else ({}, None)
+    # Sharded (FSDP) weights are gathered by every rank together; rank 0 receives the full tensors.
+    full = None
+    if is_sharded(parts.model):
+        full = (gather_full_model(parts.model), {}) if layout == "dcp" else gather_full_state(parts.model, parts.optimizer)
     try:
         digests: dict[str, str] = {}
         if env.is_main:
             tmp = begin_checkpoint(root, step)
-            digests = write_main_state(tmp, parts, state.shared_dict(), full, buffered=buffered)
+            digests = write_main_state(tmp, parts, state.shared_dict(), full, buffered=layout == "buffered",
+                                       optimizer_rest=rest)
         barrier(env)
         tmp = staging_dir(root, step)
-        digests.update(write_rank_state(tmp, env.rank, state.rank_dict() or {}, buffered=buffered))
-        barrier(env)
+        save = None
+        if layout == "dcp":
+            save = dcp_state.DcpSave(tmp / SHARDED_DIR, tensors, _save_group(parts, env, background),
+                                     thread_count=2 if env.world_size == 1 else 1, asynchronous=background)
+        digests.update(write_rank_state(tmp, env.rank, state.rank_dict() or {}, buffered=layout == "buffered"))
+    except (OSError, StorageError, CheckpointError) as exc:
+        raise _write_failed(root, step, final, exc) from exc
+    pending = PendingCheckpoint(root, step, keep, meta, final, digests, save)
+    if background:
+        parts.pending = pending
+        return final
+    return _publish(pending, env)
+
+
+def _save_group(parts: Trainables, env: DistEnv, background: bool) -> Any:
+    """The process group DCP coordinates over: none alone, the side group when synchronous, a gloo
+    group of its own when a background thread uses it (created once, by every rank together)."""
+    if not env.distributed:
+        return None
+    if not background:
+        return env.group
+    if parts.checkpoint_group is None:
+        import torch.distributed as dist
+
+        parts.checkpoint_group = dist.new_group(backend="gloo")
+    return parts.checkpoint_group
+
+
+def _write_failed(root: Path, step: int, final: Path, exc: BaseException) -> CheckpointError:
+    """Remove the staging folder; one line naming the checkpoint and the cause."""
+    shutil.rmtree(staging_dir(root, step), ignore_errors=True)
+    return CheckpointError(f"could not write checkpoint {final}: {_reason(exc)}; the previous checkpoint is kept")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, CheckpointError):
+        return str(exc)
+    cause = exc if isinstance(exc, OSError) else exc.__cause__
+    return (cause.strerror if isinstance(cause, OSError) else None) or str(exc)
+
+
+def _publish(pending: PendingCheckpoint, env: DistEnv) -> Path:
+    """Join the optimizer write, collect every rank's sums, commit on rank 0 (every rank calls it).
+
+    Every rank reports success or its error before anyone commits, so a failure on one rank
+    publishes nothing anywhere and every rank raises."""
+    from uniperceiver.engine.distributed import barrier
+
+    mine, error = dict(pending.digests), None
+    try:
+        if pending.save is not None:
+            mine.update(pending.save.wait())
+    except (OSError, StorageError, CheckpointError) as exc:
+        error = exc
+    try:
+        every = _gather_object((None if error is None else _reason(error), mine), env)
+        failed = [(rank, why) for rank, (why, _) in enumerate(every) if why is not None]
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"rank {failed[0][0]}: {failed[0][1]}")
+        digests = {name: digest for _, part in every for name, digest in part.items()}
+        final = pending.final
         if env.is_main:
-            final = commit_checkpoint(root, step, keep, meta, digests)
+            final = commit_checkpoint(pending.root, pending.step, pending.keep, pending.meta, digests)
         barrier(env)
-    except (OSError, StorageError) as exc:
-        shutil.rmtree(staging_dir(root, step), ignore_errors=True)
-        cause = exc if isinstance(exc, OSError) else exc.__cause__
-        reason = (cause.strerror if isinstance(cause, OSError) else None) or str(exc)
-        raise CheckpointError(
-            f"could not write checkpoint {final}: {reason}; the previous checkpoint is kept"
-        ) from exc
+    except (OSError, StorageError, CheckpointError) as exc:
+        raise _write_failed(pending.root, pending.step, pending.final, exc) from exc
     return final
 
 
-# -- sharded (FSDP) models: full state in, full state out ----------------------------------------
+#: How long `abandon_pending` waits for a background optimizer write before leaving it behind.
+ABANDON_WAIT_S = 120.0
 
 
-def plain_model(cfg: Any, state: dict[str, torch.Tensor]) -> UniPerceiver:
-    """A plain UniPerceiver holding `state`'s tensors (no copy, no initialisation: built on meta)."""
-    with torch.device("meta"):
-        model = UniPerceiver(cfg)
-    model.load_state_dict(state, assign=True)
-    return model
+def finish_pending(parts: Trainables, env: DistEnv) -> Path | None:
+    """Publish the checkpoint an asynchronous save left in writing, if any (every rank calls it)."""
+    pending, parts.pending = parts.pending, None
+    return _publish(pending, env) if pending is not None else None
 
 
-def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
-    """The name of every optimizer parameter, in `optimizer.state_dict()`'s index order."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-
-
-def gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model state, optimizer state) of a sharded model, full and on the CPU of rank 0.
-
-    A collective: every rank calls it; other ranks get empty containers. The optimizer state is
-    converted from torch.distributed.checkpoint's parameter-name keys to the parameter indices of
-    `optimizer.state_dict()`, so the file is the one a DDP or single-process run writes.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
-    if not optimizer.state:  # nothing stepped yet: DCP would initialise it with a zero-gradient step
-        return model_state, optimizer.state_dict()
-    named = get_optimizer_state_dict(model, optimizer, options=opts)
-    if not named:
-        return model_state, {}
-    index = {name: i for i, name in enumerate(_param_names(model, optimizer))}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]
-    return model_state, {"state": {index[n]: v for n, v in named["state"].items()}, "param_groups": groups}
-
-
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, saved: dict[str, Any],
-                         source: str) -> None:
-    """Load a full optimizer state (parameter-index keys) into `optimizer`, sharding it under FSDP."""
-    from uniperceiver.engine.distributed import is_sharded
-
-    groups = saved.get("param_groups", [])
-    sizes = [len(g["params"]) for g in groups]
-    want = [len(g["params"]) for g in optimizer.param_groups]
-    if sizes != want:
-        raise CheckpointError(
-            f"cannot resume: {source}/optimizer.pt has parameter groups of sizes {sizes}, this run's optimizer "
-            f"{want} (another model or tuning mode)"
-        )
-    if not is_sharded(model) or not saved.get("state"):
-        optimizer.load_state_dict(saved)
+def abandon_pending(parts: Trainables) -> None:
+    """On the way out after an error: wait (a bounded time: its peers may be gone) for a background
+    write to end, publish nothing, remove its staging folder. The checkpoint before it stays."""
+    pending, parts.pending = parts.pending, None
+    if pending is None:
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = _param_names(model, optimizer)
-    named = {
-        "state": {names[int(i)]: v for i, v in saved["state"].items()},
-        "param_groups": [{**g, "params": [names[int(i)] for i in g["params"]]} for g in groups],
-    }
-    # strict=False: parameters no step has used yet have no saved state (AdamW creates it lazily).
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True, strict=False))
-    # DCP first gives every parameter a state (a zero-gradient step with lr 0); drop the ones the
-    # checkpoint has none for, so they start from scratch exactly as in the uninterrupted run.
-    by_name = dict(model.named_parameters())
-    for name in set(names) - set(named["state"]):
-        optimizer.state.pop(by_name[name], None)
-
-
-def unsharded_copy(model: torch.nn.Module) -> UniPerceiver:
-    """A plain model with the full weights of a sharded one, on every rank (a collective)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    copy = plain_model(model.cfg, {k: v.detach().clone() for k, v in state.items()})  # type: ignore[attr-defined]
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name, param in copy.named_parameters():
-        param.requires_grad_(flags.get(name, True))
-    return copy.train(model.training)
-
-
-# -- reading ------------------------------------------------------------------------------------
-
-
-@dataclass
-class TrainingCheckpoint:
-    """What `load_checkpoint` read back (every state on CPU); `state` is the saved TrainState.
-
-    The weights are read only when asked for (`model_state`, or `read_weights_into` straight into a
-    model's parameters): resuming never holds a second full copy of them.
-    """
-
-    path: Path
-    step: int
-    meta: dict[str, Any]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    state: TrainState
-    _weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-
-    @property
-    def model_state(self) -> dict[str, torch.Tensor]:
-        """The weights as a state dict (read from model.safetensors on first use)."""
-        if self._weights is None:
-            try:
-                self._weights = load_file(str(self.path / WEIGHTS_NAME))
-            except Exception as exc:  # safetensors raises its own error types for corrupt headers
-                raise CheckpointError(f"{self.path / WEIGHTS_NAME}: unreadable safetensors file ({exc})") from None
-        return self._weights
-
-    @property
-    def trainer(self) -> dict[str, Any]:
-        """The shared part of the state, as `trainer.pt` holds it."""
-        return self.state.shared_dict()
-
-    @property
-    def rank_state(self) -> dict[str, Any] | None:
-        """The loaded rank's part of the state (data cursors, RNG); None when the folder has none."""
-        return self.state.rank_dict()
-
-
-def load_checkpoint(path: Path, rank: int = 0, *, world_size: int | None = None,
-                    verified: bool = False) -> TrainingCheckpoint:
-    """Read one step folder (checksums first, unless the caller `verified` it already, e.g. through
-    `find_valid_checkpoint`: every file is hashed once per resume).
-
-    The state has no rank part when this rank saved no file. With `world_size` other than the
-    saving run's, every saved rank's part is read too (`TrainState.peers`), so `TrainState.restore`
-    can re-derive this rank's data cursors exactly.
-    """
-    path = Path(path)
-    meta = verify_checkpoint(path) if not verified else _read_meta(path)
-    read_config(path)  # a clear error if config.json is unusable
-    rank_file = path / f"rng-rank{rank}.pt"
-    shared = _torch_load(path / "trainer.pt")
-    mine = _torch_load(rank_file) if rank_file.is_file() else None
-    saved_world = shared.get("world_size") if isinstance(shared, dict) else None
-    peers = None
-    if world_size is not None and isinstance(saved_world, int) and saved_world != world_size:
-        files = [path / f"rng-rank{r}.pt" for r in range(saved_world)]
-        absent = [f.name for f in files if not f.is_file()]
-        if absent:
-            raise CheckpointError(f"cannot resume {path} on {world_size} rank(s): it lacks {', '.join(absent)} of "
-                                  f"the {saved_world} ranks that wrote it; resume with {saved_world} rank(s)")
-        peers = [_torch_load(f) for f in files]
-    return TrainingCheckpoint(
-        path=path,
-        step=int(meta["step"]),
-        meta=meta,
-        optimizer=_torch_load(path / "optimizer.pt"),
-        scheduler=_torch_load(path / "scheduler.pt"),
-        state=TrainState.from_dicts(shared, mine, str(path), peers),
-    )
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / META_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / META_NAME}: unreadable ({exc})") from None
+        if pending.save is not None:
+            pending.save.wait(timeout_s=ABANDON_WAIT_S)
+    except (OSError, StorageError, CheckpointError):
+        pass
+    shutil.rmtree(staging_dir(pending.root, pending.step), ignore_errors=True)
 
 
-def read_weights_into(model: UniPerceiver, path: Path) -> None:
-    """Copy a verified step folder's weights straight into `model`'s parameters and buffers
-    (no intermediate state dict); names and shapes are checked against the file's header first."""
-    read_safetensors_into(Path(path) / WEIGHTS_NAME, model.state_dict())
+def _gather_object(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's `obj` on every rank (a small picklable value)."""
+    if not env.distributed:
+        return [obj]
+    import torch.distributed as dist
 
-
-def load_weights_into(model: UniPerceiver, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy a checkpoint's weights into an existing model after checking names and shapes."""
-    check_state_fits(model, state, source)
-    model.load_state_dict(state)
-
-
-def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None) -> Path:
-    """`--resume PATH`: a step folder, a `checkpoints/` folder or a run folder -> a verified step folder."""
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"--resume {path}: no such file or folder")
-    if (p / META_NAME).is_file():
-        verify_checkpoint(p)
-        return p
-    for root in (p, p / "checkpoints"):
-        if root.is_dir() and (list_checkpoints(root) or (root / LATEST_NAME).is_file()):
-            found = find_valid_checkpoint(root, warn)
-            if found is not None:
-                return found
-            raise CheckpointError(f"--resume {path}: no valid checkpoint under {root}")
-    raise CheckpointError(f"--resume {path}: not a checkpoint folder (no {META_NAME}, no step-* folders)")
+    every: list[Any] = [None] * env.world_size
+    dist.all_gather_object(every, obj, group=env.group)
+    return every
 
 
 __all__ = [
     "LATEST_NAME",
-    "TrainingCheckpoint",
+    "PendingCheckpoint",
     "Trainables",
+    "TrainingCheckpoint",
+    "abandon_pending",
     "begin_checkpoint",
     "capture_rng_state",
     "commit_checkpoint",
     "find_valid_checkpoint",
+    "finish_pending",
+    "gather_full_model",
     "gather_full_state",
     "list_checkpoints",
     "load_checkpoint",
@@ -480,11 +483,13 @@ __all__ = [
     "prune_checkpoints",
     "read_weights_into",
     "resolve_checkpoint_path",
+    "restore_optimizer",
     "restore_rng_state",
     "save_training_checkpoint",
     "step_dir_name",
     "unsharded_copy",
     "verify_checkpoint",
+    "wants_async",
     "write_main_state",
     "write_rank_state",
 ]

@@ -245,6 +245,7 @@ def _train_stage(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Contex
             loop.watchdog = None
             final_model, final_dir = _finish(loop, state, interrupted)
     finally:
+        ckpt.abandon_pending(loop.parts)  # only after an error: _finish published the last one
         loop.parts.loader.close()
         if loop.metrics is not None:
             loop.metrics.close()
@@ -278,9 +279,11 @@ def _finish(loop: Loop, state: TrainState, interrupted: bool) -> tuple[UniPercei
     checkpoint and final/ (the weights later stages and evaluation load)."""
     final_model = ckpt.unsharded_copy(loop.parts.model) if is_fsdp(loop.wrapped) else loop.parts.model
     if interrupted:
+        ckpt.finish_pending(loop.parts, loop.env)  # the SIGTERM checkpoint is published before we stop
         return final_model, None
     if loop.last_checkpoint is None or ckpt.step_dir_name(state.step) != Path(loop.last_checkpoint).name:
         save_checkpoint(loop, state)
+    ckpt.finish_pending(loop.parts, loop.env)  # an asynchronous save is published before final/
     final_dir = loop.run_dir / runs.FINAL_NAME
     if loop.env.is_main:
         from uniperceiver.modeling.model_dir import save_model
@@ -365,7 +368,7 @@ def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv) -> ckpt.T
 
 def _resume(saved: ckpt.TrainingCheckpoint, parts: ckpt.Trainables, run_dir: Path, ctx: _Context) -> TrainState:
     """Optimizer and schedule state in, then the TrainState back into the loader, scaler and RNG."""
-    ckpt.load_optimizer_state(parts.model, parts.optimizer, saved.optimizer, str(saved.path))
+    ckpt.restore_optimizer(saved, parts.model, parts.optimizer, ctx.env)
     parts.scheduler.load_state_dict(saved.scheduler)
     state = saved.state
     state.restore(parts.loader, parts.scaler, ctx.calls.log)

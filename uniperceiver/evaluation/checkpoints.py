@@ -10,7 +10,8 @@ the folder names, `run.json` and the checksums of a step folder, so the readers 
         run.json             {"stage": ..., "recipe": ...}
         final/               model folder (config.json + model.safetensors) when the run finished
         stage-N/             sub-runs of a multi-stage recipe (each with final/ or checkpoints/)
-        checkpoints/step-NNNNNN/ + latest   verified step folders (meta.json lists sha256 sums)
+        checkpoints/step-NNNNNN/ + latest   verified step folders (meta.json lists sha256 sums; a step
+                             folder is also a model folder: config.json + model.safetensors)
 """
 
 from __future__ import annotations
@@ -35,8 +36,16 @@ RUN_INFO = "run.json"
 META_NAME = "meta.json"
 LATEST_NAME = "latest"
 STEP_RE = re.compile(r"^step-(\d+)$")
-#: The `format` field of a training step folder's meta.json.
-FORMAT = "uniperceiver-train-checkpoint-v1"
+#: The `format` field of a training step folder's meta.json: v1 holds the whole optimizer state in
+#: optimizer.pt; v2 (written today) its tensors in the DCP folder SHARDED_DIR, written by every rank.
+FORMAT_V1 = "uniperceiver-train-checkpoint-v1"
+FORMAT = "uniperceiver-train-checkpoint-v2"
+SHARDED_DIR = "optim.dcp"
+#: The files every step folder's meta.json must list, per format.
+REQUIRED_FILES = {
+    FORMAT_V1: (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"),
+    FORMAT: (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt", f"{SHARDED_DIR}/.metadata"),
+}
 
 Warn = Callable[[str], None]
 
@@ -110,12 +119,16 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: malformed JSON ({exc})") from None
-    if meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
-    for name in (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"):
+    if meta.get("format") not in REQUIRED_FILES or not isinstance(meta.get("files"), dict):
+        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected "
+                              f"{FORMAT!r} or {FORMAT_V1!r})")
+    for name in REQUIRED_FILES[meta["format"]]:
         if name not in meta["files"]:
             raise CheckpointError(f"{meta_path}: lists no {name}")
     for name in meta["files"]:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or len(parts) > 2:
+            raise CheckpointError(f"{meta_path}: file name {name!r} points outside the checkpoint folder")
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
     # One pass over every file, the files hashed side by side (hashlib releases the GIL).
@@ -284,10 +297,13 @@ __all__ = [
     "CKPT_DIR",
     "FINAL_NAME",
     "FORMAT",
+    "FORMAT_V1",
     "LATEST_NAME",
     "META_NAME",
+    "REQUIRED_FILES",
     "RUN_INFO",
     "RunRecord",
+    "SHARDED_DIR",
     "STEP_RE",
     "TUNED_STAGES",
     "Warn",

@@ -1,0 +1,249 @@
+"""Training checkpoints with the optimizer state through torch.distributed.checkpoint (format v2).
+
+Covers: the DCP files are hashed while written (never read back) and their sums are in meta.json;
+the optimizer state round-trips exactly; a damaged DCP shard makes the previous checkpoint the one
+used, with a warning naming both; a crafted `.metadata` pickle is refused with one line and runs
+nothing; a full disk during a DCP write publishes nothing; a format v1 checkpoint still resumes.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from uniperceiver.engine import dcp_state
+from uniperceiver.engine import train_checkpoint as ckpt
+from uniperceiver.errors import CheckpointError
+from uniperceiver.utils.files import sha256_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _trainer_fixtures import mini_data, one_thread  # noqa: F401  (shared fixtures)
+
+RAW = {
+    "name": "dcp-small", "stage": "pretrain",
+    "model": {"size": "tiny", "overrides": {"depth": 1, "width": 64, "heads": 2, "mlp_dim": 128, "drop_path": 0.0}},
+    "optim": {"lr": 1e-3, "warmup_steps": 1},
+    "train": {"max_steps": 4, "ckpt_every": 2, "log_every": 1, "seed": 1, "keep_checkpoints": 10},
+    "tasks": [{"name": "mini-faces", "batch_size": 5}],
+}
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _train(out: Path, data: Path, **kwargs):
+    from uniperceiver.config import recipe_from_dict
+    from uniperceiver.engine.trainer import train
+
+    return train(recipe_from_dict(RAW), output=out, data_dir=data, log=kwargs.pop("log", _quiet), **kwargs)
+
+
+@pytest.fixture(scope="module")
+def four_steps(mini_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dcp-run") / "run"
+    assert _train(out, mini_data).step == 4
+    return out
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_a_dcp_checkpoint_lists_every_shard_with_the_sum_of_what_was_written(four_steps):
+    step = four_steps / "checkpoints" / "step-000004"
+    meta = ckpt.verify_checkpoint(step)
+    assert meta["format"] == ckpt.FORMAT
+    shards = sorted(n for n in meta["files"] if n.startswith(f"{ckpt.SHARDED_DIR}/") and n.endswith(".distcp"))
+    on_disk = sorted(f"{ckpt.SHARDED_DIR}/{p.name}" for p in (step / ckpt.SHARDED_DIR).glob("*.distcp"))
+    assert shards and shards == on_disk
+    assert f"{ckpt.SHARDED_DIR}/.metadata" in meta["files"]
+    for name in shards:
+        assert meta["files"][name] == sha256_file(step / name)
+    # optimizer.pt holds no tensor: the optimizer's tensors live in the DCP files only
+    small = torch.load(step / "optimizer.pt", weights_only=True)
+    assert set(small) >= {"param_groups", "names", "tensor_keys"}
+    assert not any(torch.is_tensor(v) for v in small.values())
+    # the whole state reads back as optimizer.state_dict() would give it, finite and index-keyed
+    saved = ckpt.load_checkpoint(step)
+    assert saved.sharded_optimizer and saved.optimizer["state"]
+    assert all(torch.isfinite(t).all() for st in saved.optimizer["state"].values() for t in st.values())
+    assert len(saved.optimizer["param_groups"]) == len(small["param_groups"])
+
+
+def test_the_dcp_writer_hashes_while_writing_and_the_state_round_trips(tmp_path, monkeypatch):
+    model = torch.nn.Sequential(torch.nn.Linear(256, 130), torch.nn.Linear(130, 3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 256)).pow(2).mean().backward()
+    optimizer.step()
+    tensors, rest = dcp_state.split_optimizer_state(model, optimizer)
+    monkeypatch.setattr(ckpt, "sha256_file", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    digests = dcp_state.save_tensors(tmp_path / ckpt.SHARDED_DIR, tensors, thread_count=2)
+    monkeypatch.undo()
+    assert len(digests) == 3  # two data files (two writer threads) + .metadata
+    for name, digest in digests.items():
+        assert sha256_file(tmp_path / name) == digest, name
+
+    reader_in_place: list[bool] = []
+    real_read = dcp_state._read_in_place
+
+    def spy(*args):
+        reader_in_place.append(real_read(*args))
+        return reader_in_place[-1]
+
+    monkeypatch.setattr(dcp_state, "_read_in_place", spy)
+    again = torch.nn.Sequential(torch.nn.Linear(256, 130), torch.nn.Linear(130, 3))
+    fresh = torch.optim.AdamW(again.parameters(), lr=1e-2)
+    fresh.load_state_dict(dcp_state.read_optimizer_state(tmp_path / ckpt.SHARDED_DIR, rest, again, fresh))
+    # read into place: each state tensor of the fresh optimizer came straight from its file record
+    assert reader_in_place and all(reader_in_place)
+    want, got = optimizer.state_dict(), fresh.state_dict()
+    assert got["param_groups"] == want["param_groups"]
+    for i, st in want["state"].items():
+        assert st.keys() == got["state"][i].keys()
+        assert all(torch.equal(got["state"][i][k], v) for k, v in st.items()), i
+    # DCP's own reader (what a record that does not qualify for the in-place read goes through) agrees
+    monkeypatch.setattr(dcp_state, "_read_in_place", lambda *args: False)
+    other = dcp_state.read_optimizer_state(tmp_path / ckpt.SHARDED_DIR, rest, None, None)
+    for i, st in want["state"].items():
+        assert all(torch.equal(other["state"][i][k], v) for k, v in st.items()), i
+
+
+def test_a_damaged_dcp_shard_falls_back_to_the_previous_checkpoint(four_steps, mini_data, tmp_path):
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    root = run / "checkpoints"
+    shard = sorted((root / "step-000004" / ckpt.SHARDED_DIR).glob("*.distcp"))[0]
+    _flip(shard)
+    warnings: list[str] = []
+    assert ckpt.find_valid_checkpoint(root, warn=warnings.append) == root / "step-000002"
+    assert len(warnings) == 1, warnings
+    assert "step-000004" in warnings[0] and "step-000002" in warnings[0] and shard.name in warnings[0]
+    said: list[str] = []
+    RAW["train"]["max_steps"] = 5
+    try:
+        result = _train(run, mini_data, resume="auto", log=said.append)
+    finally:
+        RAW["train"]["max_steps"] = 4
+    assert result.resumed_from == root / "step-000002" and result.step == 5
+    assert any("step-000004" in m and "corrupt" in m for m in said), said
+
+
+class _Evil:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_dcp_metadata_pickle_is_refused_in_one_line(four_steps, mini_data, tmp_path):
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    step = run / "checkpoints" / "step-000004"
+    marker = tmp_path / "PWNED"
+    evil = step / ckpt.SHARDED_DIR / ".metadata"
+    evil.write_bytes(pickle.dumps(_Evil(marker)))
+    meta = json.loads((step / "meta.json").read_text())
+    meta["files"][f"{ckpt.SHARDED_DIR}/.metadata"] = sha256_file(evil)
+    (step / "meta.json").write_text(json.dumps(meta))
+    ckpt.verify_checkpoint(step)  # the checksum no longer protects: only the reader does
+    with pytest.raises(CheckpointError) as err:
+        _ = ckpt.load_checkpoint(step).optimizer
+    message = str(err.value)
+    assert "\n" not in message and str(evil) in message and "system" in message and "cannot run code" in message
+    assert not marker.exists()
+    # resuming from it stops with the same one line, before any step
+    with pytest.raises(CheckpointError) as err:
+        _train(run, mini_data, resume=str(step))
+    assert "\n" not in str(err.value) and str(evil) in str(err.value)
+    assert not marker.exists()
+
+
+def test_an_asynchronous_save_publishes_the_state_of_its_step(four_steps, mini_data, tmp_path, monkeypatch):
+    """Written in the background while training goes on (forced here: on a CPU the default is
+    synchronous), every checkpoint still holds exactly the state of its own step."""
+    published: list[Path] = []
+    real_finish = ckpt.finish_pending
+
+    def finish(parts, env):
+        was_pending = parts.pending is not None
+        path = real_finish(parts, env)
+        if was_pending:
+            published.append(path)
+        return path
+
+    monkeypatch.setattr(ckpt, "wants_async", lambda model: True)
+    monkeypatch.setattr(ckpt, "finish_pending", finish)
+    out = tmp_path / "async"
+    assert _train(out, mini_data).step == 4
+    assert [p.name for p in published] == ["step-000002", "step-000004"]  # joined by the next save, then at the end
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    for name in ("step-000002", "step-000004"):
+        mine, theirs = out / "checkpoints" / name, four_steps / "checkpoints" / name
+        assert ckpt.verify_checkpoint(mine)["format"] == ckpt.FORMAT
+        a, b = ckpt.load_checkpoint(mine).optimizer, ckpt.load_checkpoint(theirs).optimizer
+        assert a["state"].keys() == b["state"].keys()
+        for i, st in b["state"].items():
+            assert all(torch.equal(a["state"][i][k], v) for k, v in st.items()), (name, i)
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(out / "final" / "model.safetensors")), load_file(str(four_steps / "final" / "model.safetensors"))
+    assert all(torch.equal(x[k], y[k]) for k in y)
+
+
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_a_full_disk_during_a_dcp_write_publishes_nothing(four_steps, mini_data, tmp_path, monkeypatch, background):
+    run = tmp_path / "run"
+    shutil.copytree(four_steps / "checkpoints", run / "checkpoints")
+    for name in ("step-000004",):
+        shutil.rmtree(run / "checkpoints" / name)
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    real_write = dcp_state._HashingStream.write
+
+    def full(self, data):
+        real_write(self, bytes(memoryview(data).cast("B")[:3]))
+        self._on_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp_state._HashingStream, "write", full)
+    monkeypatch.setattr(ckpt, "wants_async", lambda model: background)
+    with pytest.raises(CheckpointError) as err:
+        _train(run, mini_data, resume="auto")
+    message = str(err.value)
+    assert "No space left on device" in message and "step-000004" in message and "previous checkpoint is kept" in message
+    root = run / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step-000002"
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000002"]
+    assert not list(root.glob(".tmp-*"))
+
+
+def test_a_format_v1_checkpoint_still_resumes(mini_data, tmp_path):
+    """A step folder of the earlier layout (the whole optimizer state in optimizer.pt)."""
+    from uniperceiver.engine import steps
+
+    real = ckpt.save_training_checkpoint
+
+    def v1(*args, **kwargs):
+        return real(*args, **{**kwargs, "layout": "streamed"})
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps.ckpt, "save_training_checkpoint", v1)
+        assert _train(tmp_path / "old", mini_data).step == 4
+    step = tmp_path / "old" / "checkpoints" / "step-000002"
+    assert ckpt.verify_checkpoint(step)["format"] == ckpt.FORMAT_V1 and not (step / ckpt.SHARDED_DIR).exists()
+    result = _train(tmp_path / "new", mini_data, resume=str(step))
+    assert result.resumed_from == step and result.step == 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "old" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "new" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
