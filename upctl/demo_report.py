@@ -85,6 +85,15 @@ def retrieval_chance(record: dict[str, Any], data_dir: Path) -> float:
     return 100.0 * sum(len(o) / len(distinct) for o in own) / len(own)
 
 
+def shown_path(path: Path) -> str:
+    """A path as results.json records it: relative to the working directory when inside it, so a recorded run
+    can be committed and compared without naming the machine's folders."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def command_line() -> str:
     """How this run was started (recorded so a results.json says which command made it)."""
     return " ".join(["upctl", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("upctl", "__main__.py") else " ".join(sys.argv)
@@ -178,11 +187,11 @@ def collect(plan: DemoPlan, lay: Layout, stages: Sequence[Stage], started: float
             },
         })
     return {
-        "demo": {"quick": plan.quick, "seeds": list(plan.seeds), "data_dir": str(lay.data_dir), "out": str(lay.out),
+        "demo": {"quick": plan.quick, "seeds": list(plan.seeds), "data_dir": shown_path(lay.data_dir), "out": shown_path(lay.out),
                  "command": command_line(), "machine": machine_summary(), "threads_per_command": threads,
                  "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                  "total_seconds": round(total_s, 1), "spread": "sample standard deviation over seeds"},
-        "pretrain": {"recipe": str(plan.pretrain_recipe), "steps": pretrain_steps, "model": _model_summary(plan),
+        "pretrain": {"recipe": shown_path(plan.pretrain_recipe), "steps": pretrain_steps, "model": _model_summary(plan),
                      "runs": [str(lay.pretrain_run(s).relative_to(lay.out)) for s in plan.seeds]},
         "stages": [{"stage": st.key, "description": st.description, "commands": len(st.jobs),
                     "seconds": round(st.seconds, 1)} for st in stages],
@@ -288,15 +297,15 @@ def render_chart(results: dict[str, Any], path: Path) -> None:
         xs = [i + (k - 1.5) * width for i in range(len(tasks))]
         bars = ax.bar(xs, means, width, yerr=stds, capsize=3, color=colour, label=label,
                       hatch="//" if stds is None else None, edgecolor="white" if stds is None else None)
-        for b, m in zip(bars, means):
-            ax.text(b.get_x() + b.get_width() / 2, m + 1.5, f"{m:.0f}", ha="center", va="bottom", fontsize=7)
+        for b, m, sd in zip(bars, means, stds or [0.0] * len(means)):  # above the error bar
+            ax.text(b.get_x() + b.get_width() / 2, m + sd + 1.5, f"{m:.0f}", ha="center", va="bottom", fontsize=7)
     for i, t in enumerate(tasks):
         ax.hlines(t["chance"], i - 2.1 * width, i + 2.1 * width, colors="black", linestyles="dashed", linewidth=1,
                   label="chance" if i == 0 else None)
     ax.set_xticks(range(len(tasks)))
     ax.set_xticklabels([f"{t['task']}\n{t['metric_label']}\nchecks held: {sum(1 for c in CHECKS if t['checks'].get(c))}"
                         f"/{len(CHECKS)}" for t in tasks], fontsize=8)
-    ax.set_ylim(0, 112)
+    ax.set_ylim(0, 125)
     ax.set_ylabel("percent")
     n = len(results["demo"]["seeds"])
     ax.set_title(f"held-out tasks: mean over {n} seed(s)" + (", error bars = std" if n > 1 else ""), fontsize=9)
