@@ -27,3 +27,18 @@ def mini_data(tmp_path_factory) -> Path:
         prepare_dataset("mini", None, root, options={"only": "digits,photos,faces,news"})
         (root / ".done").write_text("ok")
     return root
+
+
+@pytest.fixture()
+def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """`upctl ARGS...` in-process from a fresh working directory; returns the click Result."""
+    from typer.testing import CliRunner
+
+    from upctl.main import app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("UPCTL_CACHE", str(tmp_path / "cache"))
+    for var in ("UPCTL_DEBUG", "UPCTL_DATA"):
+        monkeypatch.delenv(var, raising=False)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])

@@ -23,6 +23,7 @@ for _mod in ("sklearn", "skimage"):
 
 from typer.testing import CliRunner  # noqa: E402
 
+from _trainer_fixtures import cli  # noqa: E402,F401  (shared fixture)
 from upctl.main import app  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,17 +43,6 @@ def mini_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("data")
     prepare_dataset("mini", None, data_dir, options={"only": "digits,faces,photos"})
     return data_dir
-
-
-@pytest.fixture()
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """`upctl ARGS...` in-process from a fresh working directory; returns the click Result."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("UPCTL_CACHE", str(tmp_path / "cache"))
-    for var in ("UPCTL_DEBUG", "UPCTL_DATA"):
-        monkeypatch.delenv(var, raising=False)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
 
 
 def _run_folder(root: Path, name: str, stage: str, tasks: list[str], weights: Path, age_s: float = 0.0) -> Path:

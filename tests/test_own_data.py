@@ -21,10 +21,8 @@ for _mod in ("sklearn", "skimage", "gensim"):
     pytest.importorskip(_mod)  # optional: the mini extra
 
 from PIL import Image  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
 
-from _trainer_fixtures import one_thread  # noqa: E402,F401  (one intra-op thread: shared cores)
-from upctl.main import app  # noqa: E402
+from _trainer_fixtures import cli, one_thread  # noqa: E402,F401  (shared fixtures; one intra-op thread)
 
 #: A few steps: a short warm-up. (No model size or image size: a user's task keeps the checkpoint's.)
 TINY = ["--set", "optim.warmup_steps=1"]
@@ -35,17 +33,6 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from _tiny_models import save_tiny_checkpoint
 
     return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
-
-
-@pytest.fixture()
-def cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    """`upctl ARGS...` in-process from a fresh working directory; returns the click Result."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("UPCTL_CACHE", str(tmp_path / "cache"))
-    for var in ("UPCTL_DEBUG", "UPCTL_DATA"):
-        monkeypatch.delenv(var, raising=False)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, [str(a) for a in args])
 
 
 def _ok(result) -> str:
