@@ -81,3 +81,26 @@ def test_resume_never_starts_over_and_keeps_the_damaged_checkpoints_aside(damage
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step-000002", "step-000001"]
     ckpt.verify_checkpoint(run / "checkpoints" / "step-000002")
     assert (run / "final" / "model.safetensors").is_file()
+
+
+def test_resume_never_sets_every_stages_checkpoints_aside(mini_data, tmp_path):
+    """A multi-stage run restarted with `--resume never`: each `stage-<i>-<name>/checkpoints/` moves aside,
+    so the new run neither resumes nor prunes nor mixes with the old checkpoints of any stage."""
+    run = tmp_path / "run"
+    raw = small_recipe(TASKS, train={"max_steps": 2, "ckpt_every": 1})
+    raw["stages"] = [{"name": "low", "set": {}}, {"name": "high", "set": {"train.max_steps": 1}}]
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    first = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", run, "--device", "cpu"])
+    assert first.exception is None and first.exit_code == 0, first.output[-2000:]
+    stages = [run / "stage-1-low", run / "stage-2-high"]
+    old = {s: [p.name for p in ckpt.list_checkpoints(s / "checkpoints")] for s in stages}
+    assert old == {stages[0]: ["step-000002", "step-000001"], stages[1]: ["step-000001"]}
+
+    again = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", run, "--resume", "never", "--device", "cpu"])
+    assert again.exception is None and again.exit_code == 0, again.output[-2000:]
+    for stage in stages:
+        aside = stage / "checkpoints.discarded-1"
+        assert f"moved to {aside}" in again.flat, again.flat[-2000:]
+        assert [p.name for p in ckpt.list_checkpoints(aside)] == old[stage]  # kept, not deleted
+        assert [p.name for p in ckpt.list_checkpoints(stage / "checkpoints")] == old[stage]  # trained anew
+        assert (stage / "final" / "model.safetensors").is_file()

@@ -121,16 +121,27 @@ def _fresh_start(recipe: Recipe, output: str | Path | None, root: Path, say: Log
     if output is None:
         return runs.new_run_dir(root, recipe.stage, run_label(recipe))
     run_dir = Path(output)
-    ckpt_root = run_dir / runs.CKPT_DIR
-    if ckpt_root.is_dir() and any(ckpt_root.iterdir()):
-        n = 1
-        while (run_dir / f"{runs.CKPT_DIR}.discarded-{n}").exists():
-            n += 1
-        aside = run_dir / f"{runs.CKPT_DIR}.discarded-{n}"
-        ckpt_root.rename(aside)
-        say(f"--resume never: starting from scratch; the old checkpoints were moved to {aside}")
+    set_checkpoints_aside(run_dir, say)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def set_checkpoints_aside(run_dir: Path, say: Log) -> Path | None:
+    """Move `run_dir/checkpoints/` (when it holds anything) to `checkpoints.discarded-<n>/`; returns where.
+
+    `--resume never` calls it for the run folder and, in a multi-stage run, for every stage folder, so
+    no old checkpoint is resumed, pruned or mixed with the new run's.
+    """
+    ckpt_root = Path(run_dir) / runs.CKPT_DIR
+    if not (ckpt_root.is_dir() and any(ckpt_root.iterdir())):
+        return None
+    n = 1
+    while (ckpt_root.parent / f"{runs.CKPT_DIR}.discarded-{n}").exists():
+        n += 1
+    aside = ckpt_root.parent / f"{runs.CKPT_DIR}.discarded-{n}"
+    ckpt_root.rename(aside)
+    say(f"--resume never: starting from scratch; the old checkpoints were moved to {aside}")
+    return aside
 
 
 def _run_of_checkpoint(step_dir: Path) -> Path:

@@ -45,7 +45,8 @@ from uniperceiver.engine.distributed import (
 from uniperceiver.engine.loader import MultiTaskLoader
 from uniperceiver.engine.optim import build_optimizer, build_scheduler
 from uniperceiver.engine.periodic_eval import EvalHook, PeriodicEval, harness_hook
-from uniperceiver.engine.run_setup import build_training_model, build_training_tasks, preflight, prepare_run_dir
+from uniperceiver.engine.run_setup import (build_training_model, build_training_tasks, preflight, prepare_run_dir,
+                                           set_checkpoints_aside)
 from uniperceiver.engine.steps import (  # StepReport, TrainingDiverged: re-exported
     Hooks, Loop, SigtermFlag, StepModule, StepReport, TrainingDiverged, run_loop, save_checkpoint,
 )
@@ -221,6 +222,8 @@ def _train_stages(recipe: Recipe, stages: list[tuple[str, Recipe]], ctx: _Contex
             say(f"stage {i + 1} ({name}) already finished: {final}")
             previous = final
             continue
+        if req.resume is not None and str(req.resume) == "never":
+            set_checkpoints_aside(sub_dir, say)
         sub_dir.mkdir(parents=True, exist_ok=True)
         start = (ckpt.find_valid_checkpoint(sub_dir / runs.CKPT_DIR, warn=say, refuse_all_damaged=True)
                  if req.resume not in (None, "never") else None)
