@@ -147,7 +147,8 @@ RECIPE_PROBES: dict[str, Rec | Elsewhere | Pending] = {
     "train.sharding": Elsewhere("tests/test_fsdp.py::test_fsdp_matches_ddp_and_resumes_exactly"),
     "train.step_timeout_s": Elsewhere(
         "tests/reliability/test_hangs.py::test_a_rank_stuck_in_a_read_ends_the_job_naming_each_rank_and_its_phase"),
-    "train.collective_timeout_s": Pending("the process group's timeout (init_distributed): a torchrun test"),
+    "train.collective_timeout_s": Elsewhere(
+        "tests/reliability/test_hangs.py::test_without_the_step_watchdog_the_collective_timeout_ends_the_job"),
     # only the value `stage` implies is allowed ("prompt" with prompt_tune, else "full"): another is refused
     "tune.mode": Rec("full", "prompt", "model"),
     "tune.prompt_tokens": Rec(2, 4, "model", ("stage=prompt_tune",)),

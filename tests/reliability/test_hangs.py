@@ -80,6 +80,35 @@ def test_a_rank_stuck_in_a_read_ends_the_job_naming_each_rank_and_its_phase(mini
 
 
 @pytest.mark.slow
+def test_without_the_step_watchdog_the_collective_timeout_ends_the_job(mini_data, tmp_path):
+    """`train.collective_timeout_s` reaches the process group: with the step watchdog off, rank 0 waits for the
+    stuck rank 1 inside a collective and gloo gives up after 10 s (not the default 1,800 s), one line naming it.
+    Rank 1's blocked open would only return when the kernel breaks the lease (lease-break-time, >= 30 s here)."""
+    data = copy_digits(mini_data, tmp_path / "copy")
+    stuck = media_of_draw(data, TASK, BATCH, SEED, draw=2, rank=1, world_size=2)[0]
+    raw = small_recipe(TASKS, train={"max_steps": 20, "ckpt_every": 1, "seed": SEED, "collective_timeout_s": 10})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    out = tmp_path / "run"
+    with blocked_open(stuck):
+        began = time.monotonic()
+        try:
+            proc = subprocess.run(_torchrun(tmp_path, recipe, data, out), cwd=tmp_path, env=subprocess_env(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"the job still ran 240 s after start (hang)\n{str(exc.stdout)[-3000:]}")
+        took = time.monotonic() - began
+    text = " ".join(proc.stdout.split())
+    print(f"job with a stuck rank and no step watchdog ended after {took:.1f} s (collective timeout 10 s)")
+    assert proc.returncode != 0, text[-4000:]
+    assert "error: rank 0: another rank of this 2-rank job died or stopped answering (gloo:" in text, text[-4000:]
+    assert re.search(r"error: rank 0: [^;]*Timed out waiting 10000ms", text), text[-4000:]  # the configured 10 s
+    assert "no optimizer step finished" not in text, text[-4000:]  # the watchdog was off: gloo's timeout ended it
+    assert ckpt.find_valid_checkpoint(out / "checkpoints").name == ckpt.step_dir_name(2)
+    # Rank 0 gives up 10 s into the collective; rank 1, stuck in the kernel, ends when the launcher kills it.
+    assert took < 120, took
+
+
+@pytest.mark.slow
 def test_every_surviving_rank_says_one_line_when_a_peer_dies(mini_data, tmp_path):
     raw = small_recipe(TASKS, train={"max_steps": 40, "ckpt_every": 2, "seed": SEED})
     recipe = write_recipe(tmp_path / "r.yaml", raw)

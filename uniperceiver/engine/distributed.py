@@ -126,7 +126,8 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         owns = True
     # A second group of the same backend: target gathering and small agreements never share a
     # queue with DDP's bucketed gradient all-reduce, whose order differs between ranks.
-    group = dist.new_group(backend=backend)
+    # It gets the same timeout: a group made without one waits the default 30 minutes.
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, backend, group, owns)
 
 
