@@ -261,6 +261,22 @@ def test_video_class_folders_with_split_folders_and_classnames(cli, ckpt: Path, 
 # ------------------------------------------------------------------------------------- bad input
 
 
+def test_preparing_a_name_again_drops_the_splits_it_no_longer_has(cli, tmp_path: Path) -> None:
+    """train/val/test split folders, then the same NAME from plain class folders: test.jsonl and its Arrow
+    copy go, so the dataset never mixes an old split with new ones."""
+    data, split_root = tmp_path / "data", tmp_path / "split-digits"
+    for split in ("train", "val", "test"):
+        write_digit_folders(split_root / split, per_class=4)
+    _ok(cli("prepare", "imagefolder", "--root", split_root, "--name", "my-digits", "--data-dir", data))
+    assert _record(data / "my-digits" / "meta.json")["splits"] == {"train": 12, "val": 12, "test": 12}
+    assert (data / "my-digits" / "test.jsonl").is_file() and (data / "my-digits" / "test.arrow").is_file()
+    _ok(cli("prepare", "imagefolder", "--root", write_digit_folders(tmp_path / "plain"), "--name", "my-digits",
+            "--data-dir", data))
+    assert set(_record(data / "my-digits" / "meta.json")["splits"]) == {"train", "val"}
+    assert sorted(p.name for p in (data / "my-digits").glob("*.*")) == [
+        "meta.json", "train.arrow", "train.jsonl", "val.arrow", "val.jsonl"]
+
+
 def test_an_empty_class_folder_is_one_line(cli, tmp_path: Path) -> None:
     root = write_digit_folders(tmp_path / "digits", per_class=3)
     (root / "digit_three").mkdir()

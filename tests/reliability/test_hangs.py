@@ -40,23 +40,29 @@ def _torchrun(tmp: Path, recipe: Path, data: Path, out: Path, *extra: str) -> li
             str(launcher), "pretrain", str(recipe), "--data-dir", str(data), "--output", str(out), "--device", "cpu"]
 
 
-@pytest.mark.slow
-def test_a_rank_stuck_in_a_read_ends_the_job_naming_each_rank_and_its_phase(mini_data, tmp_path):
+def _job_with_a_stuck_rank(mini_data: Path, tmp_path: Path, train: dict, limit_s: float
+                           ) -> tuple[subprocess.CompletedProcess, str, float, Path, Path]:
+    """Run a 2-rank job whose rank 1 blocks opening its image of draw 2 (step 3); (proc, text, seconds, file, run)."""
     data = copy_digits(mini_data, tmp_path / "copy")
     stuck = media_of_draw(data, TASK, BATCH, SEED, draw=2, rank=1, world_size=2)[0]
-    raw = small_recipe(TASKS, train={"max_steps": 20, "ckpt_every": 1, "seed": SEED, "step_timeout_s": 8,
-                                     "collective_timeout_s": 600})
+    raw = small_recipe(TASKS, train={"max_steps": 20, "ckpt_every": 1, "seed": SEED, **train})
     recipe = write_recipe(tmp_path / "r.yaml", raw)
     out = tmp_path / "run"
     with blocked_open(stuck):
         began = time.monotonic()
         try:
             proc = subprocess.run(_torchrun(tmp_path, recipe, data, out), cwd=tmp_path, env=subprocess_env(tmp_path),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=limit_s)
         except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"the job still ran 120 s after start (hang)\n{str(exc.stdout)[-3000:]}")
+            pytest.fail(f"the job still ran {limit_s:.0f} s after start (hang)\n{str(exc.stdout)[-3000:]}")
         took = time.monotonic() - began
-    text = " ".join(proc.stdout.split())
+    return proc, " ".join(proc.stdout.split()), took, stuck, out
+
+
+@pytest.mark.slow
+def test_a_rank_stuck_in_a_read_ends_the_job_naming_each_rank_and_its_phase(mini_data, tmp_path):
+    proc, text, took, stuck, out = _job_with_a_stuck_rank(
+        mini_data, tmp_path, {"step_timeout_s": 8, "collective_timeout_s": 600}, limit_s=120)
     print(f"job with a stuck rank ended after {took:.1f} s (step limit 8 s, collective timeout 600 s)")
     assert proc.returncode != 0, text[-4000:]
     # rank 1 names its phase and the file it is stuck on
@@ -84,20 +90,7 @@ def test_without_the_step_watchdog_the_collective_timeout_ends_the_job(mini_data
     """`train.collective_timeout_s` reaches the process group: with the step watchdog off, rank 0 waits for the
     stuck rank 1 inside a collective and gloo gives up after 10 s (not the default 1,800 s), one line naming it.
     Rank 1's blocked open would only return when the kernel breaks the lease (lease-break-time, >= 30 s here)."""
-    data = copy_digits(mini_data, tmp_path / "copy")
-    stuck = media_of_draw(data, TASK, BATCH, SEED, draw=2, rank=1, world_size=2)[0]
-    raw = small_recipe(TASKS, train={"max_steps": 20, "ckpt_every": 1, "seed": SEED, "collective_timeout_s": 10})
-    recipe = write_recipe(tmp_path / "r.yaml", raw)
-    out = tmp_path / "run"
-    with blocked_open(stuck):
-        began = time.monotonic()
-        try:
-            proc = subprocess.run(_torchrun(tmp_path, recipe, data, out), cwd=tmp_path, env=subprocess_env(tmp_path),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240)
-        except subprocess.TimeoutExpired as exc:
-            pytest.fail(f"the job still ran 240 s after start (hang)\n{str(exc.stdout)[-3000:]}")
-        took = time.monotonic() - began
-    text = " ".join(proc.stdout.split())
+    proc, text, took, _, out = _job_with_a_stuck_rank(mini_data, tmp_path, {"collective_timeout_s": 10}, limit_s=240)
     print(f"job with a stuck rank and no step watchdog ended after {took:.1f} s (collective timeout 10 s)")
     assert proc.returncode != 0, text[-4000:]
     assert "error: rank 0: another rank of this 2-rank job died or stopped answering (gloo:" in text, text[-4000:]

@@ -503,7 +503,7 @@ def prepare_dataset(
         raise
     summary.seconds = round(time.perf_counter() - start, 3)
     summary.out_dir = summary.out_dir or str(out_dir)
-    _remove_stale_manifests(out_dir)
+    _remove_stale_manifests(Path(summary.out_dir))  # the folder written: `--name NAME` writes <data_dir>/NAME
     _convert_written(base, name, since=time.time() - summary.seconds - 1.0, written=Path(summary.out_dir))
     return summary
 

@@ -25,7 +25,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from uniperceiver.data.format import META_FILE, PrepareSummary, discard_staged
+from uniperceiver.data.format import PrepareSummary, discard_staged
 from uniperceiver.data.preparers._common import Builder, DatasetSpec
 from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.utils.progress import Progress
@@ -139,18 +139,13 @@ def open_run(kind: str, layout: str, media_type: str, fewshot_rule: str, raw_roo
 
 def finish_run(run: OwnRun, tasks: dict[str, dict[str, Any]], targets: dict[str, Any] | None = None,
                media_type: str | None = None) -> PrepareSummary:
-    """Write meta.json with the task records, then drop manifests of splits no longer written."""
+    """Write meta.json with the task records (`prepare_dataset` then drops manifests of splits no longer written)."""
     b = run.builder
     b.tasks = list(tasks)
     if media_type is not None:
         b.media_type = media_type
     first = next(iter(tasks.values()))
-    summary = b.finish(targets, extra={"family": first["family"], "user_tasks": tasks})
-    splits = set(json.loads((run.out / META_FILE).read_text(encoding="utf-8"))["splits"])
-    for path in [*run.out.glob("*.jsonl"), *run.out.glob("*.arrow")]:  # a manifest and its Arrow copy
-        if path.stem not in splits:
-            path.unlink()
-    return summary
+    return b.finish(targets, extra={"family": first["family"], "user_tasks": tasks})
 
 
 def cleanup_failed(run: OwnRun) -> None:
