@@ -185,7 +185,7 @@ def _write_step(root: Path, m, optimizer, scheduler, buffered: bool = False) -> 
     state = TrainState(step=3, data={"draw": 3, "samplers": {}, "skipped": {}}, rng=capture_rng_state())
     tmp = ckpt.begin_checkpoint(root, state.step)
     digests = ckpt.write_main_state(tmp, parts, state.shared_dict(), buffered=buffered)
-    digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered))
+    digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered, algorithm="sha256"))
     return ckpt.commit_checkpoint(root, state.step, keep=2, digests=digests)
 
 
@@ -198,7 +198,7 @@ def test_a_streamed_checkpoint_is_hashed_while_written_never_re_read(tmp_path: P
         raise AssertionError(f"{path} was read back to be hashed")
 
     with monkeypatch.context() as mp:
-        mp.setattr(ckpt, "sha256_file", no_reread)
+        mp.setattr(ckpt, "file_digest", no_reread)
         path = _write_step(tmp_path / "checkpoints", m, optimizer, scheduler)
     meta = ckpt.verify_checkpoint(path)  # the digests written while streaming are the files' sha256
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer.pt", "rng-rank0.pt"} <= set(meta["files"])

@@ -1,9 +1,12 @@
-"""Training checkpoints with the optimizer state through torch.distributed.checkpoint (format v2).
+"""Training checkpoints with weights and optimizer state through torch.distributed.checkpoint
+(format v3: model.dcp/ + optim.dcp/).
 
-Covers: the DCP files are hashed while written (never read back) and their sums are in meta.json;
-the optimizer state round-trips exactly; a damaged DCP shard makes the previous checkpoint the one
-used, with a warning naming both; a crafted `.metadata` pickle is refused with one line and runs
-nothing; a full disk during a DCP write publishes nothing; a format v1 checkpoint still resumes.
+Covers: the DCP files are hashed while written (never read back) and their sums are in meta.json
+(and the weights' in config.json: a step folder is a model folder `load_model` reads); weights and
+optimizer state round-trip exactly; a damaged DCP shard (weights or optimizer) makes the previous
+checkpoint the one used, with a warning naming both; a crafted `.metadata` pickle is refused with
+one line and runs nothing; a full disk during a DCP write publishes nothing; format v1 and v2
+checkpoints still resume.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import torch
 from uniperceiver.engine import dcp_state
 from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.errors import CheckpointError
+from uniperceiver.modeling.model_dir import MODEL_DCP, load_model
+from uniperceiver.utils import dcp_read
+from uniperceiver.utils.digests import file_digest
 from uniperceiver.utils.files import sha256_file
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -63,13 +69,27 @@ def _flip(path: Path) -> None:
 def test_a_dcp_checkpoint_lists_every_shard_with_the_sum_of_what_was_written(four_steps):
     step = four_steps / "checkpoints" / "step-000004"
     meta = ckpt.verify_checkpoint(step)
-    assert meta["format"] == ckpt.FORMAT
-    shards = sorted(n for n in meta["files"] if n.startswith(f"{ckpt.SHARDED_DIR}/") and n.endswith(".distcp"))
-    on_disk = sorted(f"{ckpt.SHARDED_DIR}/{p.name}" for p in (step / ckpt.SHARDED_DIR).glob("*.distcp"))
-    assert shards and shards == on_disk
-    assert f"{ckpt.SHARDED_DIR}/.metadata" in meta["files"]
-    for name in shards:
-        assert meta["files"][name] == sha256_file(step / name)
+    assert meta["format"] == ckpt.FORMAT and meta["digest"] == "xxh3_128"
+    assert not (step / "model.safetensors").exists()
+    for folder in (MODEL_DCP, ckpt.SHARDED_DIR):
+        shards = sorted(n for n in meta["files"] if n.startswith(f"{folder}/") and n.endswith(".distcp"))
+        on_disk = sorted(f"{folder}/{p.name}" for p in (step / folder).glob("*.distcp"))
+        assert shards and shards == on_disk, folder
+        assert f"{folder}/.metadata" in meta["files"]
+        for name in [*shards, f"{folder}/.metadata"]:
+            assert meta["files"][name] == file_digest(step / name, "xxh3_128"), name
+    # config.json lists the weights' files with the same sums: the step folder is a model folder
+    config = json.loads((step / "config.json").read_text())
+    assert config["weights"]["dcp"] == MODEL_DCP and config["weights"]["digest"] == "xxh3_128"
+    assert {f"{MODEL_DCP}/{n}": d for n, d in config["weights"]["files"].items()} == {
+        n: d for n, d in meta["files"].items() if n.startswith(f"{MODEL_DCP}/")}
+    from safetensors.torch import load_file
+
+    final = load_file(str(four_steps / "final" / "model.safetensors"))  # step 4 is the last step
+    model = load_model(step)
+    assert model.state_dict().keys() == final.keys()
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())
+    assert ckpt.load_checkpoint(step).model_state.keys() == final.keys()
     # optimizer.pt holds no tensor: the optimizer's tensors live in the DCP files only
     small = torch.load(step / "optimizer.pt", weights_only=True)
     assert set(small) >= {"param_groups", "names", "tensor_keys"}
@@ -87,21 +107,21 @@ def test_the_dcp_writer_hashes_while_writing_and_the_state_round_trips(tmp_path,
     model(torch.randn(4, 256)).pow(2).mean().backward()
     optimizer.step()
     tensors, rest = dcp_state.split_optimizer_state(model, optimizer)
-    monkeypatch.setattr(ckpt, "sha256_file", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    monkeypatch.setattr(ckpt, "file_digest", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
     digests = dcp_state.save_tensors(tmp_path / ckpt.SHARDED_DIR, tensors, thread_count=2)
     monkeypatch.undo()
     assert len(digests) == 3  # two data files (two writer threads) + .metadata
     for name, digest in digests.items():
-        assert sha256_file(tmp_path / name) == digest, name
+        assert file_digest(tmp_path / name, "xxh3_128") == digest, name
 
     reader_in_place: list[bool] = []
-    real_read = dcp_state._read_in_place
+    real_read = dcp_read._read_in_place
 
     def spy(*args):
         reader_in_place.append(real_read(*args))
         return reader_in_place[-1]
 
-    monkeypatch.setattr(dcp_state, "_read_in_place", spy)
+    monkeypatch.setattr(dcp_read, "_read_in_place", spy)
     again = torch.nn.Sequential(torch.nn.Linear(256, 130), torch.nn.Linear(130, 3))
     fresh = torch.optim.AdamW(again.parameters(), lr=1e-2)
     fresh.load_state_dict(dcp_state.read_optimizer_state(tmp_path / ckpt.SHARDED_DIR, rest, again, fresh))
@@ -113,21 +133,26 @@ def test_the_dcp_writer_hashes_while_writing_and_the_state_round_trips(tmp_path,
         assert st.keys() == got["state"][i].keys()
         assert all(torch.equal(got["state"][i][k], v) for k, v in st.items()), i
     # DCP's own reader (what a record that does not qualify for the in-place read goes through) agrees
-    monkeypatch.setattr(dcp_state, "_read_in_place", lambda *args: False)
+    monkeypatch.setattr(dcp_read, "_read_in_place", lambda *args: False)
     other = dcp_state.read_optimizer_state(tmp_path / ckpt.SHARDED_DIR, rest, None, None)
     for i, st in want["state"].items():
         assert all(torch.equal(other["state"][i][k], v) for k, v in st.items()), i
 
 
-def test_a_damaged_dcp_shard_falls_back_to_the_previous_checkpoint(four_steps, mini_data, tmp_path):
+@pytest.mark.parametrize("folder", [MODEL_DCP, ckpt.SHARDED_DIR])
+def test_a_damaged_dcp_shard_falls_back_to_the_previous_checkpoint(four_steps, mini_data, tmp_path, folder):
     run = shutil.copytree(four_steps, tmp_path / "run")
     root = run / "checkpoints"
-    shard = sorted((root / "step-000004" / ckpt.SHARDED_DIR).glob("*.distcp"))[0]
+    shard = sorted((root / "step-000004" / folder).glob("*.distcp"))[0]
     _flip(shard)
     warnings: list[str] = []
     assert ckpt.find_valid_checkpoint(root, warn=warnings.append) == root / "step-000002"
     assert len(warnings) == 1, warnings
     assert "step-000004" in warnings[0] and "step-000002" in warnings[0] and shard.name in warnings[0]
+    if folder == MODEL_DCP:  # evaluating the damaged step folder as a model: one line naming the file
+        with pytest.raises(CheckpointError) as err:
+            load_model(root / "step-000004")
+        assert "\n" not in str(err.value) and str(shard) in str(err.value) and "corrupt" in str(err.value)
     said: list[str] = []
     RAW["train"]["max_steps"] = 5
     try:
@@ -146,18 +171,27 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_crafted_dcp_metadata_pickle_is_refused_in_one_line(four_steps, mini_data, tmp_path):
+@pytest.mark.parametrize("folder", [MODEL_DCP, ckpt.SHARDED_DIR])
+def test_a_crafted_dcp_metadata_pickle_is_refused_in_one_line(four_steps, mini_data, tmp_path, folder):
     run = shutil.copytree(four_steps, tmp_path / "run")
     step = run / "checkpoints" / "step-000004"
     marker = tmp_path / "PWNED"
-    evil = step / ckpt.SHARDED_DIR / ".metadata"
+    evil = step / folder / ".metadata"
     evil.write_bytes(pickle.dumps(_Evil(marker)))
     meta = json.loads((step / "meta.json").read_text())
-    meta["files"][f"{ckpt.SHARDED_DIR}/.metadata"] = sha256_file(evil)
+    meta["files"][f"{folder}/.metadata"] = file_digest(evil, meta["digest"])
+    if folder == MODEL_DCP:  # config.json (and its sum) too, so that only the reader stands in the way
+        config = json.loads((step / "config.json").read_text())
+        config["weights"]["files"][".metadata"] = file_digest(evil, meta["digest"])
+        (step / "config.json").write_text(json.dumps(config))
+        meta["files"]["config.json"] = file_digest(step / "config.json", meta["digest"])
     (step / "meta.json").write_text(json.dumps(meta))
     ckpt.verify_checkpoint(step)  # the checksum no longer protects: only the reader does
     with pytest.raises(CheckpointError) as err:
-        _ = ckpt.load_checkpoint(step).optimizer
+        if folder == MODEL_DCP:
+            load_model(step)
+        else:
+            _ = ckpt.load_checkpoint(step).optimizer
     message = str(err.value)
     assert "\n" not in message and str(evil) in message and "system" in message and "cannot run code" in message
     assert not marker.exists()
@@ -181,17 +215,34 @@ def test_an_asynchronous_save_publishes_the_state_of_its_step(four_steps, mini_d
             published.append(path)
         return path
 
+    from uniperceiver.engine import steps
+
+    seen: list[tuple[Path | None, Path | None]] = []  # (last checkpoint, pending) after each periodic save
+    real_save = steps.save_checkpoint
+
+    def save(loop, state):
+        path = real_save(loop, state)
+        seen.append((loop.last_checkpoint, loop.parts.pending.final if loop.parts.pending else None))
+        return path
+
     monkeypatch.setattr(ckpt, "wants_async", lambda model: True)
     monkeypatch.setattr(ckpt, "finish_pending", finish)
+    monkeypatch.setattr(steps, "save_checkpoint", save)
     out = tmp_path / "async"
-    assert _train(out, mini_data).step == 4
+    result = _train(out, mini_data)
+    assert result.step == 4
     assert [p.name for p in published] == ["step-000002", "step-000004"]  # joined by the next save, then at the end
+    # while step 2 was still in writing, no folder was named as the last (published) checkpoint
+    assert seen == [(None, out / "checkpoints" / "step-000002")], seen
+    assert result.last_checkpoint == out / "checkpoints" / "step-000004"
     assert not list((out / "checkpoints").glob(".tmp-*"))
     for name in ("step-000002", "step-000004"):
         mine, theirs = out / "checkpoints" / name, four_steps / "checkpoints" / name
         assert ckpt.verify_checkpoint(mine)["format"] == ckpt.FORMAT
         a, b = ckpt.load_checkpoint(mine).optimizer, ckpt.load_checkpoint(theirs).optimizer
         assert a["state"].keys() == b["state"].keys()
+        x, y = ckpt.load_checkpoint(mine).model_state, ckpt.load_checkpoint(theirs).model_state
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y), name
         for i, st in b["state"].items():
             assert all(torch.equal(a["state"][i][k], v) for k, v in st.items()), (name, i)
     from safetensors.torch import load_file
@@ -246,4 +297,33 @@ def test_a_format_v1_checkpoint_still_resumes(mini_data, tmp_path):
 
     a = load_file(str(tmp_path / "old" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "new" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_format_v2_checkpoint_still_resumes(four_steps, mini_data, tmp_path):
+    """A step folder of the previous layout: weights in model.safetensors (sha256 in config.json),
+    the optimizer's tensors in optim.dcp/, sha256 sums in meta.json (no `digest` field)."""
+    from uniperceiver.modeling.model_dir import save_model
+
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    step = run / "checkpoints" / "step-000002"
+    shutil.rmtree(run / "checkpoints" / "step-000004")
+    (run / "checkpoints" / "latest").write_text("step-000002\n")
+    save_model(load_model(step), tmp_path / "weights")
+    shutil.rmtree(step / MODEL_DCP)
+    for name in ("model.safetensors", "config.json"):
+        shutil.copy(tmp_path / "weights" / name, step / name)
+    meta = json.loads((step / "meta.json").read_text())
+    meta = {**{k: v for k, v in meta.items() if k != "digest"}, "format": ckpt.FORMAT_V2,
+            "files": {n: sha256_file(step / n) for n in meta["files"] if not n.startswith(f"{MODEL_DCP}/")}}
+    meta["files"]["model.safetensors"] = sha256_file(step / "model.safetensors")
+    meta["files"]["config.json"] = sha256_file(step / "config.json")
+    (step / "meta.json").write_text(json.dumps(meta))
+    assert ckpt.verify_checkpoint(step)["format"] == ckpt.FORMAT_V2
+    result = _train(run, mini_data, resume="auto")
+    assert result.resumed_from == step and result.step == 4
+    from safetensors.torch import load_file
+
+    a = load_file(str(four_steps / "final" / "model.safetensors"))
+    b = load_file(str(run / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

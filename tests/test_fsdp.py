@@ -32,7 +32,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from uniperceiver.config import load_recipe, recipe_from_dict
 from uniperceiver.engine import train_checkpoint as ckpt
@@ -40,6 +39,7 @@ from uniperceiver.engine.distributed import DistEnv, wrap_model
 from uniperceiver.engine.runs import read_metrics
 from uniperceiver.engine.trainer import train
 from uniperceiver.errors import ConfigError
+from uniperceiver.modeling.model_dir import load_state
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_fixtures import mini_data, one_thread  # noqa: E402,F401  (shared fixtures)
@@ -138,7 +138,7 @@ WORKER = textwrap.dedent(
 
 
 def max_diff(a: Path, b: Path) -> float:
-    x, y = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    x, y = load_state(a), load_state(b)  # final/ (safetensors) or a step folder (model.dcp/)
     assert x.keys() == y.keys()
     return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
 
@@ -208,6 +208,11 @@ def test_fsdp_checkpoint_is_the_ddp_format_and_resumes_on_one_process(runs, mini
     assert sorted(p.name for p in (out / "fsdp" / "final").iterdir()) == sorted(
         p.name for p in (out / "ddp" / "final").iterdir())
     assert f.model_state.keys() == d.model_state.keys()
+    # each rank wrote its own part of the weights and of the optimizer state (no gather on rank 0)
+    for folder in ("model.dcp", "optim.dcp"):
+        assert sorted(p.name for p in (f_dir / folder).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"], folder
+    for k, v in d.model_state.items():
+        assert torch.allclose(f.model_state[k], v, rtol=1e-5, atol=1e-6), k
     # the optimizer state: parameter-index keys, full tensors, same groups as DDP's
     assert f.optimizer.keys() == d.optimizer.keys() == {"state", "param_groups"}
     assert f.optimizer["state"].keys() == d.optimizer["state"].keys()

@@ -161,7 +161,7 @@ def test_corrupt_checkpoint_falls_back_with_a_warning_naming_both(mini_data, tmp
     found = ckpt.find_valid_checkpoint(root, warn=warnings.append)
     assert found == root / "step-000002"
     assert len(warnings) == 1 and "step-000004" in warnings[0] and "step-000002" in warnings[0]
-    assert "sha256" in warnings[0]
+    assert "checksum" in warnings[0]
 
     messages: list[str] = []
     result = train(recipe, output=run, resume="auto", max_steps=5, data_dir=mini_data, log=messages.append)

@@ -166,9 +166,10 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 
 
 def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    """The weights of a model folder: final/ (model.safetensors) or a step folder (model.dcp/)."""
+    from uniperceiver.modeling.model_dir import load_state
 
-    return load_file(str(Path(model_dir) / "model.safetensors"))
+    return load_state(model_dir)
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:

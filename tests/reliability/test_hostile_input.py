@@ -38,6 +38,7 @@ from uniperceiver.engine.trainer import train
 from uniperceiver.errors import CheckpointError, DataError, MediaError
 from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks.catalog import build_task, task_config
+from uniperceiver.utils.digests import file_digest
 
 from .conftest import SMALL_MODEL, TINY_RECIPE, invoke, small_recipe, write_recipe
 
@@ -96,7 +97,7 @@ def _plant(run: Path, name: str, marker: Path) -> Path:
     step = run / "checkpoints" / "step-000002"
     _evil_torch_file(step / name, marker, {"state": {0: {"exp_avg": Evil(marker)}}, "param_groups": []})
     meta = json.loads((step / "meta.json").read_text())
-    meta["files"][name] = ckpt.sha256_file(step / name)
+    meta["files"][name] = file_digest(step / name, meta["digest"])
     (step / "meta.json").write_text(json.dumps(meta))
     ckpt.verify_checkpoint(step)  # the checksum no longer protects: only the loader does
     return step

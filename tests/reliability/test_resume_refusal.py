@@ -4,7 +4,7 @@ exit non-zero without touching the run folder; `--resume never` is how a user ch
 over (the damaged checkpoints are moved aside, not deleted).
 
 The fault is real: every checkpoint of a real run on the mini data has one bit flipped in its
-weights (a bad disk), detected by the sha256 list in its meta.json.
+weights (a bad disk), detected by the checksum list in its meta.json.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def damaged_run(mini_data, tmp_path_factory) -> Path:
     steps = ckpt.list_checkpoints(out / "checkpoints")
     assert len(steps) == 3
     for step in steps:
-        _flip_one_bit(step / "model.safetensors")
+        _flip_one_bit(step / "model.dcp" / "__0_0.distcp")
     return out
 
 
@@ -60,7 +60,7 @@ def test_resume_auto_refuses_to_restart_when_every_checkpoint_is_damaged(damaged
     text = res.flat
     for name in ("step-000001", "step-000002", "step-000003"):
         assert name in text, text
-    assert text.count("model.safetensors: sha256") == 3 and "--resume never" in text, text
+    assert text.count("__0_0.distcp: xxh3_128 checksum") == 3 and "--resume never" in text, text
     assert "starting from scratch" not in text and "step 1/" not in text, text
     # nothing was trained or written: the same files, the same metrics
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import pytest
@@ -113,11 +114,31 @@ def uninterrupted(mini_data, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "rng-rank0.pt", "meta.json", "latest"])
+def _full_dcp_disk(monkeypatch: pytest.MonkeyPatch, folder_part: str) -> list[str]:
+    """Make the DCP data files written under `folder_part` run out of space (they are not atomic
+    writes: DCP opens them itself; the staging folder they are in is what makes them atomic)."""
+    hits: list[str] = []
+    real_open = Path.open
+
+    def open_(self, mode="r", *args, **kwargs):
+        fh = real_open(self, mode, *args, **kwargs)
+        if "w" in mode and folder_part in str(self) and self.name.endswith(".distcp"):
+            hits.append(str(self))
+            return _Faulty(fh, 5)
+        return fh
+
+    monkeypatch.setattr(Path, "open", open_)
+    return hits
+
+
+@pytest.mark.parametrize("name", ["model.dcp", "optim.dcp", "config.json", "optimizer.pt", "rng-rank0.pt",
+                                  "meta.json", "latest"])
 def test_enospc_during_a_checkpoint_write_keeps_the_previous_checkpoint(mini_data, tmp_path, monkeypatch, name):
     out = tmp_path / "run"
     raw = small_recipe(TASKS, train={"max_steps": 4, "ckpt_every": 2})
-    if name == "latest":  # the pointer file: let step 2's update through, fail step 4's
+    if name.endswith(".dcp"):  # a weights or optimizer shard, as each rank writes it
+        disk = SimpleNamespace(hits=_full_dcp_disk(monkeypatch, f".tmp-step-000004/{name}/"))
+    elif name == "latest":  # the pointer file: let step 2's update through, fail step 4's
         disk = FullDisk(monkeypatch, _temp_of(f"{out}/checkpoints", name), budget=5, skip=1)
     else:
         disk = FullDisk(monkeypatch, _temp_of("checkpoints/.tmp-step-000004", name), budget=5)
@@ -235,7 +256,8 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize("name,how", [
-    ("model.safetensors", "flip"), ("optimizer.pt", "truncate"), ("optimizer.pt", "flip"),
+    ("model.dcp/__0_0.distcp", "flip"), ("model.dcp/.metadata", "truncate"), ("optim.dcp/__0_1.distcp", "flip"),
+    ("optimizer.pt", "truncate"), ("optimizer.pt", "flip"),
     ("rng-rank0.pt", "flip"), ("trainer.pt", "truncate"), ("config.json", "flip"), ("meta.json", "truncate"),
 ])
 def test_damaged_checkpoint_is_detected_and_the_previous_one_used_with_a_warning(three_steps, tmp_path, name, how):
@@ -252,7 +274,7 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used_with_a_warning
 
 def test_resume_auto_skips_a_bit_flipped_checkpoint_and_says_so(three_steps, mini_data, tmp_path):
     run = _copy_run(three_steps, tmp_path / "run")
-    _damage(run / "checkpoints" / "step-000003" / "model.safetensors", "flip")
+    _damage(run / "checkpoints" / "step-000003" / "model.dcp" / "__0_0.distcp", "flip")
     recipe = write_recipe(tmp_path / "r.yaml", small_recipe(TASKS, train={"max_steps": 3, "ckpt_every": 1}))
     res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", run, "--resume", "auto", "--device", "cpu"])
     assert res.exception is None and res.exit_code == 0, res.output[-2000:]
@@ -272,7 +294,7 @@ def test_resume_from_an_explicit_damaged_checkpoint_is_refused(three_steps, mini
     res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", tmp_path / "other", "--resume", bad,
                   "--device", "cpu"])
     assert res.exception is None and res.exit_code == 1, res.output[-2000:]
-    assert "optimizer.pt" in res.flat and "sha256" in res.flat and "Traceback" not in res.output
+    assert "optimizer.pt" in res.flat and "checksum" in res.flat and "Traceback" not in res.output
 
 
 def test_truncated_final_weights_are_refused(three_steps, tmp_path):

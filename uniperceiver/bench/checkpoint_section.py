@@ -9,10 +9,11 @@ Three paths, the same model and optimizer state:
 - new ("streamed"): files streamed from the live tensors and hashed on their way to disk; on
   resume every file is hashed once (files side by side), the weights are read straight into the
   parameters (format v1: the whole optimizer state in optimizer.pt);
-- dcp (today's): the weights streamed as above, the optimizer's tensors through
+- dcp (today's, format v3): the weights and the optimizer's tensors through
   torch.distributed.checkpoint (every rank writes and reads its own part; here one process, two
-  writer threads), hashed while written; on resume every file is hashed once, the optimizer state
-  read by DCP straight into new state tensors.
+  writer threads), XXH3-128 sums computed while written (the older paths: sha256); on resume every
+  file is hashed once, the weights read straight into the parameters and the optimizer state
+  straight into new state tensors.
 
 Each measurement runs in a fresh process (a process's resident high-water mark only grows), on a
 model of the named size with a full AdamW state, three times; rows give medians. `extra_peak_mb`
@@ -72,8 +73,11 @@ def _save(root: Path, method: str, model: Any, optimizer: Any, scheduler: Any) -
     tensors, rest = dcp_state.split_optimizer_state(model, optimizer) if method == "dcp" else ({}, None)
     digests = ckpt.write_main_state(tmp, parts, state.shared_dict(), buffered=buffered, optimizer_rest=rest)
     if method == "dcp":
+        digests.update(dcp_state.save_tensors(tmp / ckpt.MODEL_DCP, ckpt.model_tensors(model), thread_count=2))
         digests.update(dcp_state.save_tensors(tmp / ckpt.SHARDED_DIR, tensors, thread_count=2))
-    digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered))
+        digests.update(ckpt.write_model_config(tmp, model.cfg, digests))
+    digests.update(ckpt.write_rank_state(tmp, 0, state.rank_dict() or {}, buffered=buffered,
+                                         algorithm="sha256" if method != "dcp" else "xxh3_128"))
     return ckpt.commit_checkpoint(root, state.step, keep=1, extra_meta={}, digests=digests)
 
 

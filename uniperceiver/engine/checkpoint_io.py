@@ -5,8 +5,8 @@ model and optimizer), wrote them, then read every file back to checksum it; resu
 file again and materialised the full weights beside the model. Here
 
 - `write_hashed` streams an object into an atomic file (utils.files: temp file, fsync, rename)
-  through `HashingFile`, so the sha256 that meta.json records is computed from the bytes as they
-  go to disk: no copy, no second read;
+  through `HashingFile`, so the sum that meta.json records (`utils.digests`) is computed from the
+  bytes as they go to disk: no copy, no second read;
 - `write_safetensors` writes a model's tensors as a safetensors file tensor by tensor from the
   tensors' own memory (the format `load_model` reads; the header is built from shapes alone);
 - `read_safetensors_into` reads a verified safetensors file into the model's existing parameters
@@ -15,7 +15,6 @@ file again and materialised the full weights beside the model. Here
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import IO, Any, Callable
 import torch
 
 from uniperceiver.errors import CheckpointError
+from uniperceiver.utils.dcp_read import tensor_bytes as _raw
+from uniperceiver.utils.digests import CHECKPOINT_DIGEST, new_hasher
 from uniperceiver.utils.files import atomic_write
 
 #: torch dtype -> safetensors dtype name (the dtypes a UniPerceiver state can hold).
@@ -36,11 +37,11 @@ _NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 class HashingFile:
-    """A write-only file object that feeds every byte to sha256 on its way to `fh`."""
+    """A write-only file object that feeds every byte to a hasher (`algorithm`) on its way to `fh`."""
 
-    def __init__(self, fh: IO[bytes]) -> None:
+    def __init__(self, fh: IO[bytes], algorithm: str = CHECKPOINT_DIGEST) -> None:
         self._fh = fh
-        self._sha = hashlib.sha256()
+        self._sha = new_hasher(algorithm)
         self.size = 0
         #: The OSError a write raised (torch.save replaces it by its own RuntimeError on the way out).
         self.error: OSError | None = None
@@ -62,12 +63,12 @@ class HashingFile:
         return self._sha.hexdigest()
 
 
-def write_hashed(path: Path, write: Callable[[HashingFile], None]) -> str:
-    """Atomically write `path` with `write(fileobj)`; returns the sha256 of what was written."""
+def write_hashed(path: Path, write: Callable[[HashingFile], None], algorithm: str = CHECKPOINT_DIGEST) -> str:
+    """Atomically write `path` with `write(fileobj)`; returns the hex digest of what was written."""
     digest: list[str] = []
 
     def run(fh: IO[bytes]) -> None:
-        hashed = HashingFile(fh)
+        hashed = HashingFile(fh, algorithm)
         write(hashed)
         digest.append(hashed.hexdigest())
 
@@ -75,7 +76,7 @@ def write_hashed(path: Path, write: Callable[[HashingFile], None]) -> str:
     return digest[0]
 
 
-def torch_save_hashed(path: Path, obj: Any) -> str:
+def torch_save_hashed(path: Path, obj: Any, algorithm: str = CHECKPOINT_DIGEST) -> str:
     """`torch.save(obj)` streamed into `path` (each storage written from its own memory)."""
 
     def save(fh: HashingFile) -> None:
@@ -86,18 +87,7 @@ def torch_save_hashed(path: Path, obj: Any) -> str:
                 raise fh.error from None
             raise
 
-    return write_hashed(path, save)
-
-
-def _raw(t: torch.Tensor) -> memoryview:
-    """The bytes of a CPU tensor without copying it (contiguous tensors; others are copied once)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    t = t.contiguous().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    return write_hashed(path, save, algorithm)
 
 
 def write_safetensors(fh: IO[bytes] | HashingFile, tensors: dict[str, torch.Tensor]) -> None:

@@ -1,5 +1,6 @@
-"""Reading a training step folder back: the TrainState, the optimizer state (format v2 through
-DCP, each rank its own part; format v1 from optimizer.pt), the weights straight into a model.
+"""Reading a training step folder back: the TrainState, the optimizer state (formats v2 and v3
+through DCP, each rank its own part; format v1 from optimizer.pt), the weights straight into a model
+(v3 from the DCP folder model.dcp/, v1 and v2 from model.safetensors).
 
 Why apart from train_checkpoint.py (the writing side): a resume needs none of the writers, and each
 side stays small enough to read in one sitting. `train_checkpoint` re-exports every name here.
@@ -22,6 +23,7 @@ from uniperceiver.engine.train_state import TrainState
 from uniperceiver.errors import CheckpointError
 from uniperceiver.evaluation.checkpoints import (
     FORMAT,
+    FORMAT_V2,
     LATEST_NAME,
     META_NAME,
     SHARDED_DIR,
@@ -31,7 +33,14 @@ from uniperceiver.evaluation.checkpoints import (
     verify_checkpoint,
 )
 from uniperceiver.modeling.model import UniPerceiver
-from uniperceiver.modeling.model_dir import WEIGHTS_NAME, check_state_fits, read_config
+from uniperceiver.modeling.model_dir import (
+    MODEL_DCP,
+    WEIGHTS_NAME,
+    check_state_fits,
+    read_config,
+    read_dcp_weights_into,
+)
+from uniperceiver.utils import dcp_read
 
 if TYPE_CHECKING:
     from uniperceiver.engine.distributed import DistEnv
@@ -65,8 +74,8 @@ class TrainingCheckpoint:
 
     @property
     def sharded_optimizer(self) -> bool:
-        """True when the optimizer's tensors are in the DCP folder (format v2)."""
-        return self.meta.get("format") == FORMAT
+        """True when the optimizer's tensors are in the DCP folder (formats v2 and v3)."""
+        return self.meta.get("format") in (FORMAT_V2, FORMAT)
 
     @property
     def optimizer(self) -> dict[str, Any]:
@@ -79,7 +88,9 @@ class TrainingCheckpoint:
 
     @property
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The weights as a state dict (read from model.safetensors on first use)."""
+        """The weights as a state dict (read from model.dcp/ or model.safetensors on first use)."""
+        if self._weights is None and (self.path / MODEL_DCP / dcp_read.DCP_METADATA).is_file():
+            self._weights = dcp_read.read_state_dict(self.path / MODEL_DCP)
         if self._weights is None:
             try:
                 self._weights = load_file(str(self.path / WEIGHTS_NAME))
@@ -141,7 +152,15 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def read_weights_into(model: UniPerceiver, path: Path) -> None:
     """Copy a verified step folder's weights straight into `model`'s parameters and buffers
-    (no intermediate state dict); names and shapes are checked against the file's header first."""
+    (no intermediate state dict); names and shapes are checked against the saved ones first.
+
+    Every rank reads the whole weights on its own (DCP's no-process-group read): the trainer reads
+    them into the plain model before wrapping it, as every rank builds the whole model anyway, and
+    FSDP then keeps each rank's shard."""
+    folder = Path(path) / MODEL_DCP
+    if (folder / dcp_read.DCP_METADATA).is_file():
+        read_dcp_weights_into(model, folder)
+        return
     read_safetensors_into(Path(path) / WEIGHTS_NAME, model.state_dict())
 
 

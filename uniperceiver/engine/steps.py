@@ -137,7 +137,8 @@ class Loop:
     trainable: list[nn.Parameter]
     #: (step, task, loss) of every micro-step this process trained (not those before a resume).
     history: list[tuple[int, str, float]] = field(default_factory=list)
-    #: The newest checkpoint written or resumed from (named when training diverges).
+    #: The newest published checkpoint, or the one resumed from (named when training diverges or
+    #: hangs; an asynchronous save still in writing is `parts.pending`, see `newest_checkpoint`).
     last_checkpoint: Path | None = None
     step_times: deque[float] = field(default_factory=lambda: deque(maxlen=20))
     window_start: float = field(default_factory=time.perf_counter)
@@ -285,15 +286,34 @@ def after_step(loop: Loop, state: TrainState, outcome: StepOutcome) -> bool:
 
 
 def save_checkpoint(loop: Loop, state: TrainState) -> Path:
-    """The TrainState and the trainables as the step folder of `state.step` (every rank calls it)."""
+    """The TrainState and the trainables as the step folder of `state.step` (every rank calls it).
+
+    `loop.last_checkpoint` names only published folders: an asynchronous save stays pending (and
+    the one it publishes, the previous pending save, becomes the last checkpoint)."""
     rec = loop.recipe
     loop.phase("checkpoint")
+    previous = loop.parts.pending.final if loop.parts.pending is not None else None
     path = ckpt.save_training_checkpoint(loop.run_dir / runs.CKPT_DIR, state, loop.parts, loop.env,
                                          keep=rec.train.keep_checkpoints, meta={"recipe": rec.name, "stage": rec.stage})
-    loop.last_checkpoint = path
+    if loop.parts.pending is None:
+        loop.last_checkpoint = path
+    elif previous is not None:
+        loop.last_checkpoint = previous
     if loop.env.is_main:
         runs.plot_curves(loop.run_dir)
     return path
+
+
+def publish_pending(loop: Loop) -> None:
+    """Publish an asynchronous save still in writing (every rank calls it); it becomes the last checkpoint."""
+    path = ckpt.finish_pending(loop.parts, loop.env)
+    if path is not None:
+        loop.last_checkpoint = path
+
+
+def newest_checkpoint(loop: Loop) -> Path | None:
+    """The newest step folder saved: the pending one of an asynchronous save, else the last published."""
+    return loop.parts.pending.final if loop.parts.pending is not None else loop.last_checkpoint
 
 
 # -- the pieces of after_step -----------------------------------------------------------------------
@@ -383,5 +403,6 @@ def _diverged(step: int, bad: tuple[str, list[str], float] | None, env: DistEnv,
 
 __all__ = [
     "Hooks", "Loop", "MicroOutcome", "SigtermFlag", "StepModule", "StepOutcome", "StepReport", "TrainingDiverged",
-    "after_step", "micro_step", "optimizer_step", "run_loop", "save_checkpoint", "train_step", "window_rows",
+    "after_step", "micro_step", "newest_checkpoint", "optimizer_step", "publish_pending", "run_loop", "save_checkpoint",
+    "train_step", "window_rows",
 ]

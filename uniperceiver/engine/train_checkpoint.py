@@ -2,9 +2,12 @@
 
 Layout of `<run>/checkpoints/`:
     step-000123/
-        model.safetensors, config.json   the weights (a model directory: `load_model` reads it)
-        optim.dcp/                       the optimizer's tensors through torch.distributed.checkpoint:
-                                         `__<rank>_<n>.distcp` written by each rank, `.metadata`
+        model.dcp/                       the weights through torch.distributed.checkpoint (DCP): each
+                                         rank writes its `__<rank>_<n>.distcp` (under FSDP its shards,
+                                         under DDP its share of the replicated tensors), `.metadata`
+        config.json                      the model config and the digest of every model.dcp file: the
+                                         step folder is a model folder (`load_model` reads it)
+        optim.dcp/                       the optimizer's tensors through DCP, written the same way
         optimizer.pt                     the rest of the optimizer state: parameter groups, each
                                          parameter index's name and state keys (no tensors)
         scheduler.pt                     torch.save of plain containers only
@@ -14,51 +17,56 @@ Layout of `<run>/checkpoints/`:
         rng-rank0.pt, rng-rank1.pt ...   each rank's part of the TrainState: its data cursors (draw,
                                          per-task epoch / cursor / pending positions, skipped media)
                                          + python / numpy / torch / cuda RNG states
-        meta.json                        format, step, time, sha256 of every file above (the DCP
-                                         files included, each hashed by the rank that wrote it)
+        meta.json                        format, step, time, the digest algorithm and the sum of every
+                                         file above (the DCP files included, each hashed by the rank
+                                         that wrote it, while writing it)
     latest                               the name of the newest complete folder (atomic pointer)
 
 The TrainState (`train_state.py`) is written and read as one unit: `save_training_checkpoint`
 takes it whole, `load_checkpoint(...).state` gives it back whole. Checkpoints of an earlier
 TrainState version (before the loop kept one state) are refused with one line naming the folder.
+The small state files stay plain `torch.save` files read with `weights_only=True` (each rank its
+own rng-rankN.pt): DCP would pickle non-tensor values and unpickle them with code execution allowed.
 
 A folder is written under a temporary name and renamed into place only when complete, so a crash
 (even SIGKILL) never leaves a half checkpoint behind a valid name. Loading verifies every checksum
 and falls back to the previous checkpoint, with a warning naming both, when one is corrupt.
-Everything is read back with `torch.load(weights_only=True)`: a checkpoint cannot run code.
+Nothing in a checkpoint can run code: `torch.load(weights_only=True)`, and DCP's `.metadata`
+pickles go through a restricted unpickler (`utils.dcp_read`).
 
-The optimizer state (the bulk: AdamW keeps two tensors per parameter) goes through DCP
-(`dcp_state.py`): every rank writes its part of it in parallel, hashing its files as they are
-written, and reads back the parts it needs, for any number of ranks; nobody gathers it. Its
-`.metadata` pickle is read by a restricted unpickler. Integrity is checked once per resume: rank 0
+The tensors (weights and optimizer state: the whole bulk) go through DCP (`dcp_state.py`): every
+rank writes its part in parallel, hashing its files as they are written, and reads back the parts
+it needs, for any number of ranks; nobody gathers them. Integrity is checked once per resume: rank 0
 verifies every sum while choosing the checkpoint (`find_valid_checkpoint`), the others are handed
-the verified folder. Format v1 folders (the whole optimizer state in optimizer.pt) still resume.
+the verified folder. The sums are XXH3-128 (`utils.digests`: corruption, not forgery, is what they
+guard against; ~14x cheaper than sha256). Format v1 (weights in model.safetensors, the whole
+optimizer state in optimizer.pt) and v2 (model.safetensors + optim.dcp/) folders still resume.
 
-Asynchronous saves (`wants_async`: when the state lives on a GPU): DCP copies the optimizer state to
-host memory and writes it from a background thread; the folder stays staged until the next save,
-the end of the stage or SIGTERM publishes it (`finish_pending`: every rank's write joined and its
-sums collected, then the usual commit). A failed background write publishes nothing; after an
-error the trainer waits for it and drops it (`abandon_pending`). The weights, the small state
-files and the commit are never asynchronous.
+Asynchronous saves (`wants_async`: when the state lives on a GPU): DCP copies weights and optimizer
+state to host memory and writes them from background threads (one gloo group each); the folder
+stays staged until the next save, the end of the stage or SIGTERM publishes it (`finish_pending`:
+every rank's writes joined and their sums collected, then the usual commit). A failed background
+write publishes nothing; after an error the trainer waits for it and drops it (`abandon_pending`).
+The small state files and the commit are never asynchronous.
 
 Reading lives in `checkpoint_load.py`, the FSDP full-state collectives in `full_state.py`; both are
 re-exported here.
 
-Cost (`checkpoint_io.py`): every file is streamed from the live tensors into its atomic file and
-hashed on the way (the sums in meta.json), never built as bytes in memory nor read back; a resume
-hashes each file once (`find_valid_checkpoint`, files side by side), then `load_checkpoint(...,
-verified=True)` and `read_weights_into` read the weights straight into the model's parameters.
-The earlier writers (`layout="buffered"`: bytes in memory; `"streamed"`: format v1, one process
-writes everything) stay callable for `upctl bench --sections checkpoint`.
+Cost (`checkpoint_io.py`, `dcp_state.py`): every file is streamed from the live tensors and hashed
+on the way, never built as bytes in memory nor read back; a resume hashes each file once
+(`find_valid_checkpoint`, files side by side), then `load_checkpoint(..., verified=True)` and
+`read_weights_into` read the weights straight into the model's parameters. The earlier writers
+(`layout="buffered"`: bytes in memory; `"streamed"`: format v1, one process writes everything,
+sha256) stay callable for `upctl bench --sections checkpoint`.
 
 World size: resuming on another number of ranks reads every rank's part (`load_checkpoint(...,
 world_size=)`) and re-derives this rank's data cursors so that no sample is repeated or skipped
 (`TrainState.restore`); a per-rank batch size change needs nothing (cursors count samples).
 
-FSDP runs (`train.sharding: fsdp`) write the SAME files: the full, unsharded weights (gathered by
-torch.distributed.checkpoint's state-dict API, written by rank 0) and the optimizer state through
-DCP, each rank its own shards, keyed by parameter name. So a checkpoint resumes under DDP, FSDP or
-one process, whichever wrote it, on any number of ranks.
+FSDP runs (`train.sharding: fsdp`) write the same layout: each rank its DTensor shards of the
+weights and of the optimizer state, keyed by parameter name. So a checkpoint resumes under DDP,
+FSDP or one process, whichever wrote it, on any number of ranks. Only `final/` (one safetensors
+model folder, what `upctl convert` writes and later stages load) gathers the full weights.
 """
 
 from __future__ import annotations
@@ -107,8 +115,10 @@ from uniperceiver.errors import CheckpointError, StorageError
 
 # The read-only side of the step-folder format (find, verify) is shared with evaluation, below the engine.
 from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
+    DCP_FOLDERS,
     FORMAT,
     FORMAT_V1,
+    FORMAT_V2,
     LATEST_NAME,
     META_NAME,
     SHARDED_DIR,
@@ -119,12 +129,19 @@ from uniperceiver.evaluation.checkpoints import (  # noqa: F401 - re-exported
     verify_checkpoint,
 )
 from uniperceiver.modeling.model import UniPerceiver
-from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME, save_model
+from uniperceiver.modeling.model_dir import (
+    CONFIG_NAME,
+    MODEL_DCP,
+    MODEL_FORMAT,
+    WEIGHTS_NAME,
+    dcp_weights_config,
+    save_model,
+)
+from uniperceiver.utils.digests import CHECKPOINT_DIGEST, LEGACY_DIGEST, file_digest
 from uniperceiver.utils.files import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    sha256_file,
 )
 
 if TYPE_CHECKING:
@@ -133,9 +150,6 @@ if TYPE_CHECKING:
     from uniperceiver.engine.optim import WarmupSchedule
 
 
-
-#: config.json's `format` (as `modeling.model_dir.save_model` writes it).
-MODEL_FORMAT = "uniperceiver-model-v1"
 
 
 def step_dir_name(step: int) -> str:
@@ -178,21 +192,23 @@ class Trainables:
     scheduler: WarmupSchedule
     scaler: torch.amp.GradScaler
     loader: MultiTaskLoader
-    #: The checkpoint whose optimizer files a background thread is still writing (asynchronous saves).
+    #: The checkpoint whose DCP files background threads are still writing (asynchronous saves).
     pending: PendingCheckpoint | None = None
-    #: The gloo group asynchronous saves coordinate over (never the training's groups: another thread).
-    checkpoint_group: Any = None
+    #: The gloo groups asynchronous saves coordinate over, one per DCP folder (never the training's
+    #: groups, nor one shared by two background threads: their collectives would interleave).
+    checkpoint_groups: tuple[Any, ...] = ()
 
 
-def write_rank_state(tmp: Path, rank: int, state: dict[str, Any], *, buffered: bool = False) -> dict[str, str]:
+def write_rank_state(tmp: Path, rank: int, state: dict[str, Any], *, buffered: bool = False,
+                     algorithm: str = CHECKPOINT_DIGEST) -> dict[str, str]:
     """Each rank's part of the TrainState (data cursors, RNG states: they differ between ranks).
 
-    Returns {file name: sha256} (hashed while writing; {} with `buffered`, the first writer's way)."""
+    Returns {file name: digest} (hashed while writing; {} with `buffered`, the first writer's way)."""
     name = f"rng-rank{rank}.pt"
     if buffered:
         atomic_write_bytes(tmp / name, _torch_bytes(state))
         return {}
-    return {name: torch_save_hashed(tmp / name, state)}
+    return {name: torch_save_hashed(tmp / name, state, algorithm)}
 
 
 def write_main_state(
@@ -204,57 +220,100 @@ def write_main_state(
     buffered: bool = False,
     optimizer_rest: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """The replicated state (identical on every rank): written by rank 0; returns {file: sha256}.
+    """The replicated small state (identical on every rank): written by rank 0; returns {file: digest}.
 
-    `shared` is `TrainState.shared_dict()`. `full_state` = (model state, optimizer state) already
-    gathered from a sharded (FSDP) model (`gather_full_state`; the optimizer part unused with
-    `optimizer_rest`); None reads both from `parts`. `optimizer_rest`: the optimizer state's
-    non-tensor part (`dcp_state.split_optimizer_state`) whose tensors go through DCP; None writes
-    the whole optimizer state into optimizer.pt (format v1).
-    Every file is streamed from the live tensors and hashed on its way to disk. `buffered` keeps
-    the first writer (each file built as bytes in memory, hashed by re-reading at commit) callable
-    for the checkpoint benchmark; it returns {}.
+    `shared` is `TrainState.shared_dict()`. With `optimizer_rest` (the optimizer state's non-tensor
+    part, `dcp_state.split_optimizer_state`; today's format) only optimizer.pt, scheduler.pt and
+    trainer.pt are written here: the tensors go through DCP (`write_tensors`) and config.json is
+    written at publishing (it lists the weights' digests). Without it, the format v1 writers of the
+    checkpoint benchmark: the weights as model.safetensors + config.json and the whole optimizer
+    state in optimizer.pt, sha256 sums; `full_state` = (model state, optimizer state) already
+    gathered from a sharded (FSDP) model (`gather_full_state`), None reads both from `parts`;
+    `buffered` builds each file as bytes in memory (hashed by re-reading at commit) and returns {}.
     """
+    if optimizer_rest is not None:
+        return {name: torch_save_hashed(tmp / name, obj) for name, obj in (
+            ("optimizer.pt", optimizer_rest), ("scheduler.pt", parts.scheduler.state_dict()), ("trainer.pt", shared))}
     if full_state is None:
         model_state = {k: v.detach() for k, v in parts.model.state_dict().items()}
-        optim_state = optimizer_rest if optimizer_rest is not None else parts.optimizer.state_dict()
+        optim_state = parts.optimizer.state_dict()
     else:
-        model_state, optim_state = full_state[0], optimizer_rest if optimizer_rest is not None else full_state[1]
+        model_state, optim_state = full_state
     if buffered:
         save_model(parts.model if full_state is None else plain_model(parts.model.cfg, model_state), tmp)
         for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", parts.scheduler.state_dict()),
                           ("trainer.pt", shared)):
             atomic_write_bytes(tmp / name, _torch_bytes(obj))
         return {}
-    digests = {WEIGHTS_NAME: write_hashed(tmp / WEIGHTS_NAME, lambda fh: write_safetensors(fh, model_state))}
+    sha = LEGACY_DIGEST
+    digests = {WEIGHTS_NAME: write_hashed(tmp / WEIGHTS_NAME, lambda fh: write_safetensors(fh, model_state), sha)}
     # config.json as `save_model` writes it: `load_model` can read a step folder.
     config = {"model": parts.model.cfg.to_dict(), "format": MODEL_FORMAT, "weights_sha256": digests[WEIGHTS_NAME]}
     text = json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    digests[CONFIG_NAME] = write_hashed(tmp / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")))
+    digests[CONFIG_NAME] = write_hashed(tmp / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")), sha)
     for name, obj in (("optimizer.pt", optim_state), ("scheduler.pt", parts.scheduler.state_dict()),
                       ("trainer.pt", shared)):
-        digests[name] = torch_save_hashed(tmp / name, obj)
+        digests[name] = torch_save_hashed(tmp / name, obj, sha)
     return digests
 
 
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights as DCP saves them: this rank's DTensor shards under FSDP, else the live tensors
+    (contiguous, no copy), keyed by state-dict name."""
+    from uniperceiver.engine.distributed import is_sharded
+
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(model)
+    return {k: v.detach() if v.is_contiguous() else v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+def write_tensors(tmp: Path, parts: Trainables, optimizer_tensors: dict[str, torch.Tensor], env: DistEnv, *,
+                  background: bool = False, thread_count: int | None = None) -> list[dcp_state.DcpSave]:
+    """Start the DCP saves of the weights (model.dcp/) and the optimizer's tensors (optim.dcp/); a
+    collective. `wait()` on each returns this rank's files' digests (see `DcpSave`)."""
+    threads = thread_count or (2 if env.world_size == 1 else 1)
+    groups = _save_groups(parts, env, background)
+    return [dcp_state.DcpSave(tmp / folder, tensors, group, thread_count=threads, asynchronous=background)
+            for folder, tensors, group in ((MODEL_DCP, model_tensors(parts.model), groups[0]),
+                                           (SHARDED_DIR, optimizer_tensors, groups[1]))]
+
+
+def write_model_config(tmp: Path, cfg: Any, digests: dict[str, str]) -> dict[str, str]:
+    """config.json of a step folder (rank 0, at publishing): the model config and the digest of
+    every model.dcp file (from `digests`, every rank's); returns {config.json: its digest}."""
+    prefix = f"{MODEL_DCP}/"
+    files = {name[len(prefix):]: digest for name, digest in digests.items() if name.startswith(prefix)}
+    text = json.dumps(dcp_weights_config(cfg, CHECKPOINT_DIGEST, files), indent=2, sort_keys=True,
+                      ensure_ascii=False) + "\n"
+    return {CONFIG_NAME: write_hashed(tmp / CONFIG_NAME, lambda fh: fh.write(text.encode("utf-8")))}
+
+
 def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[str, Any] | None = None,
-                      digests: dict[str, str] | None = None) -> Path:
-    """Write meta.json with every staged file's sha256, rename into place, move `latest`, prune old ones.
+                      digests: dict[str, str] | None = None, algorithm: str | None = None) -> Path:
+    """Write meta.json with every staged file's sum, rename into place, move `latest`, prune old ones.
 
     `digests`: the sums already computed while writing (every rank's, DCP files as
-    "optim.dcp/<file>"); only files missing from it are read to be hashed (the buffered writer's)."""
+    "<folder>/<file>"); only files missing from it are read to be hashed (the buffered writer's).
+    `algorithm`: theirs; None = the format's own (today's XXH3-128; sha256 for the v1 writers)."""
     ckpt_root = Path(ckpt_root)
     tmp = staging_dir(ckpt_root, step)
     known = digests or {}
     staged = [p for p in sorted(tmp.iterdir()) if p.is_file() and not p.name.startswith(".")]
-    if (tmp / SHARDED_DIR).is_dir():
-        staged += [p for p in sorted((tmp / SHARDED_DIR).iterdir()) if p.is_file() and not p.name.endswith(".tmp")]
+    for folder in DCP_FOLDERS:
+        if (tmp / folder).is_dir():
+            staged += [p for p in sorted((tmp / folder).iterdir()) if p.is_file() and not p.name.endswith(".tmp")]
     files = {}
     for p in staged:
         name = p.relative_to(tmp).as_posix()
-        files[name] = known.get(name) or sha256_file(p)
-    fmt = FORMAT if (tmp / SHARDED_DIR).is_dir() else FORMAT_V1  # v1: the earlier writers (benchmarks)
-    meta = {"format": fmt, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+        files[name] = known.get(name) or ""
+    # v1 / v2: the earlier writers (benchmarks, tests of resuming older folders)
+    fmt = FORMAT if (tmp / MODEL_DCP).is_dir() else FORMAT_V2 if (tmp / SHARDED_DIR).is_dir() else FORMAT_V1
+    algorithm = algorithm or (CHECKPOINT_DIGEST if fmt == FORMAT else LEGACY_DIGEST)
+    files = {name: digest or file_digest(tmp / name, algorithm) for name, digest in files.items()}
+    meta = {"format": fmt, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "digest": algorithm,
+            "files": files}
     if extra_meta:
         meta.update(extra_meta)
     atomic_write_json(tmp / META_NAME, meta)
@@ -309,13 +368,17 @@ class PendingCheckpoint:
     meta: dict[str, Any]
     final: Path
     digests: dict[str, str]
-    save: dcp_state.DcpSave | None
+    saves: list[dcp_state.DcpSave]
+    #: The model config (rank 0 writes config.json with the weights' digests at publishing).
+    model_cfg: Any = None
+    #: The digest algorithm of every sum (sha256 for the format v1 writers of the benchmark).
+    algorithm: str = CHECKPOINT_DIGEST
 
 
 def wants_async(model: torch.nn.Module) -> bool:
-    """Write the optimizer state in the background only when it lives on an accelerator: staging
-    copies it to host memory, the copy a GPU save makes anyway. A CPU state would be copied whole
-    (a second full state in memory), so it is written synchronously."""
+    """Write weights and optimizer state in the background only when they live on an accelerator:
+    staging copies them to host memory, the copy a GPU save makes anyway. A CPU state would be copied
+    whole (a second full state in memory), so it is written synchronously."""
     return any(p.device.type == "cuda" for p in model.parameters())
 
 
@@ -326,15 +389,16 @@ def save_training_checkpoint(
     """Save `state` (as one unit) and `parts` as the step folder of `state.step` under `root`; a collective.
 
     The previous asynchronous save is published first (`finish_pending`). The state is brought up
-    to date from the live objects (`TrainState.snapshot`). Rank 0 stages the replicated files,
-    every rank writes its part of the optimizer state through DCP and its own state file, each
-    hashing what it wrote; rank 0 collects the sums and commits (meta.json, rename, `latest`,
-    pruning to the `keep` newest). `asynchronous` (default `wants_async`): the optimizer files are
-    written in the background and the checkpoint is published by the next save or `finish_pending`,
-    which the trainer calls before final/ and on the way out. A write that fails on any rank (full
-    disk, I/O error) removes the staging folder and raises one CheckpointError naming the
-    checkpoint; nothing is published, the previous checkpoint and `latest` are untouched.
-    `layout` "streamed" / "buffered" selects the earlier format-v1 writers (benchmarks).
+    to date from the live objects (`TrainState.snapshot`). Rank 0 stages the replicated small files,
+    every rank writes its part of the weights and of the optimizer state through DCP and its own
+    state file, each hashing what it wrote; rank 0 collects the sums, writes config.json and commits
+    (meta.json, rename, `latest`, pruning to the `keep` newest). `asynchronous` (default
+    `wants_async`): the DCP files are written in the background and the checkpoint is published by
+    the next save or `finish_pending`, which the trainer calls before final/ and on the way out. A
+    write that fails on any rank (full disk, I/O error) removes the staging folder and raises one
+    CheckpointError naming the checkpoint; nothing is published, the previous checkpoint and
+    `latest` are untouched. `layout` "streamed" / "buffered" selects the earlier format-v1 writers
+    (benchmarks).
     """
     from uniperceiver.engine.distributed import barrier, is_sharded
 
@@ -342,12 +406,13 @@ def save_training_checkpoint(
     step = state.step
     final = root / step_dir_name(step)
     state.snapshot(parts.loader, parts.scaler, env.world_size)
-    background = layout == "dcp" and (wants_async(parts.model) if asynchronous is None else asynchronous)
-    tensors, rest = dcp_state.split_optimizer_state(parts.model, parts.optimizer) if layout == "dcp" else ({}, None)
-    # Sharded (FSDP) weights are gathered by every rank together; rank 0 receives the full tensors.
-    full = None
-    if is_sharded(parts.model):
-        full = (gather_full_model(parts.model), {}) if layout == "dcp" else gather_full_state(parts.model, parts.optimizer)
+    dcp_layout = layout == "dcp"
+    background = dcp_layout and (wants_async(parts.model) if asynchronous is None else asynchronous)
+    algorithm = CHECKPOINT_DIGEST if dcp_layout else LEGACY_DIGEST
+    tensors, rest = dcp_state.split_optimizer_state(parts.model, parts.optimizer) if dcp_layout else ({}, None)
+    # The format v1 writers need the full state on rank 0: gathered from FSDP shards by every rank.
+    full = gather_full_state(parts.model, parts.optimizer) if not dcp_layout and is_sharded(parts.model) else None
+    saves: list[dcp_state.DcpSave] = []
     try:
         digests: dict[str, str] = {}
         if env.is_main:
@@ -356,32 +421,43 @@ def save_training_checkpoint(
                                        optimizer_rest=rest)
         barrier(env)
         tmp = staging_dir(root, step)
-        save = None
-        if layout == "dcp":
-            save = dcp_state.DcpSave(tmp / SHARDED_DIR, tensors, _save_group(parts, env, background),
-                                     thread_count=2 if env.world_size == 1 else 1, asynchronous=background)
-        digests.update(write_rank_state(tmp, env.rank, state.rank_dict() or {}, buffered=layout == "buffered"))
+        if dcp_layout:
+            saves = write_tensors(tmp, parts, tensors, env, background=background)
+        digests.update(write_rank_state(tmp, env.rank, state.rank_dict() or {}, buffered=layout == "buffered",
+                                        algorithm=algorithm))
     except (OSError, StorageError, CheckpointError) as exc:
+        _join_quietly(saves)
         raise _write_failed(root, step, final, exc) from exc
-    pending = PendingCheckpoint(root, step, keep, meta, final, digests, save)
+    pending = PendingCheckpoint(root, step, keep, meta, final, digests, saves,
+                                parts.model.cfg if dcp_layout else None, algorithm)
     if background:
         parts.pending = pending
         return final
     return _publish(pending, env)
 
 
-def _save_group(parts: Trainables, env: DistEnv, background: bool) -> Any:
-    """The process group DCP coordinates over: none alone, the side group when synchronous, a gloo
-    group of its own when a background thread uses it (created once, by every rank together)."""
+def _save_groups(parts: Trainables, env: DistEnv, background: bool) -> tuple[Any, Any]:
+    """The process groups the two DCP saves coordinate over: none alone, the side group when
+    synchronous (one save after the other), and when background threads use them, a gloo group
+    for each (created once, by every rank together): two threads must not share one group."""
     if not env.distributed:
-        return None
+        return None, None
     if not background:
-        return env.group
-    if parts.checkpoint_group is None:
+        return env.group, env.group
+    if not parts.checkpoint_groups:
         import torch.distributed as dist
 
-        parts.checkpoint_group = dist.new_group(backend="gloo")
-    return parts.checkpoint_group
+        parts.checkpoint_groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+    return parts.checkpoint_groups[0], parts.checkpoint_groups[1]
+
+
+def _join_quietly(saves: list[dcp_state.DcpSave], timeout_s: float | None = None) -> None:
+    """Wait for saves already started (their files are about to be removed); errors are moot."""
+    for save in saves:
+        try:
+            save.wait(timeout_s=timeout_s)
+        except (OSError, StorageError, CheckpointError):
+            pass
 
 
 def _write_failed(root: Path, step: int, final: Path, exc: BaseException) -> CheckpointError:
@@ -398,18 +474,18 @@ def _reason(exc: BaseException) -> str:
 
 
 def _publish(pending: PendingCheckpoint, env: DistEnv) -> Path:
-    """Join the optimizer write, collect every rank's sums, commit on rank 0 (every rank calls it).
+    """Join the DCP writes, collect every rank's sums, commit on rank 0 (every rank calls it).
 
     Every rank reports success or its error before anyone commits, so a failure on one rank
     publishes nothing anywhere and every rank raises."""
     from uniperceiver.engine.distributed import barrier
 
     mine, error = dict(pending.digests), None
-    try:
-        if pending.save is not None:
-            mine.update(pending.save.wait())
-    except (OSError, StorageError, CheckpointError) as exc:
-        error = exc
+    for save in pending.saves:
+        try:
+            mine.update(save.wait())
+        except (OSError, StorageError, CheckpointError) as exc:
+            error = error or exc
     try:
         every = _gather_object((None if error is None else _reason(error), mine), env)
         failed = [(rank, why) for rank, (why, _) in enumerate(every) if why is not None]
@@ -420,14 +496,17 @@ def _publish(pending: PendingCheckpoint, env: DistEnv) -> Path:
         digests = {name: digest for _, part in every for name, digest in part.items()}
         final = pending.final
         if env.is_main:
-            final = commit_checkpoint(pending.root, pending.step, pending.keep, pending.meta, digests)
+            if pending.model_cfg is not None:
+                digests.update(write_model_config(staging_dir(pending.root, pending.step), pending.model_cfg, digests))
+            final = commit_checkpoint(pending.root, pending.step, pending.keep, pending.meta, digests,
+                                      pending.algorithm)
         barrier(env)
     except (OSError, StorageError, CheckpointError) as exc:
         raise _write_failed(pending.root, pending.step, pending.final, exc) from exc
     return final
 
 
-#: How long `abandon_pending` waits for a background optimizer write before leaving it behind.
+#: How long `abandon_pending` waits for a background DCP write before leaving it behind.
 ABANDON_WAIT_S = 120.0
 
 
@@ -443,11 +522,7 @@ def abandon_pending(parts: Trainables) -> None:
     pending, parts.pending = parts.pending, None
     if pending is None:
         return
-    try:
-        if pending.save is not None:
-            pending.save.wait(timeout_s=ABANDON_WAIT_S)
-    except (OSError, StorageError, CheckpointError):
-        pass
+    _join_quietly(pending.saves, ABANDON_WAIT_S)
     shutil.rmtree(staging_dir(pending.root, pending.step), ignore_errors=True)
 
 
@@ -464,6 +539,7 @@ def _gather_object(obj: Any, env: DistEnv) -> list[Any]:
 
 __all__ = [
     "LATEST_NAME",
+    "MODEL_DCP",
     "PendingCheckpoint",
     "Trainables",
     "TrainingCheckpoint",
@@ -477,6 +553,7 @@ __all__ = [
     "gather_full_state",
     "list_checkpoints",
     "load_checkpoint",
+    "model_tensors",
     "load_optimizer_state",
     "load_weights_into",
     "plain_model",
@@ -491,5 +568,7 @@ __all__ = [
     "verify_checkpoint",
     "wants_async",
     "write_main_state",
+    "write_model_config",
     "write_rank_state",
+    "write_tensors",
 ]

@@ -48,7 +48,8 @@ from uniperceiver.engine.periodic_eval import EvalHook, PeriodicEval, harness_ho
 from uniperceiver.engine.run_setup import (build_training_model, build_training_tasks, preflight, prepare_run_dir,
                                            set_checkpoints_aside)
 from uniperceiver.engine.steps import (  # StepReport, TrainingDiverged: re-exported
-    Hooks, Loop, SigtermFlag, StepModule, StepReport, TrainingDiverged, run_loop, save_checkpoint,
+    Hooks, Loop, SigtermFlag, StepModule, StepReport, TrainingDiverged, newest_checkpoint, publish_pending, run_loop,
+    save_checkpoint,
 )
 from uniperceiver.engine.targets import TargetSets
 from uniperceiver.engine.train_state import TrainState
@@ -282,11 +283,12 @@ def _finish(loop: Loop, state: TrainState, interrupted: bool) -> tuple[UniPercei
     checkpoint and final/ (the weights later stages and evaluation load)."""
     final_model = ckpt.unsharded_copy(loop.parts.model) if is_fsdp(loop.wrapped) else loop.parts.model
     if interrupted:
-        ckpt.finish_pending(loop.parts, loop.env)  # the SIGTERM checkpoint is published before we stop
+        publish_pending(loop)  # the SIGTERM checkpoint is published before we stop
         return final_model, None
-    if loop.last_checkpoint is None or ckpt.step_dir_name(state.step) != Path(loop.last_checkpoint).name:
+    newest = newest_checkpoint(loop)
+    if newest is None or ckpt.step_dir_name(state.step) != Path(newest).name:
         save_checkpoint(loop, state)
-    ckpt.finish_pending(loop.parts, loop.env)  # an asynchronous save is published before final/
+    publish_pending(loop)  # an asynchronous save is published before final/
     final_dir = loop.run_dir / runs.FINAL_NAME
     if loop.env.is_main:
         from uniperceiver.modeling.model_dir import save_model

@@ -10,8 +10,8 @@ the folder names, `run.json` and the checksums of a step folder, so the readers 
         run.json             {"stage": ..., "recipe": ...}
         final/               model folder (config.json + model.safetensors) when the run finished
         stage-N/             sub-runs of a multi-stage recipe (each with final/ or checkpoints/)
-        checkpoints/step-NNNNNN/ + latest   verified step folders (meta.json lists sha256 sums; a step
-                             folder is also a model folder: config.json + model.safetensors)
+        checkpoints/step-NNNNNN/ + latest   verified step folders (meta.json lists every file's sum; a step
+                             folder is also a model folder: config.json + the weights in model.dcp/)
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from uniperceiver.errors import CheckpointError
-from uniperceiver.modeling.model_dir import CONFIG_NAME, WEIGHTS_NAME
+from uniperceiver.modeling.model_dir import CONFIG_NAME, MODEL_DCP, WEIGHTS_NAME, has_weights
 from uniperceiver.tasks.options import TaskConfig
-from uniperceiver.utils.files import sha256_file
+from uniperceiver.utils.digests import LEGACY_DIGEST, file_digest
 
 FINAL_NAME = "final"
 CKPT_DIR = "checkpoints"
@@ -36,15 +36,22 @@ RUN_INFO = "run.json"
 META_NAME = "meta.json"
 LATEST_NAME = "latest"
 STEP_RE = re.compile(r"^step-(\d+)$")
-#: The `format` field of a training step folder's meta.json: v1 holds the whole optimizer state in
-#: optimizer.pt; v2 (written today) its tensors in the DCP folder SHARDED_DIR, written by every rank.
+#: The `format` field of a training step folder's meta.json: v1 holds the weights in model.safetensors
+#: and the whole optimizer state in optimizer.pt; v2 the optimizer's tensors in the DCP folder
+#: SHARDED_DIR; v3 (written today) also the weights in the DCP folder MODEL_DCP, every rank writing
+#: its own part of both. All three resume.
 FORMAT_V1 = "uniperceiver-train-checkpoint-v1"
-FORMAT = "uniperceiver-train-checkpoint-v2"
+FORMAT_V2 = "uniperceiver-train-checkpoint-v2"
+FORMAT = "uniperceiver-train-checkpoint-v3"
 SHARDED_DIR = "optim.dcp"
+#: The DCP folders a step folder may hold (their files are listed in meta.json as "<folder>/<file>").
+DCP_FOLDERS = (MODEL_DCP, SHARDED_DIR)
+_SMALL = ("optimizer.pt", "scheduler.pt", "trainer.pt")
 #: The files every step folder's meta.json must list, per format.
 REQUIRED_FILES = {
-    FORMAT_V1: (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt"),
-    FORMAT: (WEIGHTS_NAME, CONFIG_NAME, "optimizer.pt", "scheduler.pt", "trainer.pt", f"{SHARDED_DIR}/.metadata"),
+    FORMAT_V1: (WEIGHTS_NAME, CONFIG_NAME, *_SMALL),
+    FORMAT_V2: (WEIGHTS_NAME, CONFIG_NAME, *_SMALL, f"{SHARDED_DIR}/.metadata"),
+    FORMAT: (CONFIG_NAME, *_SMALL, f"{MODEL_DCP}/.metadata", f"{SHARDED_DIR}/.metadata"),
 }
 
 Warn = Callable[[str], None]
@@ -56,8 +63,8 @@ def default_runs_root() -> Path:
 
 
 def is_model_dir(path: Path) -> bool:
-    """A folder `load_model` can read: config.json and model.safetensors side by side."""
-    return (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+    """A folder `load_model` can read: config.json beside model.safetensors or the DCP weights folder."""
+    return (path / CONFIG_NAME).is_file() and has_weights(path)
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any]:
@@ -110,7 +117,8 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 
 
 def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return meta.json after checking that every listed file exists and matches its sha256."""
+    """Return meta.json after checking that every listed file exists and matches its recorded sum
+    (meta.json's `digest` algorithm; sha256 when it names none, as earlier checkpoints)."""
     path = Path(path)
     meta_path = path / META_NAME
     if not meta_path.is_file():
@@ -131,15 +139,17 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{meta_path}: file name {name!r} points outside the checkpoint folder")
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
-    # One pass over every file, the files hashed side by side (hashlib releases the GIL).
+    algorithm = meta.get("digest", LEGACY_DIGEST)
+    # One pass over every file, the files hashed side by side (hashlib and xxhash release the GIL).
     names = sorted(meta["files"], key=lambda n: -(path / n).stat().st_size)
     with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        digests = dict(zip(names, pool.map(lambda n: sha256_file(path / n, 8 << 20), names)))
+        digests = dict(zip(names, pool.map(lambda n: file_digest(path / n, algorithm), names)))
     for name, digest in meta["files"].items():
         actual = digests[name]
         if actual != digest:
             f = path / name
-            raise CheckpointError(f"{f}: sha256 {actual[:12]}... does not match meta.json ({str(digest)[:12]}...)")
+            raise CheckpointError(f"{f}: {algorithm} checksum {actual[:12]}... does not match meta.json "
+                                  f"({str(digest)[:12]}...)")
     return meta
 
 
@@ -295,9 +305,11 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 __all__ = [
     "CKPT_DIR",
+    "DCP_FOLDERS",
     "FINAL_NAME",
     "FORMAT",
     "FORMAT_V1",
+    "FORMAT_V2",
     "LATEST_NAME",
     "META_NAME",
     "REQUIRED_FILES",
