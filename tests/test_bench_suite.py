@@ -232,3 +232,38 @@ def test_served_cases_warm_up_side_by_side_and_failures_become_rows() -> None:
     step = report.rows[0]
     assert step["median_s"] > 0 and step["lever"] == "eager" and "host_syncs" not in step  # CPU: not measured
     assert any("warmed up" in line for line in log) and any("its last lines" in line for line in log)
+
+
+def test_checkpoint_section_writes_and_resumes_every_path_and_reports_rows(tmp_path, monkeypatch) -> None:
+    """The checkpoint benchmark on a tiny model, one repeat: each path saves and resumes in its own
+    process, the rows carry the old vs DCP figures, and the sizes default to base and large (base
+    alone with --quick)."""
+    from uniperceiver.bench import checkpoint_section as cs
+
+    results = cs.measure("tiny", repeats=1, folder=tmp_path)
+    assert set(results) == {"buffered", "streamed", "dcp"}
+    for method, phases in results.items():
+        for phase in ("save", "resume"):
+            (row,) = phases[phase]
+            assert row["seconds"] > 0 and row["state_mb"] > 0, (method, phase, row)
+    # the DCP checkpoint holds the same state, no bigger on disk
+    assert results["dcp"]["save"][0]["bytes_on_disk"] <= 1.05 * results["buffered"]["save"][0]["bytes_on_disk"]
+    assert not list(tmp_path.iterdir())  # the work folder is removed
+
+    rows: list[tuple[str, dict]] = []
+
+    class Report:
+        def add(self, section: str, name: str, **values) -> None:
+            rows.append((name, values))
+
+    sizes: list[str] = []
+    monkeypatch.setattr(cs, "measure", lambda size, repeats=3, folder=None: (sizes.append(size), results)[1])
+    cs.checkpoint_section(Report(), torch.device("cpu"), quick=True)
+    assert sizes == ["base"]
+    assert [name for name, _ in rows] == ["base save: old (buffered) vs streamed vs dcp",
+                                          "base resume: old (buffered) vs streamed vs dcp"]
+    for phase, (_, values) in zip(("save", "resume"), rows):
+        old, new = results["buffered"][phase][0]["seconds"], results["dcp"][phase][0]["seconds"]
+        assert values["speedup"] == round(old / new, 2) and values["seconds_dcp"] == round(new, 2)
+    cs.checkpoint_section(Report(), torch.device("cpu"), quick=False)
+    assert sizes == ["base", "base", "large"]

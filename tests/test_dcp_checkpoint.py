@@ -327,3 +327,27 @@ def test_a_format_v2_checkpoint_still_resumes(four_steps, mini_data, tmp_path):
     a = load_file(str(four_steps / "final" / "model.safetensors"))
     b = load_file(str(run / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_folder_evaluates_like_the_same_weights_in_a_model_folder(four_steps, mini_data, tmp_path):
+    """`upctl evaluate --checkpoint <step folder>` / a run without final/: the DCP weights are read,
+    verified against config.json, and give exactly what the same weights give from safetensors."""
+    from uniperceiver.evaluation.api import evaluate_checkpoint
+    from uniperceiver.modeling.model_dir import save_model, weights_digest
+
+    step = four_steps / "checkpoints" / "step-000002"
+    save_model(load_model(step), tmp_path / "as-safetensors")
+    kwargs = {"limit": 8, "data_dir": mini_data, "device": "cpu"}
+    a = evaluate_checkpoint(step, "mini-faces", cache_dir=tmp_path / "c1", **kwargs)
+    b = evaluate_checkpoint(tmp_path / "as-safetensors", "mini-faces", cache_dir=tmp_path / "c2", **kwargs)
+    assert a.num_samples == b.num_samples == 8
+    assert a.metrics == b.metrics and a.predictions == b.predictions
+    # the target cache keys the two steps' weights apart (digests of the DCP files, not of a file name)
+    assert weights_digest(step) != weights_digest(four_steps / "checkpoints" / "step-000004")
+    # a run folder whose final/ is gone evaluates its newest valid checkpoint, step 4
+    run = shutil.copytree(four_steps, tmp_path / "run")
+    shutil.rmtree(run / "final")
+    c = evaluate_checkpoint(run, "mini-faces", cache_dir=tmp_path / "c3", **kwargs)
+    d = evaluate_checkpoint(four_steps / "final", "mini-faces", cache_dir=tmp_path / "c4", **kwargs)
+    assert Path(c.checkpoint).name == "step-000004"
+    assert c.predictions == d.predictions

@@ -160,11 +160,11 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
 
 
 def checkpoint_section(report: Any, device: torch.device, quick: bool, sizes: list[str] | None = None) -> None:
-    """Rows per size: old (buffered), streamed and DCP save / resume (median seconds, extra peak MB)
-    and the DCP path's speed-up over the old one."""
+    """Rows per size (default base and large; base alone with `quick`): old (buffered), streamed and
+    DCP save / resume (median seconds, extra peak MB) and the DCP path's speed-up over the old one."""
     import os
 
-    for size in sizes or ["base"]:
+    for size in sizes or (["base"] if quick else ["base", "large"]):
         load = os.getloadavg()
         results = measure(size, repeats=3)
         for phase in ("save", "resume"):

@@ -21,7 +21,7 @@ DEFAULT_SECTIONS = [s for s in SECTIONS if s != "checkpoint"]
 def bench(
     quick: bool = typer.Option(False, "--quick", help="Small shapes, base only, one round of 2 timed steps per case (under 3 minutes on a 2-core CPU)."),
     sizes: str = typer.Option("", help="Comma-separated model sizes for the training-step and checkpoint sections (default: base quick; tiny,small,base full)."),
-    sections: str = typer.Option(",".join(DEFAULT_SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)} (checkpoint: save / resume per --sizes, only when named)."),
+    sections: str = typer.Option(",".join(DEFAULT_SECTIONS), help=f"Comma-separated sections among {', '.join(SECTIONS)} (checkpoint: save / resume per --sizes, default base,large, base with --quick; only when named)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     rounds: int = typer.Option(None, "--rounds", help="ABBA rounds per training-step pair (default: 3 full, 1 quick)."),
     kinds: str = typer.Option("", "--kinds", help="Comma-separated training-step kinds to run (default all): text, image, video, caption, retrieval."),
@@ -52,7 +52,7 @@ def bench(
 
       upctl bench --sections train --sizes base --json bench.json
 
-      upctl bench --sections checkpoint --sizes base
+      upctl bench --sections checkpoint                # base and large, old vs new
 
       upctl bench --device cuda --sections train --sizes base --kinds image,retrieval --levers compiled,step,graphs:image --jobs 4 --keep-going
     """
