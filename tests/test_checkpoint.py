@@ -190,6 +190,7 @@ def _write_step(root: Path, m, optimizer, scheduler, buffered: bool = False) -> 
 
 
 def test_a_streamed_checkpoint_is_hashed_while_written_never_re_read(tmp_path: Path, monkeypatch) -> None:
+    from uniperceiver.engine import checkpoint_files
     from uniperceiver.engine import train_checkpoint as ckpt
 
     m, optimizer, scheduler = _trained_parts()
@@ -198,7 +199,7 @@ def test_a_streamed_checkpoint_is_hashed_while_written_never_re_read(tmp_path: P
         raise AssertionError(f"{path} was read back to be hashed")
 
     with monkeypatch.context() as mp:
-        mp.setattr(ckpt, "file_digest", no_reread)
+        mp.setattr(checkpoint_files, "file_digest", no_reread)
         path = _write_step(tmp_path / "checkpoints", m, optimizer, scheduler)
     meta = ckpt.verify_checkpoint(path)  # the digests written while streaming are the files' sha256
     assert {"model.safetensors", "config.json", "optimizer.pt", "scheduler.pt", "trainer.pt", "rng-rank0.pt"} <= set(meta["files"])

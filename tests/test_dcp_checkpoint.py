@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from uniperceiver.engine import dcp_state
+from uniperceiver.engine import checkpoint_files, dcp_state
 from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.errors import CheckpointError
 from uniperceiver.modeling.model_dir import MODEL_DCP, load_model
@@ -107,7 +107,8 @@ def test_the_dcp_writer_hashes_while_writing_and_the_state_round_trips(tmp_path,
     model(torch.randn(4, 256)).pow(2).mean().backward()
     optimizer.step()
     tensors, rest = dcp_state.split_optimizer_state(model, optimizer)
-    monkeypatch.setattr(ckpt, "file_digest", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read")))
+    reread = lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-read"))  # noqa: E731
+    monkeypatch.setattr(checkpoint_files, "file_digest", reread)
     digests = dcp_state.save_tensors(tmp_path / ckpt.SHARDED_DIR, tensors, thread_count=2)
     monkeypatch.undo()
     assert len(digests) == 3  # two data files (two writer threads) + .metadata

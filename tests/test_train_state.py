@@ -35,7 +35,7 @@ from uniperceiver.errors import CheckpointError
 from uniperceiver.evaluation.harness import evaluate_task
 from uniperceiver.modeling import build_model
 from uniperceiver.tasks.catalog import build_task, task_config
-from uniperceiver.utils.files import sha256_file
+from uniperceiver.utils.digests import file_digest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _trainer_fixtures import mini_data, one_thread  # noqa: E402,F401  (shared fixtures)
@@ -100,7 +100,7 @@ def test_a_checkpoint_of_an_older_state_version_is_one_clear_error(mini_data, tm
     old = {"step": 1, "skipped_steps": 0, "world_size": 1}  # what trainer.pt held before the TrainState
     torch.save(old, path / "trainer.pt")
     meta = json.loads((path / "meta.json").read_text())  # its checksum, as the older version wrote it
-    meta["files"]["trainer.pt"] = sha256_file(path / "trainer.pt")
+    meta["files"]["trainer.pt"] = file_digest(path / "trainer.pt", meta["digest"])
     (path / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"trainer\.pt: training state version None, expected"):
         ckpt.load_checkpoint(path)
