@@ -105,10 +105,14 @@ def test_the_pending_state_round_trips_through_a_checkpoint_dict():
 # -------------------------------------------------- through the trainer: 2 gloo ranks -> 1 -> 2
 
 WORKER = """
+import os
 import sys
 from uniperceiver.config import recipe_from_dict
+from uniperceiver.engine import train_checkpoint
 from uniperceiver.engine.trainer import train
 import json
+if os.environ.get("FORCE_ASYNC_SAVE"):  # as on a GPU: DCP files written in the background
+    train_checkpoint.wants_async = lambda model: True
 raw, out, data, steps, resume = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
 log = open(out + f".log", "a")
 train(recipe_from_dict(raw), output=out, data_dir=data, max_steps=steps, resume=resume or None,
@@ -124,7 +128,7 @@ RAW = {
 }
 
 
-def _torchrun(tmp: Path, out: Path, data: Path, steps: int, resume: str = "") -> None:
+def _torchrun(tmp: Path, out: Path, data: Path, steps: int, resume: str = "", *, asynchronous: bool = False) -> None:
     import socket
 
     with socket.socket() as s:
@@ -133,6 +137,8 @@ def _torchrun(tmp: Path, out: Path, data: Path, steps: int, resume: str = "") ->
     script = tmp / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if asynchronous:
+        env["FORCE_ASYNC_SAVE"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), json.dumps(RAW), str(out),
            str(data), str(steps), resume]
@@ -217,6 +223,33 @@ def test_a_2_rank_run_resumes_on_1_rank_and_back_with_every_sample_read_once(min
     assert ckpt.find_valid_checkpoint(root, warn=warnings.append) == root / "step-000006"
     assert len(warnings) == 1 and "step-000009" in warnings[0] and "rng-rank1.pt" in warnings[0], warnings
     assert "step-000006" in warnings[0]
+
+
+def test_asynchronous_saves_on_2_ranks_publish_exactly_what_synchronous_saves_write(mini_data, tmp_path):
+    """Two gloo ranks, DCP files written by background threads (each DCP folder on its own gloo
+    group): the step published by the next save, and the last one, hold the same weights and
+    optimizer state, written by both ranks, as the synchronous run's."""
+    from uniperceiver.engine import train_checkpoint as ckpt
+
+    _torchrun(tmp_path, tmp_path / "sync", mini_data, 6)
+    _torchrun(tmp_path, tmp_path / "async", mini_data, 6, asynchronous=True)
+    for name in ("step-000003", "step-000006"):
+        a, b = tmp_path / "async" / "checkpoints" / name, tmp_path / "sync" / "checkpoints" / name
+        meta = ckpt.verify_checkpoint(a)
+        assert meta["format"] == ckpt.FORMAT
+        for folder in ("model.dcp", ckpt.SHARDED_DIR):
+            writers = {n.split("/")[1].split("_")[2] for n in meta["files"] if n.startswith(folder + "/__")}
+            assert writers == {"0", "1"}, (name, folder)
+        x, y = ckpt.load_checkpoint(a), ckpt.load_checkpoint(b)
+        assert all(torch.equal(x.model_state[k], v) for k, v in y.model_state.items()), name
+        for i, st in y.optimizer["state"].items():
+            assert all(torch.equal(x.optimizer["state"][i][k], v) for k, v in st.items()), (name, i)
+    assert not list((tmp_path / "async" / "checkpoints").glob(".tmp-*"))
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(tmp_path / "async" / "final" / "model.safetensors")), load_file(
+        str(tmp_path / "sync" / "final" / "model.safetensors"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y)
 
 
 def _flip_middle(path: Path) -> None:
