@@ -251,6 +251,20 @@ def test_asynchronous_saves_on_2_ranks_publish_exactly_what_synchronous_saves_wr
         str(tmp_path / "sync" / "final" / "model.safetensors"))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in y)
 
+    # a 2-rank --resume auto verifies with both ranks hashing a share: a file of rank 1's share damaged
+    from uniperceiver.engine.shared_hashing import assign_shares
+
+    run = tmp_path / "sync"
+    step = run / "checkpoints" / "step-000006"
+    shares = assign_shares(step, list(ckpt.verify_checkpoint(step)["files"]), 2)
+    assert shares[0] and shares[1] and sorted(shares[0] + shares[1]) == sorted(ckpt.verify_checkpoint(step)["files"])
+    damaged = step / shares[1][0]
+    _flip_middle(damaged)
+    _torchrun(tmp_path, run, mini_data, 7, "auto")
+    log = Path(f"{run}.log").read_text()
+    assert f"checkpoint {step} is corrupt ({damaged}:" in log, log[-2000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-000003'} at step 3" in log, log[-2000:]
+
 
 def _flip_middle(path: Path) -> None:
     data = bytearray(path.read_bytes())

@@ -27,6 +27,7 @@ from uniperceiver.evaluation.checkpoints import (
     LATEST_NAME,
     META_NAME,
     SHARDED_DIR,
+    HashFiles,
     Warn,
     find_valid_checkpoint,
     list_checkpoints,
@@ -184,17 +185,18 @@ def load_weights_into(model: UniPerceiver, state: dict[str, torch.Tensor], sourc
     model.load_state_dict(state)
 
 
-def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None) -> Path:
-    """`--resume PATH`: a step folder, a `checkpoints/` folder or a run folder -> a verified step folder."""
+def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None, hasher: HashFiles | None = None) -> Path:
+    """`--resume PATH`: a step folder, a `checkpoints/` folder or a run folder -> a verified step folder
+    (`hasher`: see `verify_checkpoint`)."""
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"--resume {path}: no such file or folder")
     if (p / META_NAME).is_file():
-        verify_checkpoint(p)
+        verify_checkpoint(p, hasher)
         return p
     for root in (p, p / "checkpoints"):
         if root.is_dir() and (list_checkpoints(root) or (root / LATEST_NAME).is_file()):
-            found = find_valid_checkpoint(root, warn)
+            found = find_valid_checkpoint(root, warn, hasher=hasher)
             if found is not None:
                 return found
             raise CheckpointError(f"--resume {path}: no valid checkpoint under {root}")

@@ -14,8 +14,10 @@ from uniperceiver.config.schema import Recipe
 from uniperceiver.engine import runs
 from uniperceiver.engine import train_checkpoint as ckpt
 from uniperceiver.engine.distributed import DistEnv
+from uniperceiver.engine.shared_hashing import SharedHasher, serve_hashing
 from uniperceiver.engine.tuning import load_for_tuning, tuning_overrides
 from uniperceiver.errors import CheckpointError, ConfigError, DataError
+from uniperceiver.evaluation.checkpoints import HashFiles
 from uniperceiver.modeling.model import UniPerceiver, build_model
 from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model_dir import read_config
@@ -63,8 +65,10 @@ def prepare_run_dir(
     start: Path | None = None
     error: str | None = None
     if env.is_main:
+        # the other ranks hash their share of each checkpoint verified on the way (shared_hashing.py)
+        hasher = SharedHasher(env) if env.distributed else None
         try:
-            run_dir, start = _decide(recipe, output, root, resume, say, want_checkpoint)
+            run_dir, start = _decide(recipe, output, root, resume, say, want_checkpoint, hasher)
             from uniperceiver.config import save_recipe
 
             save_recipe(recipe, run_dir / runs.RECIPE_NAME)
@@ -72,6 +76,11 @@ def prepare_run_dir(
                 runs.write_run_info(run_dir, {"stage": recipe.stage, "recipe": recipe.name})
         except (ConfigError, CheckpointError, DataError) as exc:
             error = f"{type(exc).__name__}:{exc}"
+        finally:
+            if hasher is not None:
+                hasher.close()
+    elif env.distributed:
+        serve_hashing(env)
     box = _broadcast([None if run_dir is None else str(run_dir), None if start is None else str(start), error], env)
     if box[2] is not None:
         kind, _, msg = str(box[2]).partition(":")
@@ -80,11 +89,11 @@ def prepare_run_dir(
 
 
 def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str | Path | None, say: Log,
-            want_checkpoint: bool) -> tuple[Path, Path | None]:
+            want_checkpoint: bool, hasher: HashFiles | None = None) -> tuple[Path, Path | None]:
     if resume is not None and str(resume) == "never":
         return _fresh_start(recipe, output, root, say), None
     if resume is not None and str(resume) not in ("auto",) and want_checkpoint:
-        start = ckpt.resolve_checkpoint_path(resume, warn=say)
+        start = ckpt.resolve_checkpoint_path(resume, warn=say, hasher=hasher)
         run_dir = Path(output) if output is not None else _run_of_checkpoint(start)
         run_dir.mkdir(parents=True, exist_ok=True)
         return run_dir, start
@@ -100,7 +109,8 @@ def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str |
             run_dir.mkdir(parents=True, exist_ok=True)
             return run_dir, None
         run_dir.mkdir(parents=True, exist_ok=True)
-        start = ckpt.find_valid_checkpoint(ckpt_root, warn=say, refuse_all_damaged=True) if want_checkpoint else None
+        start = (ckpt.find_valid_checkpoint(ckpt_root, warn=say, refuse_all_damaged=True, hasher=hasher)
+                 if want_checkpoint else None)
         if start is None and want_checkpoint:
             say(f"no checkpoint to resume in {run_dir}: starting from scratch")
         return run_dir, start
@@ -108,7 +118,8 @@ def _decide(recipe: Recipe, output: str | Path | None, root: Path, resume: str |
         for rec in runs.list_runs(root, stage=recipe.stage, recipe=recipe.name):
             if not want_checkpoint:
                 return rec.path, None
-            found = ckpt.find_valid_checkpoint(rec.path / runs.CKPT_DIR, warn=say, refuse_all_damaged=True)
+            found = ckpt.find_valid_checkpoint(rec.path / runs.CKPT_DIR, warn=say, refuse_all_damaged=True,
+                                               hasher=hasher)
             if found is not None:
                 return rec.path, found
         say(f"no earlier run of recipe {recipe.name!r} with a checkpoint under {root}: starting a new run")

@@ -37,8 +37,9 @@ pickles go through a restricted unpickler (`utils.dcp_read`).
 The tensors (weights and optimizer state: the whole bulk) go through DCP (`dcp_state.py`): every
 rank writes its part in parallel, hashing its files as they are written, and reads back the parts
 it needs, for any number of ranks; nobody gathers them. Integrity is checked once per resume: rank 0
-verifies every sum while choosing the checkpoint (`find_valid_checkpoint`), the others are handed
-the verified folder. The sums are XXH3-128 (`utils.digests`: corruption, not forgery, is what they
+chooses the checkpoint (`find_valid_checkpoint`) while every rank hashes a share of its files
+(`shared_hashing.py`: each reads about 1/N of the bytes), and the ranks are handed the verified
+folder. The sums are XXH3-128 (`utils.digests`: corruption, not forgery, is what they
 guard against; ~14x cheaper than sha256). Format v1 (weights in model.safetensors, the whole
 optimizer state in optimizer.pt) and v2 (model.safetensors + optim.dcp/) folders still resume.
 

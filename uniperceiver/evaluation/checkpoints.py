@@ -26,7 +26,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from uniperceiver.errors import CheckpointError
-from uniperceiver.modeling.model_dir import CONFIG_NAME, MODEL_DCP, WEIGHTS_NAME, has_weights
+from uniperceiver.modeling.model_dir import (
+    CONFIG_NAME,
+    MODEL_DCP,
+    WEIGHTS_NAME,
+    has_weights,
+)
 from uniperceiver.tasks.options import TaskConfig
 from uniperceiver.utils.digests import LEGACY_DIGEST, file_digest
 
@@ -116,9 +121,36 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Return meta.json after checking that every listed file exists and matches its recorded sum
-    (meta.json's `digest` algorithm; sha256 when it names none, as earlier checkpoints)."""
+#: Hashes the named files of a folder with an algorithm: (folder, names, algorithm) -> {name: hex digest}.
+#: `hash_files` does it in this process; a distributed resume passes one that shares the files between
+#: ranks (engine/shared_hashing.py), so each rank reads a part of a large checkpoint once.
+HashFiles = Callable[[Path, list[str], str], dict[str, str]]
+
+
+def hash_files(folder: Path, names: list[str], algorithm: str) -> dict[str, str]:
+    """Every named file hashed, files side by side (hashlib and xxhash release the GIL); a file that
+    cannot be read gets "unreadable: <why>" instead of a digest (it then fails the comparison)."""
+    def one(name: str) -> str:
+        try:
+            return file_digest(Path(folder) / name, algorithm)
+        except OSError as exc:
+            return f"unreadable: {exc.strerror or exc}"
+
+    ordered = sorted(names, key=lambda n: -_size(Path(folder) / n))
+    with ThreadPoolExecutor(max(1, min(len(ordered), os.cpu_count() or 1))) as pool:
+        return dict(zip(ordered, pool.map(one, ordered)))
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    """meta.json of a step folder after the checks that need no hashing: a known format, the required
+    files listed, every listed name inside the folder and present."""
     path = Path(path)
     meta_path = path / META_NAME
     if not meta_path.is_file():
@@ -127,9 +159,10 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{meta_path}: malformed JSON ({exc})") from None
-    if meta.get("format") not in REQUIRED_FILES or not isinstance(meta.get("files"), dict):
-        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {meta.get('format')!r}, expected "
-                              f"{FORMAT!r} or {FORMAT_V1!r})")
+    if not isinstance(meta, dict) or meta.get("format") not in REQUIRED_FILES or not isinstance(meta.get("files"), dict):
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{meta_path}: not a training checkpoint (format {fmt!r}, expected "
+                              f"{FORMAT!r}, {FORMAT_V2!r} or {FORMAT_V1!r})")
     for name in REQUIRED_FILES[meta["format"]]:
         if name not in meta["files"]:
             raise CheckpointError(f"{meta_path}: lists no {name}")
@@ -139,22 +172,29 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
             raise CheckpointError(f"{meta_path}: file name {name!r} points outside the checkpoint folder")
         if not (path / name).is_file():
             raise CheckpointError(f"{path / name}: missing")
+    return meta
+
+
+def verify_checkpoint(path: Path, hasher: HashFiles | None = None) -> dict[str, Any]:
+    """Return meta.json after checking that every listed file exists and matches its recorded sum
+    (meta.json's `digest` algorithm; sha256 when it names none, as earlier checkpoints). Every file
+    is read once, by `hasher` (default: this process, `hash_files`)."""
+    path = Path(path)
+    meta = read_checkpoint_meta(path)
     algorithm = meta.get("digest", LEGACY_DIGEST)
-    # One pass over every file, the files hashed side by side (hashlib and xxhash release the GIL).
-    names = sorted(meta["files"], key=lambda n: -(path / n).stat().st_size)
-    with ThreadPoolExecutor(max(1, min(len(names), os.cpu_count() or 1))) as pool:
-        digests = dict(zip(names, pool.map(lambda n: file_digest(path / n, algorithm), names)))
+    digests = (hasher or hash_files)(path, list(meta["files"]), algorithm)
     for name, digest in meta["files"].items():
-        actual = digests[name]
+        actual = digests.get(name, "not hashed")
         if actual != digest:
-            f = path / name
-            raise CheckpointError(f"{f}: {algorithm} checksum {actual[:12]}... does not match meta.json "
+            raise CheckpointError(f"{path / name}: {algorithm} checksum {actual[:12]}... does not match meta.json "
                                   f"({str(digest)[:12]}...)")
     return meta
 
 
-def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None, refuse_all_damaged: bool = False) -> Path | None:
-    """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none.
+def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None, refuse_all_damaged: bool = False,
+                          hasher: HashFiles | None = None) -> Path | None:
+    """The newest checkpoint that verifies (the `latest` pointer first), or None when there is none;
+    `hasher`: see `verify_checkpoint`.
 
     Every corrupt one on the way is reported through `warn` (default: `warnings.warn`), naming the
     corrupt folder and the one used instead. `refuse_all_damaged` (`--resume auto`): checkpoints
@@ -173,7 +213,7 @@ def find_valid_checkpoint(ckpt_root: Path, warn: Warn | None = None, refuse_all_
     bad: list[tuple[Path, str]] = []
     for cand in candidates:
         try:
-            verify_checkpoint(cand)
+            verify_checkpoint(cand, hasher)
         except CheckpointError as exc:
             bad.append((cand, str(exc)))
             continue
@@ -310,6 +350,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_V1",
     "FORMAT_V2",
+    "HashFiles",
     "LATEST_NAME",
     "META_NAME",
     "REQUIRED_FILES",
@@ -321,10 +362,12 @@ __all__ = [
     "Warn",
     "default_runs_root",
     "find_valid_checkpoint",
+    "hash_files",
     "is_model_dir",
     "list_checkpoints",
     "list_runs",
     "model_dir_of_run",
+    "read_checkpoint_meta",
     "newest_pretrained",
     "newest_tuned",
     "read_run_info",
