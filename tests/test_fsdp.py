@@ -126,11 +126,21 @@ WORKER = textwrap.dedent(
             "worst": max(float((got[n] - want[n]).abs().max() / want[n].abs().max().clamp(min=1e-12)) for n in want),
             "scale_grad": float(got["m.head.logit_scales.retrieve"])}
 
+    # which resumes read only this rank's shards of the weights (format v3 under FSDP)
+    from uniperceiver.engine import train_checkpoint
+    sharded_reads = []
+    real_read = train_checkpoint.read_sharded_weights_into
+    def counting_read(model, path, env):
+        sharded_reads.append(os.path.basename(str(path)))
+        return real_read(model, path, env)
+    train_checkpoint.read_sharded_weights_into = counting_read
+
     res = {"clip": clip, "ddp": run("ddp", "ddp"), "fsdp": run("fsdp", "fsdp"),
            "cut": run("fsdp-cut", "fsdp", progress=stop_at_2)}
     res["resumed"] = run("fsdp-cut", "fsdp", resume="auto")
     res["cross"] = run("ddp-to-fsdp", "fsdp", resume=os.path.join(out, "ddp", "checkpoints", "step-000002"))
     res["logs"] = logs
+    res["sharded_reads"] = sharded_reads
     json.dump(res, open(os.path.join(out, f"rank{rank}.json"), "w"))
     dist.destroy_process_group()
     """
@@ -198,6 +208,8 @@ def test_fsdp_matches_ddp_and_resumes_exactly(runs):
     assert {s for s, _, _ in r0["resumed"]["history"]} == {3}  # only the step after the checkpoint ran
     # a DDP checkpoint resumed under FSDP continues the DDP run
     assert max_diff(out / "ddp" / "final", out / "ddp-to-fsdp" / "final") <= 1e-6
+    # both resumes under FSDP read each rank's own shards of the weights (after wrapping), not the whole
+    assert r0["sharded_reads"] == r1["sharded_reads"] == ["step-000002", "step-000002"]
 
 
 def test_fsdp_checkpoint_is_the_ddp_format_and_resumes_on_one_process(runs, mini_data, tmp_path):

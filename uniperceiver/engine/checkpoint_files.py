@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from uniperceiver.engine.checkpoint_io import torch_save_hashed, write_hashed, write_safetensors
+from uniperceiver.engine.checkpoint_io import (
+    torch_save_hashed,
+    write_hashed,
+    write_safetensors,
+)
 from uniperceiver.engine.full_state import plain_model
 from uniperceiver.evaluation.checkpoints import (
     DCP_FOLDERS,
@@ -39,7 +43,11 @@ from uniperceiver.modeling.model_dir import (
     save_model,
 )
 from uniperceiver.utils.digests import CHECKPOINT_DIGEST, LEGACY_DIGEST, file_digest
-from uniperceiver.utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from uniperceiver.utils.files import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 if TYPE_CHECKING:
     from uniperceiver.engine.train_checkpoint import Trainables

@@ -37,6 +37,7 @@ from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.modeling.model_dir import (
     MODEL_DCP,
     WEIGHTS_NAME,
+    check_shapes_fit,
     check_state_fits,
     read_config,
     read_dcp_weights_into,
@@ -165,6 +166,32 @@ def read_weights_into(model: UniPerceiver, path: Path) -> None:
     read_safetensors_into(Path(path) / WEIGHTS_NAME, model.state_dict())
 
 
+def has_dcp_weights(path: Path) -> bool:
+    """Whether a step folder keeps its weights in model.dcp/ (format v3)."""
+    return (Path(path) / MODEL_DCP / dcp_read.DCP_METADATA).is_file()
+
+
+def read_sharded_weights_into(model: torch.nn.Module, path: Path, env: DistEnv) -> None:
+    """Under FSDP, after wrapping: every rank reads only its own shards of a format v3 step folder's
+    weights (a collective); names and shapes are checked against the saved ones first.
+
+    Why not `read_weights_into` before wrapping: that reads the whole weights on every rank, N times
+    the bytes for N ranks; DCP reads each rank's shards wherever the writing ranks put them."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    folder = Path(path) / MODEL_DCP
+    meta = dcp_read.read_metadata(folder)
+    saved = {k: tuple(md.size) for k, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    check_shapes_fit(model, saved, str(folder))  # type: ignore[arg-type]
+    state = get_model_state_dict(model)
+    dcp_read.load_tensors(folder, state, env.group if env.distributed else None)
+    set_model_state_dict(model, state)
+
+
 def restore_optimizer(saved: TrainingCheckpoint, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                       env: DistEnv | None = None) -> None:
     """Put a checkpoint's optimizer state into `optimizer`: format v2 reads, through DCP, only the
@@ -204,6 +231,6 @@ def resolve_checkpoint_path(path: str | Path, warn: Warn | None = None, hasher: 
 
 
 __all__ = [
-    "TrainingCheckpoint", "load_checkpoint", "load_weights_into", "read_weights_into", "resolve_checkpoint_path",
-    "restore_optimizer", "torch_load",
+    "TrainingCheckpoint", "has_dcp_weights", "load_checkpoint", "load_weights_into", "read_sharded_weights_into",
+    "read_weights_into", "resolve_checkpoint_path", "restore_optimizer", "torch_load",
 ]

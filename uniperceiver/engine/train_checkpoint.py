@@ -66,7 +66,8 @@ world_size=)`) and re-derives this rank's data cursors so that no sample is repe
 (`TrainState.restore`); a per-rank batch size change needs nothing (cursors count samples).
 
 FSDP runs (`train.sharding: fsdp`) write the same layout: each rank its DTensor shards of the
-weights and of the optimizer state, keyed by parameter name. So a checkpoint resumes under DDP,
+weights and of the optimizer state, keyed by parameter name, and read back only its own shards
+(`read_sharded_weights_into`, after wrapping; other runs read the weights before wrapping). So a checkpoint resumes under DDP,
 FSDP or one process, whichever wrote it, on any number of ranks. Only `final/` (one safetensors
 model folder, what `upctl convert` writes and later stages load) gathers the full weights.
 """
@@ -94,8 +95,10 @@ from uniperceiver.engine.checkpoint_files import (
 )
 from uniperceiver.engine.checkpoint_load import (
     TrainingCheckpoint,
+    has_dcp_weights,
     load_checkpoint,
     load_weights_into,
+    read_sharded_weights_into,
     read_weights_into,
     resolve_checkpoint_path,
     restore_optimizer,
@@ -368,6 +371,7 @@ __all__ = [
     "finish_pending",
     "gather_full_model",
     "gather_full_state",
+    "has_dcp_weights",
     "list_checkpoints",
     "load_checkpoint",
     "model_tensors",
@@ -375,6 +379,7 @@ __all__ = [
     "load_weights_into",
     "plain_model",
     "prune_checkpoints",
+    "read_sharded_weights_into",
     "read_weights_into",
     "resolve_checkpoint_path",
     "restore_optimizer",

@@ -319,8 +319,13 @@ def _build_loop(recipe: Recipe, run_dir: Path, start: Path | None, ctx: _Context
     tasks, loader = _build_data(recipe, model, ctx)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     seed_everything(tr.seed + env.rank)
-    saved = _read_start(start, model, env)  # the weights go in before wrapping: FSDP shards what the model holds
+    # The weights go in before wrapping (FSDP shards what the model holds), except a format v3
+    # checkpoint under FSDP: then each rank reads only its own shards, after wrapping.
+    sharded_read = start is not None and tr.sharding == "fsdp" and env.distributed and ckpt.has_dcp_weights(start)
+    saved = _read_start(start, model, env, weights=not sharded_read)
     wrapped = wrap_model(StepModule(model), env, tr.sharding, amp_dtype)
+    if sharded_read:
+        _read_weights(lambda: ckpt.read_sharded_weights_into(model, start, env))
     # Built after wrapping: FSDP replaces the parameters by sharded ones (DDP keeps them).
     optimizer = build_optimizer(model, recipe.optim)
     parts = ckpt.Trainables(model, optimizer, build_scheduler(optimizer, recipe.optim, total), scaler, loader)
@@ -354,8 +359,10 @@ def _build_data(recipe: Recipe, model: UniPerceiver, ctx: _Context) -> tuple[lis
     return tasks, loader
 
 
-def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv) -> ckpt.TrainingCheckpoint | None:
-    """The checkpoint to resume (None for a fresh start), its weights already read into `model`.
+def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv, weights: bool = True
+                ) -> ckpt.TrainingCheckpoint | None:
+    """The checkpoint to resume (None for a fresh start), its weights already read into `model`
+    (unless `weights` is False: the caller reads them itself, sharded).
 
     `start` was verified when it was chosen (`find_valid_checkpoint` / `resolve_checkpoint_path`),
     so its files are not hashed again; the weights go straight into the parameters (no second copy).
@@ -364,11 +371,17 @@ def _read_start(start: Path | None, model: UniPerceiver, env: DistEnv) -> ckpt.T
     if start is None:
         return None
     saved = ckpt.load_checkpoint(start, env.rank, world_size=env.world_size, verified=True)
+    if weights:
+        _read_weights(lambda: ckpt.read_weights_into(model, start))
+    return saved
+
+
+def _read_weights(read: Callable[[], None]) -> None:
+    """Run `read`; a checkpoint of another shape is one line that says so."""
     try:
-        ckpt.read_weights_into(model, start)
+        read()
     except CheckpointError as exc:
         raise CheckpointError(f"cannot resume: the checkpoint does not fit this recipe's model ({exc})") from None
-    return saved
 
 
 def _resume(saved: ckpt.TrainingCheckpoint, parts: ckpt.Trainables, run_dir: Path, ctx: _Context) -> TrainState:

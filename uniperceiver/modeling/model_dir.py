@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from uniperceiver.errors import CheckpointError, ConfigError
-from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.modeling.model import UniPerceiver
+from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.utils import dcp_read
 from uniperceiver.utils.digests import file_digest
 from uniperceiver.utils.files import atomic_write, atomic_write_json, sha256_file
