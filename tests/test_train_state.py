@@ -158,3 +158,32 @@ def test_torchrun_prints_once_and_our_code_raises_no_future_warning(mini_data, t
     assert text.count("eval at step 2: mini-faces/top1") == 1 and text.count("x 2 ranks (ddp)") == 1, text[-3000:]
     ours = [ln for ln in text.splitlines() if "FutureWarning" in ln and re.search(r"(uniperceiver|upctl)/", ln)]
     assert not ours, ours
+
+
+def test_periodic_evaluation_decodes_with_the_training_loader_workers(mini_data, tmp_path, monkeypatch):
+    """`train.num_workers` reaches the periodic evaluation, and workers change no prediction."""
+    from uniperceiver.config.schema import EvalSection
+    from uniperceiver.engine import periodic_eval
+
+    model = build_model("tiny", depth=1)
+    tasks = [build_task(task_config("mini-faces"), mini_data, model.cfg)]
+    section = EvalSection(limit=12)
+    plain = periodic_eval.evaluate_tasks(model, tasks, section)
+    workers = periodic_eval.evaluate_tasks(model, tasks, section, num_workers=2)
+    assert plain["mini-faces"].predictions == workers["mini-faces"].predictions
+    assert plain["mini-faces"].metrics == workers["mini-faces"].metrics and plain["mini-faces"].num_samples == 12
+
+    seen: list[int] = []
+    real = periodic_eval.evaluate_tasks
+
+    def spy(model, tasks, section, num_workers=0):
+        seen.append(num_workers)
+        return real(model, tasks, section, num_workers)
+
+    monkeypatch.setattr(periodic_eval, "evaluate_tasks", spy)
+    raw = {"name": "eval-workers", "model": {"size": "tiny", "overrides": {"depth": 1, "drop_path": 0.0}},
+           "optim": {"lr": 1e-3, "warmup_steps": 1},
+           "train": {"max_steps": 2, "eval_every": 2, "log_every": 1, "seed": 0, "num_workers": 1},
+           "eval": {"limit": 6}, "tasks": [{"name": "mini-faces", "batch_size": 4}]}
+    result = train(recipe_from_dict(raw), output=tmp_path / "run", data_dir=mini_data, log=lambda m: None)
+    assert seen == [1] and "mini-faces/top1" in result.evals[2]

@@ -5,7 +5,7 @@ go (the run's metrics.csv / TensorBoard, the TrainState, one log line) belong to
 caller of `train` gets the same behaviour; a front end only renders the log line it is given.
 
 A caller may still pass its own hook (`train(..., evaluate=hook)`, hook(model, tasks, step) ->
-{"task/metric": value}); the default hook is `harness_hook(recipe.eval)`.
+{"task/metric": value}); the default hook is `harness_hook(recipe.eval, recipe.train.num_workers)`.
 Under data parallelism every rank calls the hook (the harness shards the samples and gathers the
 scores); under FSDP the parameters are gathered for it (`full_params`).
 """
@@ -46,24 +46,27 @@ def eval_split(task: Task, wanted: str) -> str | None:
     return None
 
 
-def evaluate_tasks(model: UniPerceiver, tasks: Sequence[Task], section: EvalSection) -> dict[str, EvalResult]:
+def evaluate_tasks(model: UniPerceiver, tasks: Sequence[Task], section: EvalSection,
+                   num_workers: int = 0) -> dict[str, EvalResult]:
     """{task name: result} of `evaluate_task` on every task that has a split to evaluate (`eval_split`),
-    the first `eval.limit` samples of it. The default hook reports these results' metrics."""
+    the first `eval.limit` samples of it, decoded by `num_workers` loader processes (0: in this
+    process; the same predictions either way). The default hook reports these results' metrics."""
     from uniperceiver.evaluation.harness import evaluate_task
 
     out: dict[str, EvalResult] = {}
     for task in tasks:
         split = eval_split(task, section.split)
         if split is not None:
-            out[task.cfg.name] = evaluate_task(model, task, split=split, limit=section.limit)
+            out[task.cfg.name] = evaluate_task(model, task, split=split, limit=section.limit, num_workers=num_workers)
     return out
 
 
-def harness_hook(section: EvalSection) -> EvalHook:
-    """The default hook: the metrics of `evaluate_tasks`, as {"task/metric": value}."""
+def harness_hook(section: EvalSection, num_workers: int = 0) -> EvalHook:
+    """The default hook: the metrics of `evaluate_tasks`, as {"task/metric": value}. The trainer
+    passes `train.num_workers`: evaluation decodes media with as many workers as training does."""
 
     def hook(model: UniPerceiver, tasks: Sequence[Task], step: int) -> dict[str, float]:
-        results = evaluate_tasks(model, tasks, section)
+        results = evaluate_tasks(model, tasks, section, num_workers)
         return {f"{name}/{k}": float(v) for name, result in results.items() for k, v in result.metrics.items()}
 
     return hook

@@ -172,7 +172,7 @@ def train(
     recipe) or a path (a step folder, a checkpoints folder or a run folder).
     progress / log: called on rank 0 only (default log: the `uniperceiver.engine` logger).
     evaluate: the periodic evaluation every `train.eval_every` steps, hook(model, tasks, step) ->
-    {"task/metric": value}; default `periodic_eval.harness_hook(recipe.eval)`.
+    {"task/metric": value}; default `periodic_eval.harness_hook(recipe.eval, recipe.train.num_workers)`.
     """
     request = RunRequest(output, runs_root, resume, data_dir, max_steps, device)
     calls = Callbacks(progress, log or logger.info, evaluate, handle_sigterm)
@@ -413,7 +413,7 @@ def _open_metrics(recipe: Recipe, run_dir: Path, total: int, *, fresh: bool, env
 
 def _periodic_eval(recipe: Recipe, calls: Callbacks, metrics: runs.MetricsLog | None, began: float) -> PeriodicEval:
     """The caller's evaluation hook, else the harness on every task, every `train.eval_every` steps."""
-    hook = calls.evaluate if calls.evaluate is not None else harness_hook(recipe.eval)
+    hook = calls.evaluate if calls.evaluate is not None else harness_hook(recipe.eval, recipe.train.num_workers)
     return PeriodicEval(recipe.train.eval_every, hook, metrics, calls.log, began)
 
 
