@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from uniperceiver.data.arrow_manifest import ArrowRows, ViewRows, arrow_path, is_current
+from uniperceiver.data.arrow_manifest import ArrowRows, ViewRows, arrow_path, find_rows, is_current
 from uniperceiver.data.format import ManifestWriter, open_dataset, prepare_dataset, write_meta
 from uniperceiver.errors import DataError
 
@@ -139,6 +139,14 @@ def test_views_by_index_equal_the_streamed_views(tmp_path):
         ds.rows("odd")
     with pytest.raises(DataError, match="has no split 'nope'"):
         ds.rows("nope")
+    # a few ids found by index (a saved few-shot subset) in manifests, views and the list fallback
+    wanted = {"t2", "v1", "v2", "t1#1", "v1#0", "v2#0", "gone", "t3#0"}
+    assert find_rows(ds.rows("train"), wanted) == {"t2": 1}
+    assert find_rows(ds.rows("held"), wanted) == {"t2": 1, "v1": 3}  # v2 is excluded
+    assert find_rows(ds.rows("pairs"), wanted) == {"t1#1": 1, "v1#0": 3, "v2#0": 5}
+    assert find_rows(ds.rows("heldpairs"), wanted) == {"t1#1": 1, "v1#0": 3}
+    assert find_rows(ds.load_split("pairs"), wanted) == find_rows(ds.rows("pairs"), wanted)
+    assert find_rows(ds.rows("pairs"), set()) == {}
 
 
 def _read_in_worker(rows: ArrowRows, i: int) -> tuple[int, dict]:

@@ -9,6 +9,7 @@ indices must be identical for the same generator.
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import shutil
@@ -23,13 +24,13 @@ from uniperceiver.data import token_corpus
 from uniperceiver.data.corpus_index import CorpusIndex
 from uniperceiver.data.format import iter_corpus_lines, open_dataset, prepare_dataset
 from uniperceiver.data.token_corpus import TokenCorpus
-from uniperceiver.errors import DataError
+from uniperceiver.errors import ConfigError, DataError
 from uniperceiver.modeling.model_config import model_config
 from uniperceiver.tasks import build_task, task_config
 from uniperceiver.tasks import masking
 from uniperceiver.tasks.masking import whole_word_mask, whole_word_mask_array
 from uniperceiver.tasks.mlm import CorpusWindows, MaskedLM, TokenWindows
-from uniperceiver.tokenizers.text import EOT_ID, get_tokenizer
+from uniperceiver.tokenizers.text import EOT_ID, ClipTokenizer, get_tokenizer
 
 AWKWARD = (
     "Plain opening line.\n"
@@ -195,14 +196,99 @@ def test_an_interrupted_build_leaves_nothing_that_passes_for_a_cache(tmp_path, m
 
     real = token_corpus._line_ids
     monkeypatch.setattr(token_corpus, "_line_ids", fail_late)
-    with pytest.raises(KeyboardInterrupt):
-        TokenCorpus.open(index, "train", tok)
+    with pytest.raises(KeyboardInterrupt):  # in this process: the patched function reaches no worker
+        TokenCorpus.open(index, "train", tok, workers=1)
     assert not (where / "train.tokens.json").exists()  # the old metadata went first: no stale cache
     assert not [p.name for p in where.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.setattr(token_corpus, "_line_ids", real)
     rebuilt = TokenCorpus.open(index, "train", tok)
     assert rebuilt.meta["tokenizer"] == "another tokenizer"
     assert np.array_equal(rebuilt.tokens, first.tokens) and np.array_equal(rebuilt.cum_words, first.cum_words)
+
+
+def _cache_files(index: CorpusIndex) -> dict[str, bytes]:
+    where = Path(index.npy).parent
+    names = ("train.tokens.u16", "train.token_lines.npy", "train.tokens.json")
+    return {name: (where / name).read_bytes() for name in names}
+
+
+def test_a_build_in_worker_processes_writes_the_same_bytes(corpus, tmp_path, monkeypatch):
+    """Small blocks, so that dozens go through the pool of two spawned workers and come back in order."""
+    raw = corpus.parent / "raw"
+    monkeypatch.setattr(token_corpus, "_BLOCK", 64)
+    built, calls = {}, []
+    for name, workers in (("one", None), ("two", 2)):
+        prepare_dataset("bookswiki", raw, tmp_path / name)  # the same files, so the same stamps in the meta
+        index = CorpusIndex.open(open_dataset("bookswiki", tmp_path / name), "train")
+        with monkeypatch.context() as m:
+            if workers is None:
+                m.setenv("UPCTL_TOKENIZE_WORKERS", "1")  # read when `workers` is not given
+                m.setattr(token_corpus, "_pool_blocks", None)  # any use of the pool fails
+            else:
+                m.setattr(token_corpus, "_local_blocks", None)  # any use of the in-process loop fails
+            tokens = TokenCorpus.open(index, "train", get_tokenizer(), workers=workers,
+                                      progress=lambda done, total, what, name=name: calls.append((name, done, total)))
+        built[name] = _cache_files(index)
+    n = len(tokens)
+    assert n > token_corpus._POOL_MIN_BLOCKS * 64 and tokens.meta["tokens"] > 50_000
+    assert built["one"] == built["two"]
+    for name in ("one", "two"):  # the progress callback: from the main process, block after block, in order
+        assert [done for who, done, total in calls if who == name] == [*range(64, n, 64), n]
+    lines = list(iter_corpus_lines(open_dataset("bookswiki", tmp_path / "two"), "train"))
+    tok = get_tokenizer()
+    for i in (0, 63, 64, 65, n // 2, n - 1):  # block edges included
+        words = tok.encode_words(lines[i])
+        assert tokens.line_ids(i).tolist() == ([t for w in words for t in w] + [EOT_ID] if words else [])
+
+
+def test_the_worker_count_comes_from_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.delenv("UPCTL_TOKENIZE_WORKERS", raising=False)
+    assert token_corpus._worker_count(None) == min(os.cpu_count() or 1, 8)
+    assert token_corpus._worker_count(3) == 3
+    monkeypatch.setenv("UPCTL_TOKENIZE_WORKERS", "5")
+    assert token_corpus._worker_count(None) == 5 and token_corpus._worker_count(2) == 2
+    for value in ("two", "0"):
+        monkeypatch.setenv("UPCTL_TOKENIZE_WORKERS", value)
+        with pytest.raises(ConfigError, match="UPCTL_TOKENIZE_WORKERS"):
+            token_corpus._worker_count(None)
+
+
+class FailingTokenizer(ClipTokenizer):
+    """The real tokenizer, except on one line of the corpus, where it raises or ends its process. It is
+    pickled into the spawned workers (they import it from this module), which a monkeypatch never reaches."""
+
+    def __init__(self, bad_line: str, how: str) -> None:
+        super().__init__()
+        self.bad_line, self.how = bad_line, how
+
+    def encode_words(self, text: str) -> list[list[int]]:
+        if text == self.bad_line:
+            if self.how == "exit":
+                os._exit(3)  # a worker killed mid-block (out of memory, a signal)
+            raise ValueError(f"cannot tokenise {text[:20]!r}\nsecond line of the message")
+        return super().encode_words(text)
+
+
+@pytest.mark.parametrize("how", ["raise", "exit"])
+def test_a_failing_worker_leaves_no_cache_and_one_line(corpus, tmp_path, monkeypatch, how):
+    prepare_dataset("bookswiki", corpus.parent / "raw", tmp_path / "data")
+    ds = open_dataset("bookswiki", tmp_path / "data")
+    index = CorpusIndex.open(ds, "train")
+    where = Path(index.npy).parent
+    monkeypatch.setattr(token_corpus, "_BLOCK", 64)
+    first = TokenCorpus.open(index, "train", get_tokenizer(), workers=1)
+    monkeypatch.setattr(token_corpus, "tokenizer_key", lambda: "another tokenizer")  # forces a rebuild
+    bad = list(iter_corpus_lines(ds, "train"))[len(index) // 2]  # a real line, in a block well inside the run
+    with pytest.raises(DataError) as caught:
+        TokenCorpus.open(index, "train", FailingTokenizer(bad, how), workers=2)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{where}: tokenising the corpus failed in a worker process")
+    assert ("ValueError: cannot tokenise" if how == "raise" else "BrokenProcessPool") in message
+    assert not (where / "train.tokens.json").exists()
+    assert not [p.name for p in where.iterdir() if p.name.endswith(".tmp")]
+    rebuilt = TokenCorpus.open(index, "train", get_tokenizer(), workers=1)  # the next open builds it again
+    assert rebuilt.meta["tokenizer"] == "another tokenizer"
+    assert np.array_equal(rebuilt.tokens, first.tokens) and np.array_equal(rebuilt.cum_tokens, first.cum_tokens)
 
 
 def test_a_damaged_cache_is_refused_with_the_file_named(tmp_path):

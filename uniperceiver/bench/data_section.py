@@ -9,6 +9,9 @@ reads 10,000 random rows. Per process we report the open time and the resident-s
 again) and `shared_file_mb` (file pages of the memory map: one copy in the page cache, the same
 physical pages in every process that maps the file), and `worker_epoch_copy_mb`, what a forked loader
 worker copies (its private dirty pages) while it reads every row once, as an epoch does.
+
+Token cache row: the first-use build of an MLM corpus's token cache (`TokenCorpus.open`) with one process
+vs two spawned tokenising workers, on real sentences, wall seconds (the point of workers is wall time).
 """
 
 from __future__ import annotations
@@ -160,9 +163,107 @@ def eval_workers_rows(report: Any, device: torch.device, quick: bool) -> None:
                        load_items_per_s_2=round(feed[2], 1), cpus=os.cpu_count())
 
 
-if __name__ == "__main__":  # python -m uniperceiver.bench.data_section [BASE_ROWS]: the manifest rows alone
+def fewshot_worker(data_dir: str, name: str, fresh: bool, traced: bool) -> dict[str, Any]:
+    """One `fraction_subset(name/train, 0.01)` in this process: a fresh draw (any saved subset file
+    removed first) or the reuse of the saved file; seconds and the resident-set high-water growth
+    (mapped file pages included), or with `traced` the Python heap's peak (tracemalloc; slower)."""
+    import tracemalloc
+
+    import pyarrow  # noqa: F401  imported before the baseline: we measure data, not libraries
+
+    from uniperceiver.bench.timing import peak_rss_bytes, reset_peak_rss
+    from uniperceiver.data.fewshot import fraction_subset, subset_path_name
+    from uniperceiver.data.format import SPLITS_DIR, open_dataset
+
+    ds = open_dataset(name, data_dir)
+    if fresh:
+        (ds.root / SPLITS_DIR / subset_path_name("train", 0.01, 0)).unlink(missing_ok=True)
+    if traced:
+        tracemalloc.start()
+    base = current_rss_bytes()
+    reset_peak_rss()
+    start = time.perf_counter()
+    subset = fraction_subset(ds, "train", 0.01, seed=0)
+    seconds = time.perf_counter() - start
+    heap_peak = tracemalloc.get_traced_memory()[1] if traced else 0
+    return {"seconds": seconds, "samples": len(subset), "extra_peak_mb": (peak_rss_bytes() - base) / 2**20,
+            "heap_peak_mb": heap_peak / 2**20}
+
+
+def fewshot_rows(report: Any, quick: bool, rows: int | None = None) -> None:
+    """Rows "few-shot subset": `fraction_subset(..., 0.01)` of a 500k-row pair manifest (50k quick),
+    a fresh draw and the reuse of its saved file, each in a fresh interpreter (and once more under
+    tracemalloc for the heap peak). The Arrow copy is written first, as prepare does."""
+    from uniperceiver.data.format import open_dataset
+
+    n = rows or (50_000 if quick else 500_000)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_pairs_manifest(Path(tmp), n)
+        open_dataset("pairs", tmp).rows("train")
+        for case, fresh in (("fresh draw", True), ("reuse of the saved file", False)):
+            r = _in_subprocess("fewshot_worker", tmp, "pairs", fresh, False)
+            heap = _in_subprocess("fewshot_worker", tmp, "pairs", fresh, True)["heap_peak_mb"]
+            report.add("scale", f"few-shot subset 1% of {n:,} pair rows: {case}", seconds=round(r["seconds"], 3),
+                       samples=r["samples"], extra_peak_mb=round(r["extra_peak_mb"], 1), heap_peak_mb=round(heap, 1))
+
+
+def token_build_times(lines: int, repeats: int = 3) -> dict[str, Any]:
+    """Median wall seconds of the token cache build of `lines` real sentences (gensim's Lee news corpus,
+    one per line, repeated over 8 files) with 1 and with 2 workers, run alternately `repeats` times each
+    so that drift in the machine's load hits both alike. Each build starts from a fresh tokenizer (a cold
+    word cache, as a first use has) and without a cache; the line index is built once, before timing.
+    Under `token_corpus._POOL_MIN_BLOCKS` blocks (131,072 lines) both builds would run in one process."""
+    import re
+
+    import gensim.test.utils as gensim_data
+
+    from uniperceiver.data.corpus_index import CorpusIndex
+    from uniperceiver.data.format import open_dataset, prepare_dataset
+    from uniperceiver.data.token_corpus import TokenCorpus
+    from uniperceiver.tokenizers.text import ClipTokenizer
+
+    lee = Path(gensim_data.datapath("lee_background.cor")).read_text(encoding="utf-8")
+    sentences = [" ".join(s.split()) for s in re.split(r"(?<=[.!?])\s+", lee) if s.strip()]
+    text = [sentences[i % len(sentences)] for i in range(lines)]
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "raw"
+        raw.mkdir()
+        part = -(-lines // 8)
+        for f in range(8):
+            lines_f = text[f * part:(f + 1) * part]
+            (raw / f"part{f}.txt").write_text("".join(t + "\n" for t in lines_f), encoding="utf-8")
+        prepare_dataset("bookswiki", raw, Path(tmp) / "data")
+        index = CorpusIndex.open(open_dataset("bookswiki", Path(tmp) / "data"), "train")
+        seconds: dict[int, list[float]] = {1: [], 2: []}
+        for _ in range(repeats):
+            for workers in (1, 2):
+                (Path(index.npy).parent / "train.tokens.json").unlink(missing_ok=True)  # forces a build
+                tokenizer = ClipTokenizer()
+                start = time.perf_counter()
+                TokenCorpus.open(index, "train", tokenizer, workers=workers)
+                seconds[workers].append(time.perf_counter() - start)
+    one, two = (float(np.median(seconds[w])) for w in (1, 2))
+    return {"lines": len(index), "s_1": one, "s_2": two, "lines_per_s_1": len(index) / one,
+            "lines_per_s_2": len(index) / two, "speedup": one / two, "runs_1": seconds[1],
+            "runs_2": seconds[2], "cpus": os.cpu_count(), "load_avg": [load_before, os.getloadavg()[0]]}
+
+
+def token_build_row(report: Any, quick: bool) -> None:
+    """Row "token cache build": one process vs 2 tokenising workers (see `token_build_times`)."""
+    r = token_build_times(140_000, repeats=1) if quick else token_build_times(200_000)
+    report.add("scale", f"token cache build ({r['lines']:,} lines of real sentences): 1 process vs 2 workers",
+               seconds_1=round(r["s_1"], 2), seconds_2=round(r["s_2"], 2), lines_per_s_1=round(r["lines_per_s_1"]),
+               lines_per_s_2=round(r["lines_per_s_2"]), speedup=round(r["speedup"], 2), cpus=r["cpus"],
+               load_avg=round(r["load_avg"][0], 1))
+
+
+if __name__ == "__main__":  # python -m uniperceiver.bench.data_section [BASE_ROWS | tokens [LINES]]: rows alone
     class _Print:
         def add(self, section: str, name: str, **values: Any) -> None:
             print(json.dumps({"section": section, "name": name, **values}), flush=True)
 
-    manifest_rows(_Print(), quick=False, base_rows=int(sys.argv[1]) if len(sys.argv) > 1 else None)
+    if sys.argv[1:2] == ["tokens"]:
+        print(json.dumps(token_build_times(int(sys.argv[2]) if len(sys.argv) > 2 else 200_000)), flush=True)
+    else:
+        manifest_rows(_Print(), quick=False, base_rows=int(sys.argv[1]) if len(sys.argv) > 1 else None)

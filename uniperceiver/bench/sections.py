@@ -184,11 +184,13 @@ def scale_section(report, device: torch.device, quick: bool) -> None:
         report.add("scale", f"MLM corpus {mult}x ({r['windows']} lines: index, then 20 loader batches of 64)",
                    seconds=round(r["index_s"], 3), batches_per_s=round(r["batches_per_s"], 2),
                    extra_peak_mb=round(r["extra_peak_mb"], 1))
-    from uniperceiver.bench.data_section import eval_workers_rows, manifest_rows
+    from uniperceiver.bench.data_section import eval_workers_rows, fewshot_rows, manifest_rows, token_build_row
 
     manifest_rows(report, quick)  # list[dict] vs memory-mapped Arrow at 1x / 4x / 16x (16x: 1M rows)
+    fewshot_rows(report, quick)  # the 1% few-shot subset of 500k pair rows, drawn and reused
     eval_workers_rows(report, device, quick)  # evaluation items/s, main process vs 2 loader workers
     corpus_token_row(report, quick)  # MLM windows/s per core: text path vs pre-tokenised
+    token_build_row(report, quick)  # the token cache build: one process vs 2 tokenising workers
 
 
 SECTIONS: dict[str, Callable[..., None]] = {"loader": loader_section, "scale": scale_section}

@@ -21,6 +21,7 @@ an edited or re-prepared JSONL is converted again on the next open (`is_current`
 
 `ArrowRows` is a `Sequence[dict]`: `len(rows)`, `rows[i]` (one JSON decode), `rows[a:b]` (a list).
 `ViewRows` indexes a view (parts, excluded ids, one row per caption) with three small numpy arrays.
+`find_rows(rows, ids)` finds the rows of a few ids (a saved few-shot subset) without decoding the rest.
 """
 
 from __future__ import annotations
@@ -217,6 +218,23 @@ class ArrowRows(Sequence[dict]):
         return np.concatenate([pc.is_in(b.column(0), value_set=values).to_numpy(zero_copy_only=False)
                                for b in self._batches])
 
+    def find(self, ids: set[str]) -> dict[str, int]:
+        """{id: row} of the rows whose id is in `ids`, the last row where an id repeats (as a dict built
+        over the rows would keep). Matched inside Arrow: only the matches become Python strings."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        found: dict[str, int] = {}
+        if not ids:
+            return found
+        values = pa.array(sorted(ids), pa.string())
+        for start, batch in zip(self._starts, self._batches):
+            mask = pc.is_in(batch.column(0), value_set=values)
+            hits = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+            for row, sid in zip(hits.tolist(), pc.filter(batch.column(0), mask).to_pylist()):
+                found[str(sid)] = start + row
+        return found
+
     def num_texts(self) -> np.ndarray:
         """[rows] int32: each row's number of captions, -1 for a row without a "texts" list."""
         parts = [batch.column(1).to_numpy(zero_copy_only=False) for batch in self._batches]
@@ -251,6 +269,33 @@ class ViewRows(Sequence[dict]):
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
             yield self[i]
+
+    def find(self, ids: set[str]) -> dict[str, int]:
+        """{id: view row} of the rows whose id is in `ids` ("<id>#<k>" for unit "pair"), the last where
+        an id repeats. Each part is searched in Arrow for the parent ids; only the matches are decoded."""
+        pair = self.caption_of is not None
+        parents = {i.rpartition("#")[0] for i in ids if "#" in i} if pair else set(ids)
+        found: dict[str, int] = {}
+        for p, part in enumerate(self.parts):
+            parent_of = {row: pid for pid, row in part.find(parents).items()}
+            if not parent_of:
+                continue
+            hit_rows = np.fromiter(parent_of, dtype=np.int64, count=len(parent_of))
+            for j in np.flatnonzero((self.part_of == p) & np.isin(self.row_of, hit_rows)).tolist():
+                pid = parent_of[int(self.row_of[j])]
+                sid = f"{pid}#{int(self.caption_of[j])}" if self.caption_of is not None else pid
+                if sid in ids:
+                    found[sid] = j
+        return found
+
+
+def find_rows(rows: Sequence[dict], ids: set[str]) -> dict[str, int]:
+    """{id: index} of the rows of `rows` (a split's or view's `PreparedDataset.rows`) whose id is in
+    `ids`, the last index where an id repeats. Arrow and view rows match without decoding the other
+    rows; any other sequence (the list of the read-only fallback) is scanned."""
+    if isinstance(rows, (ArrowRows, ViewRows)):
+        return rows.find(ids)
+    return {sid: i for i, sample in enumerate(rows) if (sid := str(sample["id"])) in ids}
 
 
 def view_index(parts: list[ArrowRows], excluded: set[str], pair: bool, view: str) -> ViewRows:

@@ -26,18 +26,27 @@ uniperceiver/datasets/task_dataset/*.py):
 The uniform rules keep at least one sample (the reference would draw none below 1/fraction). The
 default rule is the view's "fewshot_rule", else the one the preparer recorded in meta.json, else
 it is inferred from the samples.
+
+Why the draw streams: a split can hold millions of samples (CC12M) and the subset a hundredth of
+them, so the split is never held as a list. The draw reads the split's rows (`PreparedDataset.rows`,
+memory-mapped) one at a time and keeps only each row's group as a small integer (a uniform rule
+needs only the number of rows), then decodes the chosen rows alone; a saved subset is resolved to
+row indices by id (`find_rows`) the same way.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
+from array import array
+from collections.abc import Callable, Iterable, Sequence, Sized
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from uniperceiver.data.arrow_manifest import find_rows
 from uniperceiver.data.format import SPLITS_DIR, PreparedDataset
 from uniperceiver.errors import DataError
 from uniperceiver.utils.files import atomic_write_json
@@ -91,12 +100,19 @@ def first_listed_answer(sample: dict, answers: set[str] | None = None) -> str | 
     return next((a for a, _ in ranked if allowed(a)), None)
 
 
-def infer_rule(dataset: PreparedDataset, first: dict | None, split: str | None = None) -> str:
-    """The rule of `split`: its view's, the preparer's, or one read off the first sample."""
+def recorded_rule(dataset: PreparedDataset, split: str | None = None) -> str | None:
+    """The rule recorded for `split`: its view's "fewshot_rule", else the preparer's; None if neither."""
     view = dataset.views.get(split or "", {})
     rule = view.get("fewshot_rule") or dataset.meta.get("fewshot_rule")
+    return str(rule) if rule else None
+
+
+def infer_rule(dataset: PreparedDataset, first: dict | None, split: str | None = None) -> str:
+    """The rule of `split`: its view's, the preparer's, or one read off the first sample (the only
+    sample it needs; None for an empty split)."""
+    rule = recorded_rule(dataset, split)
     if rule:
-        return str(rule)
+        return rule
     if first is None:
         return "per_item"
     if "answer_scores" in first:
@@ -121,30 +137,68 @@ def _group_key(rule: str, sample: dict, where: str, answers: set[str] | None) ->
     return ""
 
 
-def select_ids(
-    samples: list[dict], fraction: float, seed: int, rule: str, where: str = "", answers: Sequence[str] | None = None
-) -> list[str]:
-    """The ids of the subset, in manifest order (the pure selection behind `fraction_subset`).
-
-    `answers`: the answer list of a per_answer draw (the dataset's targets.answers).
-    """
+def _check_rule(rule: str) -> None:
     if rule not in RULES:
         raise DataError(f"unknown few-shot rule {rule!r}; expected one of {', '.join(RULES)}")
+
+
+def group_codes(
+    samples: Iterable[dict], rule: str, where: str = "", answers: Sequence[str] | None = None
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Each sample's group as a small integer (-1: left out) and {group key: code}: all that a draw
+    keeps of a sample, so `samples` may be a stream. A uniform rule has one group and reads nothing
+    from the samples; a sized `samples` (a list, `PreparedDataset.rows`) is then not even iterated."""
+    if rule in _UNIFORM:
+        n = len(samples) if isinstance(samples, Sized) else sum(1 for _ in samples)
+        return np.zeros(n, dtype=np.int32), ({"": 0} if n else {})
     listed = set(answers) if answers is not None else None
-    groups: dict[str, list[int]] = defaultdict(list)
-    for i, s in enumerate(samples):
+    keys: dict[str, int] = {}
+    codes = array("i")
+    for s in samples:
         key = _group_key(rule, s, where, listed)
-        if key is not None:
-            groups[key].append(i)
-    chosen: list[int] = []
-    for key in sorted(groups):
-        members = groups[key]
+        codes.append(-1 if key is None else keys.setdefault(key, len(keys)))
+    return np.array(codes, dtype=np.int32), keys
+
+
+def draw_rows(codes: np.ndarray, keys: dict[str, int], fraction: float, seed: int, rule: str) -> np.ndarray:
+    """The chosen row indices, ascending: per group (in sorted key order) k of its n rows, picked by
+    a generator seeded from (seed, key) among the group's rows in row order."""
+    order = np.argsort(codes, kind="stable")  # rows grouped by code, in row order within each group
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(codes[codes >= 0], minlength=len(keys)))])
+    bounds += int(np.count_nonzero(codes < 0))  # the left-out rows (-1) sort first
+    chosen: list[np.ndarray] = []
+    for key in sorted(keys):
+        code = keys[key]
+        members = order[bounds[code] : bounds[code + 1]]
         n = len(members)
         k = max(1, int(fraction * n)) if rule in _UNIFORM else int(fraction * n) + 1
         k = min(k, n)
-        pick = _group_seed(seed, key).choice(n, size=k, replace=False)
-        chosen.extend(members[j] for j in pick)
-    return [str(samples[i]["id"]) for i in sorted(chosen)]
+        chosen.append(members[_group_seed(seed, key).choice(n, size=k, replace=False)])
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def select_rows(
+    samples: Iterable[dict], fraction: float, seed: int, rule: str, where: str = "",
+    answers: Sequence[str] | None = None,
+) -> np.ndarray:
+    """The subset's row indices (positions in `samples`), ascending; `samples` is read once, as a stream."""
+    _check_rule(rule)
+    codes, keys = group_codes(samples, rule, where, answers)
+    return draw_rows(codes, keys, fraction, seed, rule)
+
+
+def select_ids(
+    samples: Iterable[dict], fraction: float, seed: int, rule: str, where: str = "",
+    answers: Sequence[str] | None = None,
+) -> list[str]:
+    """The ids of the subset, in manifest order (the pure selection behind `fraction_subset`).
+
+    `samples`: a list or any sequence read by index (`PreparedDataset.rows`: streamed once for the
+    groups, then only the chosen rows are read back); another iterable is read into a list first.
+    `answers`: the answer list of a per_answer draw (the dataset's targets.answers).
+    """
+    rows = samples if isinstance(samples, Sequence) else list(samples)
+    return [str(rows[i]["id"]) for i in select_rows(rows, fraction, seed, rule, where, answers).tolist()]
 
 
 def _check_args(fraction: Any, seed: Any) -> tuple[float, int]:
@@ -155,6 +209,23 @@ def _check_args(fraction: Any, seed: Any) -> tuple[float, int]:
     return float(fraction), int(seed)
 
 
+def _read_saved(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); delete it to draw the subset again") from None
+
+
+def _saved_samples(rows: Sequence[dict], ids: Any, path: Path, split: str) -> list[dict]:
+    """The samples of a saved subset's ids, in the file's order, found by id without decoding the
+    other rows of the split."""
+    wanted = {str(i) for i in ids} if isinstance(ids, list) else None
+    found = find_rows(rows, wanted) if wanted is not None else {}
+    if wanted is None or len(found) != len(wanted):
+        raise DataError(f"{path}: 'ids' do not match split {split!r}; delete it to draw the subset again")
+    return [rows[found[str(i)]] for i in ids]
+
+
 def fraction_subset(
     dataset: PreparedDataset, split: str, fraction: float, seed: int, rule: str | None = None
 ) -> list[dict]:
@@ -163,31 +234,25 @@ def fraction_subset(
 
     A saved subset is reused only if it was drawn from the same content (sha256 of the manifest,
     or of a view's definition and manifests) with the same rule; otherwise it is drawn again and
-    the file replaced atomically.
+    the file replaced atomically. The split is read by index (`PreparedDataset.rows`), never held
+    whole: see the module docstring.
     """
     fraction, seed = _check_args(fraction, seed)
-    samples = dataset.load_split(split)
-    rule = rule or infer_rule(dataset, samples[0] if samples else None, split)
-    if rule not in RULES:
-        raise DataError(f"unknown few-shot rule {rule!r}; expected one of {', '.join(RULES)}")
+    rows = dataset.rows(split)
+    # the first row is decoded only when no rule is given or recorded
+    rule = rule or recorded_rule(dataset, split) or infer_rule(dataset, rows[0] if len(rows) else None, split)
+    _check_rule(rule)
     digest = dataset.split_digest(split)
     path = dataset.root / SPLITS_DIR / subset_path_name(split, fraction, seed)
-    by_id = {str(s["id"]): s for s in samples}
     if path.is_file():
-        try:
-            saved: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{exc.lineno}: malformed JSON ({exc.msg}); delete it to draw the subset again"
-            ) from None
+        saved = _read_saved(path)
         if saved.get("rule") == rule and saved.get("manifest_sha256") == digest:
-            ids = saved.get("ids")
-            if not isinstance(ids, list) or any(str(i) not in by_id for i in ids):
-                raise DataError(f"{path}: 'ids' do not match split {split!r}; delete it to draw the subset again")
-            return [by_id[str(i)] for i in ids]
-    if not samples:
+            return _saved_samples(rows, saved.get("ids"), path, split)
+    if not len(rows):
         raise DataError(f"dataset {dataset.name!r}: split {split!r} is empty; nothing to draw a few-shot subset from")
-    ids = select_ids(samples, fraction, seed, rule, where=f"{dataset.name}/{split}", answers=dataset.answers)
+    chosen = select_rows(rows, fraction, seed, rule, where=f"{dataset.name}/{split}", answers=dataset.answers)
+    subset = [rows[i] for i in chosen.tolist()]
+    ids = [str(s["id"]) for s in subset]
     view = dataset.views.get(split, {})
     atomic_write_json(
         path,
@@ -200,14 +265,14 @@ def fraction_subset(
             "fraction": fraction,
             "seed": seed,
             "rule": rule,
-            "pool_size": len(samples),
+            "pool_size": len(rows),
             "manifest_sha256": digest,
             "num_samples": len(ids),
             "ids": ids,
         },
     )
-    return [by_id[i] for i in ids]
+    return subset
 
 
-__all__ = ["RULES", "first_listed_answer", "fraction_subset", "infer_rule", "most_common_answer", "select_ids",
-           "subset_path_name"]
+__all__ = ["RULES", "draw_rows", "first_listed_answer", "fraction_subset", "group_codes", "infer_rule",
+           "most_common_answer", "recorded_rule", "select_ids", "select_rows", "subset_path_name"]
