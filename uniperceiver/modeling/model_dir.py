@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from types import ModuleType
 from typing import Callable
 
 import torch
@@ -23,7 +24,6 @@ from safetensors.torch import load_file, save
 from uniperceiver.errors import CheckpointError, ConfigError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.modeling.model_config import ModelConfig
-from uniperceiver.utils import dcp_read
 from uniperceiver.utils.digests import file_digest
 from uniperceiver.utils.files import atomic_write, atomic_write_json, sha256_file
 
@@ -31,6 +31,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: The weights folder of a training step folder (torch.distributed.checkpoint, one file per writer).
 MODEL_DCP = "model.dcp"
+#: DCP's metadata file in it (as `utils.dcp_read.DCP_METADATA`; named here so that finding a model
+#: folder imports no torch.distributed.checkpoint).
+DCP_METADATA = ".metadata"
 MODEL_FORMAT = "uniperceiver-model-v1"
 
 
@@ -99,7 +102,7 @@ def has_weights(model_dir: str | Path) -> bool:
     """Whether `model_dir` holds weights `load_model` can read (a safetensors file or a DCP folder)."""
     path = Path(model_dir)
     return (path / WEIGHTS_NAME).is_file() or (
-        (path / CONFIG_NAME).is_file() and (path / MODEL_DCP / dcp_read.DCP_METADATA).is_file()
+        (path / CONFIG_NAME).is_file() and (path / MODEL_DCP / DCP_METADATA).is_file()
         and _dcp_weights_or_none(path) is not None)
 
 
@@ -134,7 +137,7 @@ def verify_dcp_weights(model_dir: str | Path) -> Path:
 def load_state(model_dir: str | Path) -> dict[str, torch.Tensor]:
     """The weights of a model directory as a state dict on the CPU, checksums checked first."""
     if not (Path(model_dir) / WEIGHTS_NAME).is_file() and _dcp_weights(Path(model_dir)) is not None:
-        return dcp_read.read_state_dict(verify_dcp_weights(model_dir))
+        return _dcp_read().read_state_dict(verify_dcp_weights(model_dir))
     path = Path(model_dir) / WEIGHTS_NAME
     if not path.is_file():
         raise CheckpointError(f"{model_dir}: no {WEIGHTS_NAME}")
@@ -213,6 +216,7 @@ def read_dcp_weights_into(model: UniPerceiver, folder: Path, *,
     """
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    dcp_read = _dcp_read()
     meta = dcp_read.read_metadata(folder)
     saved = {k: tuple(md.size) for k, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
     check_shapes_fit(model, saved, str(folder), optional)
@@ -220,6 +224,15 @@ def read_dcp_weights_into(model: UniPerceiver, folder: Path, *,
     targets = {k: v for k, v in expected.items() if k in saved}
     with torch.no_grad():
         dcp_read.load_tensors(folder, targets, no_dist=no_dist)
+
+
+def _dcp_read() -> ModuleType:
+    """`utils.dcp_read`, imported when a DCP folder is read: torch.distributed.checkpoint pulls in some
+    700 modules (and, in a process of a gloo job, was seen to abort its exit now and then), so a
+    process that only reads safetensors model folders never imports it."""
+    from uniperceiver.utils import dcp_read
+
+    return dcp_read
 
 
 def weights_digest(model_dir: str | Path) -> str:

@@ -33,12 +33,15 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
 import ftfy
 import regex
-import torch
 
 from uniperceiver.errors import UpctlError
+
+if TYPE_CHECKING:  # torch is imported where a batch becomes tensors: tokenising text alone (the corpus
+    import torch  # token cache's worker processes) never pays its ~1 s import
 
 __all__ = [
     "SOT_ID",
@@ -339,6 +342,8 @@ class ClipTokenizer:
                 f"encode_batch: max_length={max_length} cannot hold the suffix and EOT "
                 f"({len(tail)} ids)"
             )
+        import torch
+
         rows = [self.encode(text)[:room] + tail for text in texts]
         width = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
