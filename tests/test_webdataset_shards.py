@@ -163,6 +163,9 @@ def test_prepare_indexes_the_shards_with_their_counts_and_warns_once_about_the_c
                                                "counted_from": "stats", "indexed": CUT_AT, "damaged": True}
     warnings = [line for line in shard_data.prepare_output.splitlines() if "damaged shard" in line]
     assert len(warnings) == 1 and f"{CUT_SHARD:05d}.tar" in warnings[0], shard_data.prepare_output[-2000:]
+    # one line, as the CLI prints warnings: no file:line prefix, no Python source line under it
+    assert warnings[0].startswith("warning: "), warnings[0]
+    assert "warnings.warn(" not in shard_data.prepare_output and "UserWarning" not in shard_data.prepare_output
     # a row points into its tar: the recorded bytes are exactly the member's JPEG
     row = next(r for r in rows if r["id"] == "00002/000020003")
     assert row["media"] == "00002.tar#000020003.jpg" and row["texts"][0]

@@ -12,6 +12,7 @@ import contextvars
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,11 +46,32 @@ def debug_enabled() -> bool:
     return _DEBUG.get() or os.environ.get("UPCTL_DEBUG", "") not in ("", "0")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """`warnings.showwarning` for a command: the message alone, one yellow line on stderr."""
+    err_console.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def one_line_warnings() -> Iterator[None]:
+    """Warnings the library raises (a damaged shard, a checkpoint that fell back) as one line each,
+    without the file:line and source line Python adds; with --debug, Python's own format. Scoped
+    by `warnings.catch_warnings`, which puts the previous `showwarning` back."""
+    if debug_enabled():
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        yield
+
+
 @contextlib.contextmanager
 def fail_on_error() -> Iterator[None]:
-    """Turn an expected error into one red line and exit code 1 (a traceback only with --debug)."""
+    """Turn an expected error into one red line and exit code 1 (a traceback only with --debug);
+    warnings meanwhile are one line each (`one_line_warnings`)."""
     try:
-        yield
+        with one_line_warnings():
+            yield
     except UpctlError as exc:
         if debug_enabled():
             raise
