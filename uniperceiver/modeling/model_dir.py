@@ -228,7 +228,8 @@ def read_dcp_weights_into(model: UniPerceiver, folder: Path, *,
 
 def _dcp_read() -> ModuleType:
     """`utils.dcp_read`, imported when a DCP folder is read: torch.distributed.checkpoint pulls in some
-    700 modules (and, in a process of a gloo job, was seen to abort its exit now and then), so a
+    700 modules, and imported after a gloo process group exists it made the process abort at exit
+    about one run in three (engine/distributed.py imports it before the group for training), so a
     process that only reads safetensors model folders never imports it."""
     from uniperceiver.utils import dcp_read
 
