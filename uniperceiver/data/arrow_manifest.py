@@ -130,6 +130,14 @@ def write_arrow(jsonl: Path, records: Iterable[ManifestRecord]) -> Path:
     return path
 
 
+def _row_index(index: int, n: int, what: str) -> int:
+    """`index` (negative counts from the end) as a row of `n`; IndexError naming `what` outside."""
+    i = int(index) + n if int(index) < 0 else int(index)
+    if not 0 <= i < n:
+        raise IndexError(f"{what}: row {index} out of range (0..{n - 1})")
+    return i
+
+
 class ArrowRows(Sequence[dict]):
     """A manifest's rows by index from its memory-mapped Arrow file; `rows[i]` == JSONL row i.
 
@@ -193,11 +201,7 @@ class ArrowRows(Sequence[dict]):
     def __getitem__(self, index: int | slice) -> dict | list[dict]:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"{self.path}: row {index} out of range (0..{n - 1})")
-        return json.loads(self._line(i))
+        return json.loads(self._line(_row_index(index, len(self), str(self.path))))
 
     def __iter__(self) -> Iterator[dict]:
         for i in range(len(self)):
@@ -256,10 +260,7 @@ class ViewRows(Sequence[dict]):
     def __getitem__(self, index: int | slice) -> Any:
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
-        n = len(self)
-        i = int(index) + n if int(index) < 0 else int(index)
-        if not 0 <= i < n:
-            raise IndexError(f"view row {index} out of range (0..{n - 1})")
+        i = _row_index(index, len(self), "view")
         sample = self.parts[int(self.part_of[i])][int(self.row_of[i])]
         if self.caption_of is None:
             return sample

@@ -174,14 +174,11 @@ def commit_checkpoint(ckpt_root: Path, step: int, keep: int, extra_meta: dict[st
     for folder in DCP_FOLDERS:
         if (tmp / folder).is_dir():
             staged += [p for p in sorted((tmp / folder).iterdir()) if p.is_file() and not p.name.endswith(".tmp")]
-    files = {}
-    for p in staged:
-        name = p.relative_to(tmp).as_posix()
-        files[name] = known.get(name) or ""
     # v1 / v2: the earlier writers (benchmarks, tests of resuming older folders)
     fmt = FORMAT if (tmp / MODEL_DCP).is_dir() else FORMAT_V2 if (tmp / SHARDED_DIR).is_dir() else FORMAT_V1
     algorithm = algorithm or (CHECKPOINT_DIGEST if fmt == FORMAT else LEGACY_DIGEST)
-    files = {name: digest or file_digest(tmp / name, algorithm) for name, digest in files.items()}
+    names = [p.relative_to(tmp).as_posix() for p in staged]
+    files = {name: known.get(name) or file_digest(tmp / name, algorithm) for name in names}
     meta = {"format": fmt, "step": int(step), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "digest": algorithm,
             "files": files}
     if extra_meta:

@@ -37,7 +37,7 @@ from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.modeling.model_dir import (
     MODEL_DCP,
     WEIGHTS_NAME,
-    check_shapes_fit,
+    check_dcp_weights_fit,
     check_state_fits,
     read_config,
     read_dcp_weights_into,
@@ -91,7 +91,7 @@ class TrainingCheckpoint:
     @property
     def model_state(self) -> dict[str, torch.Tensor]:
         """The weights as a state dict (read from model.dcp/ or model.safetensors on first use)."""
-        if self._weights is None and (self.path / MODEL_DCP / dcp_read.DCP_METADATA).is_file():
+        if self._weights is None and has_dcp_weights(self.path):
             self._weights = dcp_read.read_state_dict(self.path / MODEL_DCP)
         if self._weights is None:
             try:
@@ -159,9 +159,8 @@ def read_weights_into(model: UniPerceiver, path: Path) -> None:
     Every rank reads the whole weights on its own (DCP's no-process-group read): the trainer reads
     them into the plain model before wrapping it, as every rank builds the whole model anyway, and
     FSDP then keeps each rank's shard."""
-    folder = Path(path) / MODEL_DCP
-    if (folder / dcp_read.DCP_METADATA).is_file():
-        read_dcp_weights_into(model, folder)
+    if has_dcp_weights(path):
+        read_dcp_weights_into(model, Path(path) / MODEL_DCP)
         return
     read_safetensors_into(Path(path) / WEIGHTS_NAME, model.state_dict())
 
@@ -177,16 +176,13 @@ def read_sharded_weights_into(model: torch.nn.Module, path: Path, env: DistEnv) 
 
     Why not `read_weights_into` before wrapping: that reads the whole weights on every rank, N times
     the bytes for N ranks; DCP reads each rank's shards wherever the writing ranks put them."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import (
         get_model_state_dict,
         set_model_state_dict,
     )
 
     folder = Path(path) / MODEL_DCP
-    meta = dcp_read.read_metadata(folder)
-    saved = {k: tuple(md.size) for k, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
-    check_shapes_fit(model, saved, str(folder))  # type: ignore[arg-type]
+    check_dcp_weights_fit(model, folder)
     state = get_model_state_dict(model)
     dcp_read.load_tensors(folder, state, env.group if env.distributed else None)
     set_model_state_dict(model, state)

@@ -214,16 +214,22 @@ def read_dcp_weights_into(model: UniPerceiver, folder: Path, *,
     absent (prompt-tuning extras keep their fresh values). `no_dist`: read on this rank alone,
     even inside a distributed job (every rank reads the whole weights before sharding them).
     """
+    saved = check_dcp_weights_fit(model, folder, optional)
+    targets = {k: v for k, v in model.state_dict().items() if k in saved}
+    with torch.no_grad():
+        _dcp_read().load_tensors(folder, targets, no_dist=no_dist)
+
+
+def check_dcp_weights_fit(model: torch.nn.Module, folder: Path,
+                          optional: Callable[[str], bool] = lambda key: False) -> set[str]:
+    """`check_shapes_fit` against a DCP weights folder's metadata (nothing else is read); returns
+    the saved keys. `model` may be sharded: its state dict gives the global shapes."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    dcp_read = _dcp_read()
-    meta = dcp_read.read_metadata(folder)
+    meta = _dcp_read().read_metadata(folder)
     saved = {k: tuple(md.size) for k, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
-    check_shapes_fit(model, saved, str(folder), optional)
-    expected = model.state_dict()
-    targets = {k: v for k, v in expected.items() if k in saved}
-    with torch.no_grad():
-        dcp_read.load_tensors(folder, targets, no_dist=no_dist)
+    check_shapes_fit(model, saved, str(folder), optional)  # type: ignore[arg-type]
+    return set(saved)
 
 
 def _dcp_read() -> ModuleType:
@@ -265,6 +271,7 @@ __all__ = [
     "load_model",
     "read_config",
     "load_state",
+    "check_dcp_weights_fit",
     "check_shapes_fit",
     "check_state_fits",
     "weights_digest",

@@ -122,19 +122,23 @@ class OwnRun:
     name: str
     out: Path
     builder: Builder
+    #: The folder of the user's files, absolute (`~` expanded).
+    raw_root: Path
 
 
 def open_run(kind: str, layout: str, media_type: str, fewshot_rule: str, raw_root: Path, out_dir: Path, *,
-             download: bool, progress: Progress | None, options: dict | None, known: dict[str, str],
-             reserved: Sequence[str] = ()) -> OwnRun:
-    """Check the name and the raw root, and open a Builder writing `<data_dir>/NAME`."""
-    name = dataset_name(kind, options, reserved)
+             download: bool, progress: Progress | None, options: dict | None, known: dict[str, str]) -> OwnRun:
+    """Check the name (not a preparer's) and the raw root, and open a Builder writing `<data_dir>/NAME`."""
+    from uniperceiver.data.preparers import PREPARERS
+
+    name = dataset_name(kind, options, list(PREPARERS))
+    raw_root = Path(raw_root).expanduser().absolute()
     if download:
         raise DataError(f"{kind} prepares your own files: there is nothing to --download (pass --root DIR)")
     out = Path(out_dir).absolute().parent / name
     spec = DatasetSpec(name=name, description=f"a user's {kind} dataset", layout=layout, media_type=media_type,
                        tasks=(), fewshot_rule=fewshot_rule, options={**OWN_OPTIONS, **known})
-    return OwnRun(name, out, spec.builder(raw_root, out, download=False, progress=progress, options=options))
+    return OwnRun(name, out, spec.builder(raw_root, out, download=False, progress=progress, options=options), raw_root)
 
 
 def finish_run(run: OwnRun, tasks: dict[str, dict[str, Any]], targets: dict[str, Any] | None = None,

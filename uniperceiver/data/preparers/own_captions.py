@@ -123,11 +123,9 @@ def _assign_splits(b: Builder, path: Path, media: dict[str, dict[str, Any]]) -> 
 def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress: Progress | None = None,
             options: dict[str, Any] | None = None) -> PrepareSummary:
     """Write `<data_dir>/NAME` from a captions file (module docstring)."""
-    from uniperceiver.data.preparers import PREPARERS
-
-    raw_root = Path(raw_root).expanduser().absolute()
     run = open_run("captions", LAYOUT, "image", "per_image", raw_root, out_dir, download=download,
-                   progress=progress, options=options, known=OPTIONS, reserved=list(PREPARERS))
+                   progress=progress, options=options, known=OPTIONS)
+    raw_root = run.raw_root
     b = run.builder
     try:
         path = _caption_file(b, raw_root)

@@ -91,11 +91,9 @@ def _write_pooled(b: Builder, root: Path, index: dict[str, int], kind: str) -> N
 def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress: Progress | None = None,
             options: dict[str, Any] | None = None) -> PrepareSummary:
     """Write `<data_dir>/NAME` from class folders (module docstring)."""
-    from uniperceiver.data.preparers import PREPARERS
-
-    raw_root = Path(raw_root).expanduser().absolute()
     run = open_run("imagefolder", LAYOUT, "image", "per_class", raw_root, out_dir, download=download,
-                   progress=progress, options=options, known={}, reserved=list(PREPARERS))
+                   progress=progress, options=options, known={})
+    raw_root = run.raw_root
     b = run.builder
     try:
         pools = _split_folders(raw_root) or {"": raw_root}

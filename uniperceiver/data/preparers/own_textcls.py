@@ -125,11 +125,9 @@ def _check_singletons(items: list[dict[str, Any]]) -> None:
 def prepare(raw_root: Path, out_dir: Path, *, download: bool = False, progress: Progress | None = None,
             options: dict[str, Any] | None = None) -> PrepareSummary:
     """Write `<data_dir>/NAME` from a labelled text file (module docstring)."""
-    from uniperceiver.data.preparers import PREPARERS
-
-    raw_root = Path(raw_root).expanduser().absolute()
     run = open_run("textcls", LAYOUT, "text", "per_label", raw_root, out_dir, download=download,
-                   progress=progress, options=options, known=OPTIONS, reserved=list(PREPARERS))
+                   progress=progress, options=options, known=OPTIONS)
+    raw_root = run.raw_root
     b = run.builder
     try:
         path = _data_file(b, raw_root)
