@@ -5,8 +5,10 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 set +e
+echo "free disk before the tests: $(df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {printf "%.1f GiB", $4/1048576}')"
 python -m pytest -q --timeout=1200 tests "$@"
 rc=$?
+echo "free disk after the tests: $(df -Pk "${TMPDIR:-/tmp}" | awk 'NR==2 {printf "%.1f GiB", $4/1048576}')"
 set -e
 if [ "$rc" -eq 5 ]; then
   echo "no tests were collected: failing" >&2

@@ -17,6 +17,7 @@ import os
 import pickle
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,10 +55,11 @@ def _train(out: Path, data: Path, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def four_steps(mini_data, tmp_path_factory) -> Path:
+def four_steps(mini_data, tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("dcp-run") / "run"
     assert _train(out, mini_data).step == 4
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def _flip(path: Path) -> None:

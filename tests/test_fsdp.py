@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -154,7 +156,7 @@ def max_diff(a: Path, b: Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(mini_data, tmp_path_factory) -> tuple[Path, dict, dict]:
+def runs(mini_data, tmp_path_factory) -> Iterator[tuple[Path, dict, dict]]:
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "worker.py"
     script.write_text(WORKER)
@@ -166,7 +168,8 @@ def runs(mini_data, tmp_path_factory) -> tuple[Path, dict, dict]:
     proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r0, r1 = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
-    return out, r0, r1
+    yield out, r0, r1
+    shutil.rmtree(out, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def test_fsdp_matches_ddp_and_resumes_exactly(runs):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -207,7 +209,7 @@ def _is_subsequence(wanted: list[str], lines: list[str]) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def examples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def examples(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
     """scripts/readme_examples.sh run once (2 pre-training steps) in a fresh folder: (folder, output)."""
     import os
     import subprocess
@@ -222,7 +224,8 @@ def examples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     proc = subprocess.run(["bash", str(README.parent / "scripts" / "readme_examples.sh"), str(out / "ex")],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
-    return out / "ex", proc.stdout
+    yield out / "ex", proc.stdout
+    shutil.rmtree(out, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ class Damaged:
 
 
 @pytest.fixture(scope="module")
-def damaged(mini_data, tmp_path_factory) -> Damaged:
+def damaged(mini_data, tmp_path_factory) -> Iterator[Damaged]:
     tmp = tmp_path_factory.mktemp("bad-media")
     data, raw = tmp / "data", tmp / "raw"
     rows = {name: _copy_dataset(mini_data, name, data, raw) for name in ("mini-digits", "mini-video")}
@@ -135,7 +136,8 @@ def damaged(mini_data, tmp_path_factory) -> Damaged:
     damage["video/carphone_distorted.mp4"] = "bad_format"
     for media, kind in damage.items():
         _damage(raw / media, kind, video_bytes, png_bytes)
-    return Damaged(data, damage, rows)
+    yield Damaged(data, damage, rows)
+    shutil.rmtree(tmp, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +153,8 @@ def trained(damaged, tmp_path_factory):
                                                                       "ckpt_every": 0}))
     out = tmp / "run"
     res = invoke(["pretrain", recipe, "--data-dir", damaged.data, "--output", out, "--device", "cpu"])
-    return res, out, expected
+    yield res, out, expected
+    shutil.rmtree(tmp, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ import tarfile
 import time
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +86,12 @@ def test_convert_refuses_a_malicious_pickle(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def two_steps(mini_data, tmp_path_factory) -> Path:
+def two_steps(mini_data, tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("hostile-run") / "run"
     raw = small_recipe([{"name": "mini-faces", "batch_size": 8}], train={"max_steps": 2, "ckpt_every": 1})
     assert train(recipe_from_dict(raw), output=out, data_dir=mini_data, log=_quiet).step == 2
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def _plant(run: Path, name: str, marker: Path) -> Path:

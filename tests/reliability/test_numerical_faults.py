@@ -9,6 +9,7 @@ The poisoned step is computed from the seeded sampling plan, so the message can 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -82,7 +83,8 @@ def stopped_run(mini_data, poison, tmp_path_factory):
         out = tmp / "run"
         res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", out, "--device", "cpu"])
     assert hits, "the poisoned sample was never loaded: the plan computation is wrong"
-    return res, out
+    yield res, out
+    shutil.rmtree(tmp, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def test_nan_in_one_batch_stops_naming_step_and_task_and_keeps_checkpoints_finite(stopped_run, poison):

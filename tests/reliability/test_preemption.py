@@ -12,9 +12,11 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -113,7 +115,7 @@ class InterruptedRun:
 
 
 @pytest.fixture(scope="module")
-def interrupted_run(mini_data, tmp_path_factory) -> InterruptedRun:
+def interrupted_run(mini_data, tmp_path_factory) -> Iterator[InterruptedRun]:
     """The reference command, interrupted at every point of PLAN and resumed until it finishes."""
     rnd = random.Random(SEED)
     work = tmp_path_factory.mktemp("preempted")
@@ -197,7 +199,8 @@ def interrupted_run(mini_data, tmp_path_factory) -> InterruptedRun:
     assert rc == 0, text[-3000:]
     assert f"at step {resumed_at}" in text
     print(f"seed {SEED}: " + "; ".join(f"{d.sig} {d.where} (resumed at {d.resumed_at}, {d.detail})" for d in done))
-    return InterruptedRun(out, done)
+    yield InterruptedRun(out, done)
+    shutil.rmtree(work, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def _flip_one_bit(path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def damaged_run(mini_data, tmp_path_factory) -> Path:
+def damaged_run(mini_data, tmp_path_factory) -> Iterator[Path]:
     """A 3-step run with a checkpoint after every step, then every checkpoint's weights bit-flipped."""
     out = tmp_path_factory.mktemp("all-damaged") / "run"
     raw = small_recipe(TASKS, train={"max_steps": 3, "ckpt_every": 1})
@@ -41,7 +42,8 @@ def damaged_run(mini_data, tmp_path_factory) -> Path:
     assert len(steps) == 3
     for step in steps:
         _flip_one_bit(step / "model.dcp" / "__0_0.distcp")
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def test_resume_auto_refuses_to_restart_when_every_checkpoint_is_damaged(damaged_run, mini_data, tmp_path):

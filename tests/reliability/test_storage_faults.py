@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -105,13 +106,14 @@ def _quiet(message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(mini_data, tmp_path_factory) -> Path:
+def uninterrupted(mini_data, tmp_path_factory) -> Iterator[Path]:
     """The 4-step run every faulty run is compared with."""
     out = tmp_path_factory.mktemp("enospc-reference") / "run"
     raw = small_recipe(TASKS, train={"max_steps": 4, "ckpt_every": 2})
     result = train(recipe_from_dict(raw), output=out, data_dir=mini_data, log=_quiet)
     assert result.step == 4
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def _full_dcp_disk(monkeypatch: pytest.MonkeyPatch, folder_part: str) -> list[str]:
@@ -234,11 +236,12 @@ def test_enospc_during_prepare_is_one_clear_line(faces_data, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def three_steps(mini_data, tmp_path_factory) -> Path:
+def three_steps(mini_data, tmp_path_factory) -> Iterator[Path]:
     out = tmp_path_factory.mktemp("corrupt") / "run"
     raw = small_recipe(TASKS, train={"max_steps": 3, "ckpt_every": 1})
     assert train(recipe_from_dict(raw), output=out, data_dir=mini_data, log=_quiet).step == 3
-    return out
+    yield out
+    shutil.rmtree(out.parent, ignore_errors=True)  # module done: free its disk now, not at session end
 
 
 def _damage(path: Path, how: str) -> None:
