@@ -111,9 +111,20 @@ from uniperceiver.config import recipe_from_dict
 from uniperceiver.engine import train_checkpoint
 from uniperceiver.engine.trainer import train
 import json
-if os.environ.get("FORCE_ASYNC_SAVE"):  # as on a GPU: DCP files written in the background
-    train_checkpoint.wants_async = lambda model: True
 raw, out, data, steps, resume = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]
+if os.environ.get("FORCE_ASYNC_SAVE"):  # as on a GPU: DCP files written in the background
+    import torch
+    train_checkpoint.wants_async = lambda model: True
+    save_groups = train_checkpoint._save_groups
+
+    def recording_groups(parts, env, background):  # note the timeout of the groups the saves use
+        groups = save_groups(parts, env, background)
+        with open(out + f".group-timeouts-{env.rank}", "a") as fh:
+            for g in groups:
+                print(g._get_backend(torch.device("cpu")).options._timeout.total_seconds(), file=fh)
+        return groups
+
+    train_checkpoint._save_groups = recording_groups
 log = open(out + f".log", "a")
 train(recipe_from_dict(raw), output=out, data_dir=data, max_steps=steps, resume=resume or None,
       log=lambda m: print(m, file=log, flush=True))
@@ -123,7 +134,8 @@ RAW = {
     "name": "world-size", "stage": "pretrain",
     "model": {"size": "tiny", "overrides": {"depth": 1, "width": 64, "heads": 2, "mlp_dim": 128, "drop_path": 0.0}},
     "optim": {"lr": 1e-3, "warmup_steps": 1},
-    "train": {"max_steps": 9, "ckpt_every": 3, "log_every": 1, "seed": 1, "keep_checkpoints": 10},
+    "train": {"max_steps": 9, "ckpt_every": 3, "log_every": 1, "seed": 1, "keep_checkpoints": 10,
+              "collective_timeout_s": 321},
     "tasks": [{"name": "mini-faces", "batch_size": 5}],
 }
 
@@ -245,6 +257,9 @@ def test_asynchronous_saves_on_2_ranks_publish_exactly_what_synchronous_saves_wr
         for i, st in y.optimizer["state"].items():
             assert all(torch.equal(x.optimizer["state"][i][k], v) for k, v in st.items()), (name, i)
     assert not list((tmp_path / "async" / "checkpoints").glob(".tmp-*"))
+    for rank in range(2):  # the background saves' gloo groups wait train.collective_timeout_s, not 30 min
+        timeouts = Path(f"{tmp_path / 'async'}.group-timeouts-{rank}").read_text().split()
+        assert timeouts and set(timeouts) == {"321.0"}, timeouts
     from safetensors.torch import load_file
 
     x, y = load_file(str(tmp_path / "async" / "final" / "model.safetensors")), load_file(

@@ -79,6 +79,8 @@ class DistEnv:
     backend: str | None = None
     group: Any = None
     owns_group: bool = False
+    #: Seconds a collective of this job's process groups may wait (`train.collective_timeout_s`).
+    timeout_s: float = 1800.0
 
     @property
     def distributed(self) -> bool:
@@ -132,7 +134,7 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     # queue with DDP's bucketed gradient all-reduce, whose order differs between ranks.
     # It gets the same timeout: a group made without one waits the default 30 minutes.
     group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, backend, group, owns)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, backend, group, owns, timeout_s)
 
 
 def shutdown_distributed(env: DistEnv) -> None:

@@ -265,9 +265,15 @@ def _save_groups(parts: Trainables, env: DistEnv, background: bool) -> tuple[Any
     if not background:
         return env.group, env.group
     if not parts.checkpoint_groups:
+        import datetime
+
         import torch.distributed as dist
 
-        parts.checkpoint_groups = (dist.new_group(backend="gloo"), dist.new_group(backend="gloo"))
+        # The job's collective timeout, not gloo's default 30 minutes: a background write whose peer died
+        # then fails as soon as the training's own collectives would.
+        timeout = datetime.timedelta(seconds=env.timeout_s)
+        parts.checkpoint_groups = (dist.new_group(backend="gloo", timeout=timeout),
+                                   dist.new_group(backend="gloo", timeout=timeout))
     return parts.checkpoint_groups[0], parts.checkpoint_groups[1]
 
 
