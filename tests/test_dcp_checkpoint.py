@@ -15,6 +15,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -356,3 +357,46 @@ def test_a_step_folder_evaluates_like_the_same_weights_in_a_model_folder(four_st
     d = evaluate_checkpoint(four_steps / "final", "mini-faces", cache_dir=tmp_path / "c4", **kwargs)
     assert Path(c.checkpoint).name == "step-000004"
     assert c.predictions == d.predictions
+
+
+LOAD_IN_A_GROUP = """
+import sys
+import torch
+import torch.distributed as dist
+from uniperceiver.modeling.model_dir import load_model
+
+dist.init_process_group("gloo")
+model = load_model(sys.argv[1])  # a step folder: the first DCP read of the process, inside the group
+with torch.no_grad():
+    total = sum(p.double().sum() for p in model.parameters()).reshape(1)
+dist.all_reduce(total)
+dist.destroy_process_group()
+print(f"sum={total.item()!r};", flush=True)
+"""
+
+
+def test_a_script_that_joins_a_gloo_group_then_loads_a_step_folder_exits_cleanly(four_steps, tmp_path):
+    """torch.distributed.nn binds the default group into its functions' default arguments when first
+    imported; imported after the group exists (through torch.distributed.checkpoint, on the first DCP
+    read) it kept the group alive past destroy_process_group and about half of these 2-rank runs
+    aborted at exit. model_dir imports it first; six runs in a row (a 0.5% chance to miss it) exit 0."""
+    import socket
+    import subprocess
+
+    script = tmp_path / "load_in_group.py"
+    script.write_text(LOAD_IN_A_GROUP)
+    step = four_steps / "checkpoints" / "step-000004"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    with torch.no_grad():
+        want = float(sum(p.double().sum() for p in load_model(step).parameters())) * 2
+    for attempt in range(6):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(step)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0 and "terminate called" not in output, (attempt, output[-3000:])
+        sums = [float(s) for s in re.findall(r"sum=([-0-9.e+]+);", proc.stdout)]  # both ranks read the same weights
+        assert len(sums) == 2 and all(s == pytest.approx(want, rel=1e-12) for s in sums), (sums, want, output[-2000:])

@@ -123,11 +123,13 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         return DistEnv(0, 1, 0, dev)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     owns = False
-    # Checkpoints go through torch.distributed.checkpoint; imported only after the process group
-    # exists, it made a gloo process abort at exit ("terminate called without an active exception")
-    # in about a third of 2-rank runs here, imported before it never did (20 of 20).
-    import torch.distributed.checkpoint  # noqa: F401
     if not dist.is_initialized():
+        # torch.distributed.nn (which torch.distributed.checkpoint imports) binds the default group into
+        # its functions' default arguments when first imported: imported after the group exists, it
+        # keeps the gloo group alive past destroy_process_group and the process aborts at exit
+        # ("terminate called without an active exception", about half of 2-rank runs). Before: never.
+        import torch.distributed.nn  # noqa: F401
+
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         owns = True
     # A second group of the same backend: target gathering and small agreements never share a

@@ -27,6 +27,16 @@ from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.utils.digests import file_digest
 from uniperceiver.utils.files import atomic_write, atomic_write_json, sha256_file
 
+if torch.distributed.is_available() and not torch.distributed.is_initialized():
+    # torch.distributed.nn's collectives take `group=group.WORLD` as a default argument, evaluated when
+    # the module is first imported. torch.distributed.checkpoint imports it; imported only after a
+    # process group exists (a script that joins a group, then loads a step folder), those defaults
+    # keep the gloo group alive past destroy_process_group, and its destruction at interpreter exit
+    # aborts the process ("terminate called without an active exception", about half of 2-rank runs).
+    # Imported here, before any group exists, the defaults are None (~2 ms). Not once a group
+    # exists: then importing it is what does the harm.
+    import torch.distributed.nn  # noqa: F401
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 #: The weights folder of a training step folder (torch.distributed.checkpoint, one file per writer).
@@ -234,9 +244,7 @@ def check_dcp_weights_fit(model: torch.nn.Module, folder: Path,
 
 def _dcp_read() -> ModuleType:
     """`utils.dcp_read`, imported when a DCP folder is read: torch.distributed.checkpoint pulls in some
-    700 modules, and imported after a gloo process group exists it made the process abort at exit
-    about one run in three (engine/distributed.py imports it before the group for training), so a
-    process that only reads safetensors model folders never imports it."""
+    700 modules (~1 s), which a process that only reads safetensors model folders never needs."""
     from uniperceiver.utils import dcp_read
 
     return dcp_read
