@@ -109,6 +109,26 @@ def test_nan_stop_message_names_the_poisoned_sample(stopped_run, poison):
     assert poison[2] in res.flat, res.flat[-1000:]
 
 
+def test_nan_stop_with_asynchronous_saves_publishes_the_save_in_writing_first(mini_data, poison, tmp_path,
+                                                                             monkeypatch):
+    """On a GPU the previous step's checkpoint is still being written in the background when the
+    non-finite loss comes: it is published before stopping, so the last good checkpoint is the same
+    step as with synchronous saves (it used to be dropped, leaving the one before it)."""
+    step, task, _ = poison
+    _inject_nan(monkeypatch, poison[2])
+    monkeypatch.setattr(ckpt, "wants_async", lambda model: True)
+    recipe = write_recipe(tmp_path / "nan.yaml", small_recipe(TASKS, train={"max_steps": STEPS, "seed": SEED,
+                                                                             "nan_policy": "stop"}))
+    out = tmp_path / "run"
+    res = invoke(["pretrain", recipe, "--data-dir", mini_data, "--output", out, "--device", "cpu"])
+    assert res.exit_code == 1 and f"error: step {step}: task '{task}' gave a non-finite loss" in res.flat, res.flat[-1500:]
+    found = ckpt.find_valid_checkpoint(out / "checkpoints")
+    assert found is not None and found.name == ckpt.step_dir_name(step - 1)
+    assert f"the last good checkpoint is {found}" in res.flat, res.flat[-1500:]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    assert _all_finite(ckpt.load_checkpoint(found).model_state)
+
+
 def test_nan_policy_skip_skips_exactly_that_step_and_finishes_finite(mini_data, poison, tmp_path, monkeypatch):
     step, task, sample = poison
     _inject_nan(monkeypatch, sample)

@@ -43,7 +43,7 @@ from uniperceiver.engine.periodic_eval import PeriodicEval
 from uniperceiver.engine.targets import StepTargets, TargetSets
 from uniperceiver.engine.train_state import LogWindow, TrainState
 from uniperceiver.engine.watchdog import StepWatchdog
-from uniperceiver.errors import UpctlError
+from uniperceiver.errors import CheckpointError, UpctlError
 from uniperceiver.modeling.model import UniPerceiver
 from uniperceiver.tasks.base import Task
 
@@ -247,6 +247,7 @@ def optimizer_step(loop: Loop, state: TrainState, micros: list[MicroOutcome]) ->
             bad, any_bad = (",".join(dict.fromkeys(m.task for m in micros)), [], grad_norm), True
     if any_bad:
         if loop.recipe.train.nan_policy == "stop":
+            _publish_before_stopping(loop)
             raise _diverged(state.step + 1, bad, env, loop.last_checkpoint)
         state.skipped_steps += 1
         parts.optimizer.zero_grad(set_to_none=True)  # (the fp16 scaler keeps its scale)
@@ -385,6 +386,17 @@ def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_device(v, device) for v in value)
     return value
+
+
+def _publish_before_stopping(loop: Loop) -> None:
+    """An asynchronous save still in writing holds the state of an earlier, finite step: publish it
+    before stopping on a non-finite loss, so the last good checkpoint is the same as with synchronous
+    saves. Every rank gets here together (the non-finite flag is agreed), as publishing needs. A
+    failed write is one warning; the checkpoint before it stays the last good one."""
+    try:
+        publish_pending(loop)
+    except CheckpointError as exc:
+        loop.hooks.say(f"warning: {exc}")
 
 
 def _diverged(step: int, bad: tuple[str, list[str], float] | None, env: DistEnv, last: Path | None) -> TrainingDiverged:
