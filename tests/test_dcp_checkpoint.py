@@ -363,9 +363,12 @@ LOAD_IN_A_GROUP = """
 import sys
 import torch
 import torch.distributed as dist
-from uniperceiver.modeling.model_dir import load_model
+if sys.argv[2] == "imported-first":
+    from uniperceiver.modeling.model_dir import load_model
 
 dist.init_process_group("gloo")
+if sys.argv[2] == "group-first":
+    from uniperceiver.modeling.model_dir import load_model
 model = load_model(sys.argv[1])  # a step folder: the first DCP read of the process, inside the group
 with torch.no_grad():
     total = sum(p.double().sum() for p in model.parameters()).reshape(1)
@@ -389,14 +392,23 @@ def test_a_script_that_joins_a_gloo_group_then_loads_a_step_folder_exits_cleanly
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     with torch.no_grad():
         want = float(sum(p.double().sum() for p in load_model(step).parameters())) * 2
-    for attempt in range(6):
+
+    def launch(order: str) -> subprocess.CompletedProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(step)],
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(step), order],
                               env=env, capture_output=True, text=True, timeout=300)
+
+    for attempt in range(6):
+        proc = launch("imported-first")
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0 and "terminate called" not in output, (attempt, output[-3000:])
+        assert "RuntimeWarning" not in output, output[-2000:]
         sums = [float(s) for s in re.findall(r"sum=([-0-9.e+]+);", proc.stdout)]  # both ranks read the same weights
         assert len(sums) == 2 and all(s == pytest.approx(want, rel=1e-12) for s in sums), (sums, want, output[-2000:])
+    # a script that joins its group before importing uniperceiver is told why it may abort, and what to do
+    proc = launch("group-first")
+    output = proc.stdout + proc.stderr
+    assert output.count("import uniperceiver before calling init_process_group") == 2, output[-3000:]

@@ -234,9 +234,9 @@ def check_dcp_weights_fit(model: torch.nn.Module, folder: Path,
                           optional: Callable[[str], bool] = lambda key: False) -> set[str]:
     """`check_shapes_fit` against a DCP weights folder's metadata (nothing else is read); returns
     the saved keys. `model` may be sharded: its state dict gives the global shapes."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     meta = _dcp_read().read_metadata(folder)
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata  # (loaded by _dcp_read)
+
     saved = {k: tuple(md.size) for k, md in meta.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
     check_shapes_fit(model, saved, str(folder), optional)  # type: ignore[arg-type]
     return set(saved)
@@ -244,7 +244,20 @@ def check_dcp_weights_fit(model: torch.nn.Module, folder: Path,
 
 def _dcp_read() -> ModuleType:
     """`utils.dcp_read`, imported when a DCP folder is read: torch.distributed.checkpoint pulls in some
-    700 modules (~1 s), which a process that only reads safetensors model folders never needs."""
+    700 modules (~1 s), which a process that only reads safetensors model folders never needs.
+
+    A process that joined its group before importing uniperceiver gets one warning: importing
+    torch.distributed.nn now (see the top of this module) may make it abort at exit."""
+    import sys
+
+    if ("torch.distributed.nn" not in sys.modules and torch.distributed.is_available()
+            and torch.distributed.is_initialized()):
+        import warnings
+
+        warnings.warn("reading a DCP folder imports torch.distributed.nn after the process group was created, "
+                      "which can make the process abort at exit ('terminate called without an active "
+                      "exception'); import uniperceiver before calling init_process_group", RuntimeWarning,
+                      stacklevel=3)
     from uniperceiver.utils import dcp_read
 
     return dcp_read
