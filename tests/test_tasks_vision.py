@@ -205,11 +205,13 @@ def test_video_cls_views_are_averaged_and_training_works(data_dir, model) -> Non
 
 def test_frame_rules_follow_the_reference() -> None:
     cfg = TaskConfig("k", "video_cls", "k400", options={"frames": 8, "stride": 32, "views": "4x3"})
-    opts = vision_options(cfg.typed_options(ClassificationOptions, model_config("tiny")), model_config("tiny"), purpose="cls")
+    opts = vision_options(cfg.typed_options(ClassificationOptions, model_config("tiny")), model_config("tiny"), purpose="cls",
+                          media="video", task="k")
     # 4 temporal views deal out 32 frames read at stride 32/4 = 8: view j gets 32k + 8j at 30 fps.
     views = eval_frame_indices(0, 299, 30.0, opts)
     assert views == [[32 * k + 8 * j for k in range(8)] for j in range(4)]
-    one = vision_options(ClassificationOptions(frames=4, stride=8), model_config("tiny"), purpose="cls")
+    one = vision_options(ClassificationOptions(frames=4, stride=8), model_config("tiny"), purpose="cls", media="video",
+                         task="k")
     assert eval_frame_indices(10, 20, 30.0, one) == [[10, 18, 10 + 16 % 11, 10 + 24 % 11]]  # wraps in the window
     rng = np.random.default_rng(0)
     idx = train_frame_indices(0, 299, 25.0, one, rng)
@@ -220,6 +222,26 @@ def test_frame_rules_follow_the_reference() -> None:
         parse_views("4by3", "t")
     with pytest.raises(ConfigError, match="temporal table"):
         TaskConfig("k", "video_cls", "k", options={"frames": 16}).typed_options(ClassificationOptions, model_config("tiny"))
+
+
+def test_a_media_option_the_task_never_reads_is_refused_naming_it(data_dir) -> None:
+    """`frames` on an image dataset, `eval_resize` on a video one: refused in one line (they used to be
+    accepted and ignored); left at their defaults, or given to the media that reads them, they pass."""
+    cases = [(ImageClassification, "mini-digits", {"frames": 8}, "frames"),
+             (ImageClassification, "mini-digits", {"views": "4x3"}, "views"),
+             (Retrieval, "mini-photos", {"stride": 16}, "stride"),
+             (Captioning, "mini-photos", {"sampling": "uniform"}, "sampling"),
+             (VideoClassification, "mini-video", {"eval_resize": 256}, "eval_resize"),
+             (VideoClassification, "mini-video", {"crop_scale": [0.5, 1.0]}, "crop_scale")]
+    for cls, dataset, options, key in cases:
+        with pytest.raises(ConfigError) as err:
+            make_task(cls, data_dir, dataset, name="t", **options)
+        message = str(err.value)
+        assert message.startswith(f"task 't': options.{key}: ") and "\n" not in message, message
+        media = "image" if dataset != "mini-video" else "video"
+        assert f"holds {media} media" in message and "remove it" in message, message
+    make_task(ImageClassification, data_dir, "mini-digits", eval_resize=80, crop_scale=[0.6, 1.0], stride=32)
+    make_task(VideoClassification, data_dir, "mini-video", frames=2, sampling="uniform", views="2x3")
 
 
 def test_example_image_targets(data_dir, model) -> None:

@@ -18,6 +18,8 @@ fields of `MediaOptions` (tasks/family_options.py), which the vision families' o
 - `views` (video evaluation): "TxS" = temporal x spatial views, e.g. "4x3" for Kinetics-400,
   or [T, S]. Default 1 temporal x 3 spatial for classification
   (the reference always takes 3 crops) and 1 x 1 (center crop) for captioning / retrieval.
+An option the task's media never reads (a video option on images, an image one on video) is refused
+by name when the task is built (`MediaOptions.check_media`) instead of being ignored.
 
 Frame rules (reference `VideoDataSet`):
 - training, "stride": rate r = stride * fps / 30; a random offset in [0, n - int(r (F - 1) + 1));
@@ -47,6 +49,7 @@ from uniperceiver.data.shards import member_span
 from uniperceiver.errors import ConfigError, MediaError
 from uniperceiver.modeling.model_config import ModelConfig
 from uniperceiver.tasks.family_options import MediaOptions, parse_views  # noqa: F401 (parse_views: re-exported)
+from uniperceiver.tasks.options import FieldError
 from uniperceiver.tokenizers.vision import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -83,11 +86,17 @@ class VisionOptions:
         return self.temporal_views * self.spatial_views
 
 
-def vision_options(opts: MediaOptions, model_cfg: ModelConfig, *, purpose: str) -> VisionOptions:
+def vision_options(opts: MediaOptions, model_cfg: ModelConfig, *, purpose: str, media: str,
+                   task: str) -> VisionOptions:
     """Resolve a task's media options for `model_cfg`. purpose: "cls" (classification) or "pair"
-    (caption / retrieval). The options were checked already (`MediaOptions.check_model`)."""
+    (caption / retrieval); media: "image" or "video", what the task reads (an option the other media
+    needs is refused, naming `task`). The options were checked already (`MediaOptions.check_model`)."""
     if purpose not in ("cls", "pair"):
         raise ValueError(f"purpose must be 'cls' or 'pair', got {purpose!r}")
+    try:
+        opts.check_media(media)
+    except FieldError as exc:
+        raise exc.under(f"task {task!r}: options") from None
     size = opts.image_size or model_cfg.image_size
     eval_resize = opts.eval_resize or (int(size * 256 / 224) if purpose == "cls" else size)
     frames = opts.frames or min(8, model_cfg.max_frames)

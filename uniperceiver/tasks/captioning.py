@@ -74,7 +74,7 @@ class Captioning(Task):
             raise DataError(f"dataset {dataset.name!r} has media_type {kind!r}; captioning needs image or video media")
         self.modality = kind
         o = self.opts
-        self.vision = vision_options(o, model_cfg, purpose="pair")
+        self.vision = vision_options(o, model_cfg, purpose="pair", media=kind, task=cfg.name)
         self.max_len, self.label_smoothing, self.vocab = o.max_len, o.label_smoothing, o.vocab
         self.beam_size, self.max_gen_len, self.length_penalty = o.beam_size, o.max_gen_len, o.length_penalty
         self.meteor, self.spice = o.meteor, o.spice

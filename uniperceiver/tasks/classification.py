@@ -147,7 +147,7 @@ class ImageClassification(Task):
         self.classes: list[str] = [str(c) for c in classes]
         self.num_classes = len(self.classes)
         o = self.opts
-        self.vision = vision_options(o, model_cfg, purpose="cls")
+        self.vision = vision_options(o, model_cfg, purpose="cls", media=dataset.media_type, task=cfg.name)
         self.label_smoothing = o.label_smoothing
         self.mixup_alpha, self.cutmix_alpha = o.mixup, o.cutmix
         self.mixup_prob, self.mixup_switch_prob = o.mixup_prob, o.mixup_switch_prob

@@ -109,6 +109,22 @@ class MediaOptions(TrainOptions):
         if self.eval_resize is not None and self.image_size is not None and self.eval_resize < self.image_size:
             raise FieldError("eval_resize", f"eval_resize={self.eval_resize} must be >= image_size={self.image_size}")
 
+    #: Options that only video clips read, and options that only images read: set on the other media
+    #: they would change nothing, so `check_media` refuses them instead of ignoring them.
+    VIDEO_ONLY = ("frames", "stride", "sampling", "target_fps", "views")
+    IMAGE_ONLY = ("eval_resize", "crop_scale")
+
+    def check_media(self, media: str) -> None:
+        """Refuse an option the task's media never reads (`frames` on an image dataset, `eval_resize`
+        on a video one), naming it; an option left at its default is never refused."""
+        unused = self.VIDEO_ONLY if media == "image" else self.IMAGE_ONLY if media == "video" else ()
+        changed = self.changed()
+        for key in unused:
+            if key in changed:
+                other = "video clips" if media == "image" else "images"
+                raise FieldError(key, f"{changed[key]!r} is read for {other} only; this task's dataset holds "
+                                      f"{media} media, where it would change nothing (remove it)")
+
     def check_model(self, model_cfg: ModelConfig) -> None:
         super().check_model(model_cfg)
         size = self.image_size or model_cfg.image_size

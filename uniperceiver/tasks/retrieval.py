@@ -79,7 +79,7 @@ class Retrieval(Task):
         if kind not in ("image", "video"):
             raise DataError(f"dataset {dataset.name!r} has media_type {kind!r}; retrieval needs image or video media")
         self.modality = kind  # instance attribute: image-text or video-text
-        self.vision = vision_options(self.opts, model_cfg, purpose="pair")
+        self.vision = vision_options(self.opts, model_cfg, purpose="pair", media=kind, task=cfg.name)
         self.max_len = self.opts.max_len
         self.label_smoothing = self.opts.label_smoothing
         self.gather = bool(self.opts.gather_features)
