@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import threading
+import warnings
 from collections.abc import Generator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,7 @@ from uniperceiver.errors import CheckpointError
 from uniperceiver.evaluation.checkpoints import SHARDED_DIR
 from uniperceiver.utils.dcp_read import (
     DCP_METADATA,
+    SINGLE_PROCESS_WARNING,
     SafeReader,
     _first_line,
     _single_process_is_meant,
@@ -154,6 +156,10 @@ class DcpSave:
         self.thread_count = thread_count
         self.writer = HashingWriter(self.folder, thread_count=thread_count)
         self._future: Any = None
+        if asynchronous and group is None:
+            # An asynchronous save of one process warns from DCP's own thread, which a catch_warnings
+            # block here cannot reach: that one message is ignored for the rest of the process.
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING, category=UserWarning)
         try:
             with _single_process_is_meant():
                 if asynchronous:

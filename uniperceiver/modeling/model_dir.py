@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Callable
@@ -248,12 +250,8 @@ def _dcp_read() -> ModuleType:
 
     A process that joined its group before importing uniperceiver gets one warning: importing
     torch.distributed.nn now (see the top of this module) may make it abort at exit."""
-    import sys
-
     if ("torch.distributed.nn" not in sys.modules and torch.distributed.is_available()
             and torch.distributed.is_initialized()):
-        import warnings
-
         warnings.warn("reading a DCP folder imports torch.distributed.nn after the process group was created, "
                       "which can make the process abort at exit ('terminate called without an active "
                       "exception'); import uniperceiver before calling init_process_group", RuntimeWarning,

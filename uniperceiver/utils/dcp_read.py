@@ -44,11 +44,15 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
+#: The start of DCP's warning that no process group exists: one process is a supported case here.
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled"
+
+
 @contextmanager
 def _single_process_is_meant() -> Generator[None, None, None]:
-    """Silence DCP's warning that no process group exists: one process is a supported case here."""
+    """Silence DCP's warning that no process group exists, for the calls made inside the block."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING, category=UserWarning)
         yield
 
 
